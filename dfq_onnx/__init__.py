@@ -1,0 +1,42 @@
+"""dfq-onnx: power-of-two (shift-only) quantization of ONNX models with unified linear modules.
+
+Public API: convert(), fuse(), inspect(), QuantConfig, DfqError.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER
+
+_GS_LOGGER.severity = _GS_LOGGER.CRITICAL
+
+from .config import QuantConfig  # noqa: E402
+from .errors import DfqError  # noqa: E402
+
+
+def convert(model, calib, config: QuantConfig | None = None):
+    """Quantize a float model (path or onnx.ModelProto) and return the QDQ onnx.ModelProto.
+
+    calib: a .npz path, a folder of .npy files or images, a dict of arrays (input name -> N x ...),
+    an iterable of input dicts, or an onnxruntime CalibrationDataReader.
+    """
+    from .pipeline import run
+
+    return run(model, calib, config).model
+
+
+def fuse(model):
+    """The fused float model (BatchNorm and per-channel affine ops folded into linear layers)."""
+    from .pipeline import fuse as _fuse
+
+    return _fuse(model)
+
+
+def inspect(model) -> dict:
+    """Op counts, requantization points, modules and scales of any ONNX model (see report.py)."""
+    from .report import inspect_model
+
+    return inspect_model(model)
+
+
+__all__ = ["convert", "fuse", "inspect", "QuantConfig", "DfqError", "__version__"]

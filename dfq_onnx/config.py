@@ -1,0 +1,37 @@
+"""User-facing settings of a conversion."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import DfqError
+
+METHODS = ("mse", "max")
+FORMATS = ("qdq",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight_bits: int = 8          # 2..8, stored as int8
+    act_bits: int = 8             # 8 (int8, or uint8 for provably non-negative tensors)
+    per_channel: bool = True      # weight fraction per output channel (else per tensor)
+    method: str = "mse"           # "mse": least expected squared error; "max": no clipping
+    num_samples: int = 128        # calibration samples used
+    batch_size: int = 32          # calibration batch size (1 for models with a fixed batch of 1)
+    format: str = "qdq"
+
+    def __post_init__(self):
+        if not 2 <= self.weight_bits <= 8:
+            raise DfqError(f"weight bits must be 2..8, got {self.weight_bits}")
+        if self.act_bits != 8:
+            raise DfqError(f"activation bits must be 8, got {self.act_bits}")
+        if self.method not in METHODS:
+            raise DfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.format not in FORMATS:
+            raise DfqError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.num_samples < 1:
+            raise DfqError("number of calibration samples must be at least 1")
+        if self.batch_size < 1:
+            raise DfqError("batch size must be at least 1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)

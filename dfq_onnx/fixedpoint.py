@@ -1,0 +1,158 @@
+"""Numerical core of the power-of-two number format. numpy only, no ONNX.
+
+A tensor t with fractional length f is stored as q = clamp(round(t * 2^f)) and means q * 2^-f.
+This module is the reference that the ONNX graphs are checked against: exponent choice,
+quantization, the rounding right shift used for requantization.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MAX_ABS_FRACTION = 100  # 2^-100 .. 2^100 are exact float32 normals
+
+
+def qrange(bits: int, unsigned: bool = False) -> tuple[int, int]:
+    """Integer range of a b-bit code: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1]."""
+    if unsigned:
+        return 0, (1 << bits) - 1
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def pow2_scale(f) -> np.ndarray:
+    """The float32 scale 2^-f (exact) for an integer fraction f or an array of them."""
+    f = np.asarray(f, dtype=np.int64)
+    if np.any(np.abs(f) > MAX_ABS_FRACTION):
+        raise ValueError(f"fractional length out of range: {f}")
+    return np.asarray(np.ldexp(np.float32(1.0), -f), dtype=np.float32)
+
+
+def is_pow2(values) -> np.ndarray:
+    """Elementwise: is each value an exact positive power of two?"""
+    v = np.asarray(values, dtype=np.float64)
+    mant, _ = np.frexp(v)
+    return (v > 0) & (mant == 0.5)
+
+
+def quantize(x: np.ndarray, f, bits: int, unsigned: bool = False, axis: int | None = None) -> np.ndarray:
+    """q = clamp(round_half_even(x * 2^f)) as int64; f per tensor, or per slice along `axis`.
+
+    Round half to even matches onnx QuantizeLinear.
+    """
+    f = np.asarray(f, dtype=np.int64)
+    if axis is not None and f.ndim == 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        f = f.reshape(shape)
+    lo, hi = qrange(bits, unsigned)
+    return np.clip(np.rint(np.ldexp(x.astype(np.float64), f)), lo, hi).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, f, axis: int | None = None) -> np.ndarray:
+    f = np.asarray(f, dtype=np.int64)
+    if axis is not None and f.ndim == 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        f = f.reshape(shape)
+    return np.ldexp(q.astype(np.float64), -f)
+
+
+def max_fraction(max_abs: float, bits: int, unsigned: bool = False) -> int:
+    """Largest f such that max_abs * 2^f still fits the positive code range without clipping."""
+    hi = qrange(bits, unsigned)[1]
+    if not np.isfinite(max_abs) or max_abs <= 0:
+        return 0
+    f = int(np.floor(np.log2(hi / max_abs)))
+    return int(np.clip(f, -MAX_ABS_FRACTION + 40, MAX_ABS_FRACTION - 40))
+
+
+def weight_fractions(w: np.ndarray, axis: int | None, bits: int, method: str = "mse") -> np.ndarray:
+    """Fractional lengths for a weight tensor: one per slice along `axis` (or one if axis is None).
+
+    "max": the largest f that does not clip. "mse": among f_max .. f_max+3 (more resolution,
+    some clipping), the one with the least squared error, computed exactly on the weights.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    mat = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    out = np.empty(mat.shape[0], dtype=np.int64)
+    lo, hi = qrange(bits)
+    for c, row in enumerate(mat):
+        m = float(np.max(np.abs(row))) if row.size else 0.0
+        f0 = max_fraction(m, bits)
+        if m == 0.0 or method == "max":
+            out[c] = f0
+            continue
+        best, best_err = f0, np.inf
+        for f in range(f0, f0 + 4):
+            q = np.clip(np.rint(np.ldexp(row, f)), lo, hi)
+            err = float(np.sum((np.ldexp(q, -f) - row) ** 2))
+            if err < best_err - 1e-30:
+                best, best_err = f, err
+        out[c] = best
+    return out
+
+
+# --- activation statistics -------------------------------------------------------------------
+# |x| histogram on log2-spaced bins, HIST_PER_OCTAVE bins per octave from 2^HIST_LO to 2^HIST_HI;
+# bin 0 counts exact zeros and values below 2^HIST_LO.
+HIST_PER_OCTAVE = 8
+HIST_LO, HIST_HI = -40, 40
+HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_OCTAVE + 1
+
+
+def abs_histogram(x: np.ndarray) -> np.ndarray:
+    a = np.abs(np.asarray(x, dtype=np.float32).ravel())
+    idx = np.zeros(a.shape, dtype=np.int64)
+    nz = a >= np.float32(2.0 ** HIST_LO)
+    if np.any(nz):
+        k = np.floor((np.log2(a[nz]) - HIST_LO) * HIST_PER_OCTAVE).astype(np.int64) + 1
+        idx[nz] = np.clip(k, 1, HIST_BINS - 1)
+    return np.bincount(idx, minlength=HIST_BINS).astype(np.int64)
+
+
+def _bin_centers() -> np.ndarray:
+    k = np.arange(HIST_BINS, dtype=np.float64)
+    centers = 2.0 ** (HIST_LO + (k - 0.5) / HIST_PER_OCTAVE)
+    centers[0] = 0.0
+    return centers
+
+
+def activation_fraction(hist: np.ndarray, max_abs: float, bits: int, unsigned: bool,
+                        method: str = "mse") -> int:
+    """Fractional length for an activation from its |x| histogram and maximum.
+
+    "max": no clipping. "mse": among f_max .. f_max+4, the least expected squared error:
+    clipped values cost (|x| - clip)^2, the rest the rounding noise min(x^2, step^2/12).
+    """
+    f0 = max_fraction(max_abs, bits, unsigned)
+    if method == "max" or max_abs <= 0:
+        return f0
+    centers = _bin_centers()
+    hist = np.asarray(hist, dtype=np.float64)
+    hi = qrange(bits, unsigned)[1]
+    best, best_err = f0, np.inf
+    for f in range(f0, f0 + 5):
+        step = 2.0 ** -f
+        clip = hi * step
+        err = np.where(centers > clip, (centers - clip) ** 2, np.minimum(centers ** 2, step * step / 12))
+        total = float(np.dot(hist, err))
+        if total < best_err * (1 - 1e-9):
+            best, best_err = f, total
+    return best
+
+
+# --- integer arithmetic ----------------------------------------------------------------------
+def rounding_shift(acc: np.ndarray, s, bits: int | None = None, unsigned: bool = False) -> np.ndarray:
+    """Requantize: y = (acc + 2^(s-1)) >> s (arithmetic, round half up) for s > 0,
+    acc << -s for s < 0, acc for s = 0; then saturate to a b-bit code if `bits` is given.
+    `s` is a scalar or broadcasts against acc (per-channel shifts)."""
+    acc = np.asarray(acc, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    right = np.maximum(s, 0)
+    left = np.maximum(-s, 0)
+    rnd = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    y = np.right_shift(acc + rnd, right)
+    y = np.left_shift(y, left)
+    if bits is not None:
+        lo, hi = qrange(bits, unsigned)
+        y = np.clip(y, lo, hi)
+    return y

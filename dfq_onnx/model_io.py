@@ -1,0 +1,128 @@
+"""Load a model safely, move between ONNX protobufs and graphsurgeon graphs, save atomically.
+
+`load_model` guarantees: the model passed onnx.checker, its default-domain opset is at least
+MIN_OPSET (per-channel DequantizeLinear needs `axis`), shapes are inferred where possible, and
+external data is loaded. The input file is only ever read.
+`save_model` guarantees: the output path is not the input path, and the file appears whole or
+not at all (written to a temporary file in the same folder, then renamed).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from .errors import DfqError
+
+MIN_OPSET = 13
+ModelLike = "str | os.PathLike | onnx.ModelProto"
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def load_model(src) -> onnx.ModelProto:
+    """Read (or take) a model, check it, upgrade it to opset >= 13 and infer shapes."""
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+        where = "model"
+    else:
+        path = Path(src)
+        where = str(path)
+        if not path.exists():
+            raise DfqError(f"{path}: no such file")
+        if not path.is_file():
+            raise DfqError(f"{path}: not a file")
+        try:
+            model = onnx.load(str(path), load_external_data=True)
+        except Exception as e:  # protobuf DecodeError, missing external data, ...
+            raise DfqError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+        if not model.graph.node and not model.graph.input:
+            raise DfqError(f"{path}: not an ONNX model (empty graph)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as e:
+            raise DfqError(f"{where}: cannot convert opset {opset} to {MIN_OPSET}: {_first_line(e)}") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # shapes help but are not required
+    return model
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph; keep the opset imports, IR version and metadata of `like`."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    if like is not None:
+        model.ir_version = like.ir_version
+        model.producer_name = like.producer_name
+        model.producer_version = like.producer_version
+        for p in like.metadata_props:
+            model.metadata_props.add(key=p.key, value=p.value)
+        have = {imp.domain for imp in model.opset_import}
+        for imp in like.opset_import:
+            if imp.domain not in have:
+                model.opset_import.add(domain=imp.domain, version=imp.version)
+    return model
+
+
+def check_output_path(out, inp=None) -> Path:
+    """Refuse an output that is the input or lies in a folder we cannot write to."""
+    out = Path(out)
+    if inp is not None and not isinstance(inp, onnx.ModelProto):
+        if Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
+            raise DfqError(f"{out}: output path equals the input path; choose another")
+        if out.resolve() == Path(inp).resolve():
+            raise DfqError(f"{out}: output path equals the input path; choose another")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise DfqError(f"{out.parent}: output folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise DfqError(f"{out.parent}: output folder is not writable")
+    if out.exists() and out.is_dir():
+        raise DfqError(f"{out}: is a folder, not a file path")
+    return out
+
+
+def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
+    """Write `model` to `out` atomically (temporary file + rename)."""
+    out = check_output_path(out, inp)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    os.close(fd)
+    try:
+        large = model.ByteSize() > 1_900_000_000
+        if large:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out.name + ".data")
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,50 @@
+"""Choose every fractional length: weights per output channel (or per tensor), activations per
+tensor group."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..fixedpoint import activation_fraction, weight_fractions
+from ..graph_utils import out_channel_axis
+from .calibrate import TensorStats
+from .form_modules import Plan
+
+
+@dataclass
+class Exponents:
+    act: dict[str, int]          # requantized tensor -> fraction (pass-through tensors: see act_of)
+    weight: dict[str, np.ndarray]  # linear module name -> fraction per output channel (or 1)
+    plan: Plan
+
+    def act_of(self, tensor: str) -> int:
+        return self.act[self.plan.source(tensor)]
+
+
+def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats], *, weight_bits: int,
+                     act_bits: int, per_channel: bool, method: str) -> Exponents:
+    """Fractions for every requantized tensor and every linear weight.
+
+    Guarantees: tensors of one group (Concat inputs, a pooling op's input and output) get the same
+    fraction, chosen from their merged statistics; an unsigned tensor's range is [0, 2^b - 1];
+    per-channel weight fractions have one entry per output channel.
+    """
+    groups: dict[str, TensorStats] = {}
+    for t in plan.requant:
+        g = plan.group(t)
+        groups[g] = groups[g].merge(stats[t]) if g in groups else stats[t]
+    act = {}
+    for t in plan.requant:
+        s = groups[plan.group(t)]
+        act[t] = activation_fraction(s.hist, s.max_abs, act_bits, t in plan.unsigned, method)
+    nodes = {n.name: n for n in graph.nodes}
+    weight = {}
+    for m in plan.modules:
+        if m.kind != "linear":
+            continue
+        node = nodes[m.name]
+        w = np.asarray(node.inputs[1].values)
+        weight[m.name] = weight_fractions(w, out_channel_axis(node) if per_channel else None, weight_bits, method)
+    return Exponents(act, weight, plan)

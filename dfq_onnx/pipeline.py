@@ -1,0 +1,101 @@
+"""The conversion, top to bottom. Read this file to know what dfq-onnx does to a model."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+from . import __version__
+from .calibration_data import DataSource, input_specs
+from .config import QuantConfig
+from .errors import DfqError
+from .model_io import load_model, to_graph, to_model
+from .passes.calibrate import calibrate
+from .passes.canonicalize import canonicalize
+from .passes.choose_exponents import choose_exponents
+from .passes.emit_qdq import emit_qdq
+from .passes.fold_batchnorm import fold_batchnorm
+from .passes.form_modules import find_modules, plan_quantization
+
+
+@dataclass
+class ConvertResult:
+    model: onnx.ModelProto
+    modules: list = field(default_factory=list)
+    requant_points: int = 0
+    requant_by_kind: dict = field(default_factory=dict)
+    float_ops: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    samples: int = 0
+    facts: dict = field(default_factory=dict)
+
+
+def fuse(model) -> onnx.ModelProto:
+    """The fused float model: canonical form with BatchNorm and per-channel affine ops folded."""
+    original = load_model(model)
+    graph = fold_batchnorm(canonicalize(to_graph(original)))
+    return to_model(graph, original)
+
+
+def run(model, calib, config: QuantConfig | None = None, *,
+        on_start: Callable[[int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None) -> ConvertResult:
+    """Convert a float model to a power-of-two quantized QDQ model."""
+    config = config or QuantConfig()
+    t0 = time.perf_counter()
+    original = load_model(model)
+    if calib is None:
+        raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
+                       "a folder of .npy files or of images)")
+    data = DataSource(calib, input_specs(original), num_samples=config.num_samples)
+
+    graph = to_graph(original)
+    graph = canonicalize(graph)
+    graph = fold_batchnorm(graph)
+    modules = find_modules(graph)
+    if not any(m.kind == "linear" for m in modules):
+        raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
+    plan = plan_quantization(graph, modules)
+    if on_start is not None:
+        on_start(len(data))
+    seen = [0]
+
+    def counted(n: int) -> None:
+        seen[0] += n
+        if on_batch is not None:
+            on_batch(n)
+
+    stats = calibrate(graph, plan.requant, data, config.batch_size, counted)
+    exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                            per_channel=config.per_channel, method=config.method)
+    graph, facts = emit_qdq(graph, plan, exps, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                            per_channel=config.per_channel)
+
+    out = to_model(graph, original)
+    kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "island")}
+    result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds,
+                           dict(plan.float_ops), time.perf_counter() - t0,
+                           seen[0], facts)
+    _stamp(out, result, config)
+    onnx.checker.check_model(out)
+    return result
+
+
+def _stamp(model: onnx.ModelProto, result: ConvertResult, config: QuantConfig) -> None:
+    """metadata_props that say who made the model and how (read back by `inspect`)."""
+    meta = {
+        "dfq.producer": f"dfq-onnx {__version__}",
+        "dfq.format": config.format,
+        "dfq.settings": json.dumps(config.as_dict(), sort_keys=True),
+        "dfq.modules": json.dumps(result.modules),
+        "dfq.requant_points": json.dumps(result.requant_by_kind),
+        "dfq.float_islands": json.dumps(result.float_ops, sort_keys=True),
+    }
+    for p in list(model.metadata_props):
+        if p.key.startswith("dfq."):
+            model.metadata_props.remove(p)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)

@@ -1,0 +1,142 @@
+"""Facts about any ONNX model: op counts, requantization points, modules, scales.
+
+Works on float models, dfq-onnx models and onnxruntime-quantized models alike.
+
+Counting rules:
+- requant_points: QuantizeLinear nodes whose input is not a constant and that are not lossless,
+  plus dfq RoundingShift ops. A QuantizeLinear is lossless when it re-quantizes the output of a
+  pass-through op (MaxPool, Reshape, ...) whose data input comes from a DequantizeLinear with the
+  same scale and zero point: the values are already on the grid, nothing is rounded. Those are
+  reported apart as `requant_lossless`.
+- weight_quantizers: constant tensors that are quantized (DequantizeLinear or QuantizeLinear of
+  an initializer).
+- scales: every element of every scale tensor of a Q/DQ node, counted once per tensor.
+- per_layer_requant_points: what a per-layer scheme would need on this graph: graph inputs plus
+  one per output of every op that computes new values (not pass-through or Q/DQ ops).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import DfqError
+from .fixedpoint import is_pow2
+from .graph_utils import PASS_THROUGH_OPS
+from .model_io import default_opset
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+SHIFT_OP = "RoundingShift"
+
+
+def _load(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    p = Path(model)
+    if not p.exists():
+        raise DfqError(f"{p}: no such file")
+    if not p.is_file():
+        raise DfqError(f"{p}: not a file")
+    try:
+        m = onnx.load(str(p))
+    except Exception as e:
+        raise DfqError(f"{p}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not m.graph.node and not m.graph.input:
+        raise DfqError(f"{p}: not an ONNX model (empty graph)")
+    return m
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    vals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    vals[n.output[0]] = numpy_helper.to_array(a.t)
+    return vals
+
+
+def _qparams(node: onnx.NodeProto, consts) -> tuple | None:
+    """(scale bytes, zero-point bytes) of a Q/DQ node, for comparing two nodes."""
+    if len(node.input) < 2 or node.input[1] not in consts:
+        return None
+    s = consts[node.input[1]]
+    z = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+    if z is None:
+        return None
+    return (s.tobytes(), s.shape, np.asarray(z).astype(np.int64).tobytes())
+
+
+def inspect_model(model) -> dict:
+    m = _load(model)
+    g = m.graph
+    consts = _constants(m)
+    producer = {o: n for n in g.node for o in n.output}
+    op_types = Counter(n.op_type for n in g.node)
+
+    requant = lossless = 0
+    quantized_consts: set[str] = set()
+    scale_tensors: dict[str, np.ndarray] = {}
+    for n in g.node:
+        if n.op_type not in QDQ_OPS:
+            if n.op_type == SHIFT_OP:
+                requant += 1
+            continue
+        if len(n.input) > 1 and n.input[1] in consts:
+            scale_tensors[n.input[1]] = consts[n.input[1]]
+        src = n.input[0]
+        if src in consts:
+            quantized_consts.add(src)
+            continue
+        if n.op_type == "QuantizeLinear":
+            if _is_lossless(n, producer, consts):
+                lossless += 1
+            else:
+                requant += 1
+    total = sum(int(np.asarray(s).size) for s in scale_tensors.values())
+    pow2 = sum(int(np.sum(is_pow2(np.asarray(s, dtype=np.float64)))) for s in scale_tensors.values())
+
+    meta = {p.key: p.value for p in m.metadata_props}
+    modules = json.loads(meta["dfq.modules"]) if "dfq.modules" in meta else None
+    compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
+                                                                                  "Shape", "Gather", "Cast")]
+    inits = {i.name for i in g.initializer}
+    return {
+        "opset": default_opset(m),
+        "nodes": len(g.node),
+        "op_types": dict(sorted(op_types.items())),
+        "requant_points": requant,
+        "requant_lossless": lossless,
+        "weight_quantizers": len(quantized_consts),
+        "modules": None if modules is None else len(modules),
+        "module_list": modules,
+        "float_islands": json.loads(meta["dfq.float_islands"]) if "dfq.float_islands" in meta else None,
+        "scales": {"total": total, "power_of_two": pow2},
+        "per_layer_requant_points": sum(1 for i in g.input if i.name not in inits) + len(compute),
+        "producer": meta.get("dfq.producer") or (m.producer_name or None),
+    }
+
+
+def _is_lossless(q: onnx.NodeProto, producer, consts) -> bool:
+    p = producer.get(q.input[0])
+    if p is None or p.op_type not in PASS_THROUGH_OPS:
+        return False
+    data = [i for i in p.input if i and i not in consts]
+    if not data:
+        return False
+    if p.op_type != "Concat":
+        data = data[:1]
+    want = _qparams(q, consts)
+    for i in data:
+        d = producer.get(i)
+        if d is None or d.op_type != "DequantizeLinear" or want is None or _qparams(d, consts) != want:
+            return False
+    return True
+
+
+def per_layer_summary(info: dict) -> str:
+    return f"{info['requant_points']} requantization points (per-layer scheme: {info['per_layer_requant_points']})"
