@@ -10,19 +10,24 @@ from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER
 
 _GS_LOGGER.severity = _GS_LOGGER.CRITICAL
 
+import onnxruntime as _ort  # noqa: E402
+
+_ort.set_default_logger_severity(3)  # warnings from constant folding are not the user's business
+
 from .config import QuantConfig  # noqa: E402
 from .errors import DfqError  # noqa: E402
 
 
-def convert(model, calib, config: QuantConfig | None = None):
+def convert(model, calib, config: QuantConfig | None = None, preprocess: str | None = None):
     """Quantize a float model (path or onnx.ModelProto) and return the QDQ onnx.ModelProto.
 
     calib: a .npz path, a folder of .npy files or images, a dict of arrays (input name -> N x ...),
-    an iterable of input dicts, or an onnxruntime CalibrationDataReader.
+    an iterable of input dicts, or an onnxruntime CalibrationDataReader. preprocess: the image
+    spec for a folder of images (see `dfq-onnx convert --help`).
     """
     from .pipeline import run
 
-    return run(model, calib, config).model
+    return run(model, calib, config, preprocess=preprocess).model
 
 
 def fuse(model):

@@ -73,7 +73,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
     """Export a graph; keep the opset imports, IR version and metadata of `like`."""
     model = gs.export_onnx(graph, do_type_check=False)
     if like is not None:
-        model.ir_version = like.ir_version
+        model.ir_version = max(like.ir_version, 7)  # IR 7 pairs with opset 13; initializers need not be inputs
         model.producer_name = like.producer_name
         model.producer_version = like.producer_version
         for p in like.metadata_props:

@@ -19,6 +19,7 @@ from .passes.choose_exponents import choose_exponents
 from .passes.emit_qdq import emit_qdq
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
+from .report import inspect_model
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ConvertResult:
     modules: list = field(default_factory=list)
     requant_points: int = 0
     requant_by_kind: dict = field(default_factory=dict)
+    per_layer_requant_points: int = 0
     float_ops: dict = field(default_factory=dict)
     seconds: float = 0.0
     samples: int = 0
@@ -40,7 +42,7 @@ def fuse(model) -> onnx.ModelProto:
     return to_model(graph, original)
 
 
-def run(model, calib, config: QuantConfig | None = None, *,
+def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | None = None,
         on_start: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None) -> ConvertResult:
     """Convert a float model to a power-of-two quantized QDQ model."""
@@ -50,7 +52,7 @@ def run(model, calib, config: QuantConfig | None = None, *,
     if calib is None:
         raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
                        "a folder of .npy files or of images)")
-    data = DataSource(calib, input_specs(original), num_samples=config.num_samples)
+    data = DataSource(calib, input_specs(original), num_samples=config.num_samples, preprocess=preprocess)
 
     graph = to_graph(original)
     graph = canonicalize(graph)
@@ -76,7 +78,8 @@ def run(model, calib, config: QuantConfig | None = None, *,
 
     out = to_model(graph, original)
     kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "island")}
-    result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds,
+    per_layer = inspect_model(original)["per_layer_requant_points"]
+    result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
                            seen[0], facts)
     _stamp(out, result, config)

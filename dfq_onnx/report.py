@@ -11,8 +11,9 @@ Counting rules:
 - weight_quantizers: constant tensors that are quantized (DequantizeLinear or QuantizeLinear of
   an initializer).
 - scales: every element of every scale tensor of a Q/DQ node, counted once per tensor.
-- per_layer_requant_points: what a per-layer scheme would need on this graph: graph inputs plus
-  one per output of every op that computes new values (not pass-through or Q/DQ ops).
+- per_layer_requant_points (float models only, else null): what a per-layer scheme would need
+  on this graph: graph inputs plus one per output of every op that computes new values (Conv,
+  BatchNormalization, activations, Add, ...; not pass-through ops).
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def inspect_model(model) -> dict:
     compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
                                                                                   "Shape", "Gather", "Cast")]
     inits = {i.name for i in g.initializer}
+    quantized = any(op in op_types for op in QDQ_OPS + (SHIFT_OP,))
     return {
         "opset": default_opset(m),
         "nodes": len(g.node),
@@ -116,7 +118,8 @@ def inspect_model(model) -> dict:
         "module_list": modules,
         "float_islands": json.loads(meta["dfq.float_islands"]) if "dfq.float_islands" in meta else None,
         "scales": {"total": total, "power_of_two": pow2},
-        "per_layer_requant_points": sum(1 for i in g.input if i.name not in inits) + len(compute),
+        "per_layer_requant_points": None if quantized else
+        sum(1 for i in g.input if i.name not in inits) + len(compute),
         "producer": meta.get("dfq.producer") or (m.producer_name or None),
     }
 

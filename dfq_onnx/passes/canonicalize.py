@@ -10,7 +10,7 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     """Return a copy in canonical form, computing the same function.
 
     Guarantees: no Constant, Identity or (inference-mode) Dropout nodes remain, except an Identity
-    that connects a graph input straight to a graph output; every subexpression of constants is
+    that connects a graph input straight to a graph output; a two-input Sum is an Add; every subexpression of constants is
     folded into an initializer; nodes are topologically sorted and every node has a unique name.
     """
     g = graph.copy()
@@ -36,6 +36,9 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
                         c.inputs[k] = src
         node.inputs.clear()
         node.outputs.clear()
+    for node in g.nodes:
+        if node.op == "Sum" and len(node.inputs) == 2:
+            node.op = "Add"  # old exports write residual sums as Sum
     g.cleanup()
     g.fold_constants(error_ok=True)
     g.cleanup()
