@@ -247,8 +247,8 @@ class DataSource:
         if self._kind == "npz":
             missing = [s.name for s in self.specs if s.name not in self._npz]
             if missing:
-                raise DfqError(f"{self.where}: no array for model input(s) {missing} "
-                               f"(keys: {sorted(k for k in self._npz)})")
+                raise DfqError(f"{self.where}: missing model input(s) {missing} "
+                               f"(arrays in the data: {sorted(k for k in self._npz)})")
             yield {s.name: self._npz[s.name] for s in self.specs}
         elif self._kind == "npy":
             if len(self.specs) != 1:

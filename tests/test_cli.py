@@ -1,0 +1,158 @@
+"""The command line: summaries, JSON, and bad input -> one line, exit 1 (2 for usage), no output
+file, input untouched."""
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from dfq_onnx.cli import main
+
+from helpers import CALIB, SHIPPED
+
+
+def digest(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(res, code, must_mention, out_path=None):
+    assert res.exit_code == code, (res.exit_code, res.output, res.stderr)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    if code == 1:
+        assert len(lines) == 1, res.stderr
+    assert must_mention.lower() in res.stderr.lower(), res.stderr
+    if out_path is not None:
+        assert not out_path.exists()
+        if out_path.parent.exists():
+            assert not [p for p in out_path.parent.iterdir() if p.name.startswith(f".{out_path.name}")]
+
+
+def test_convert_prints_summary_and_writes_model(tmp_path):
+    out = tmp_path / "q.onnx"
+    before = digest(SHIPPED)
+    res = invoke("convert", SHIPPED, out, "--calib", CALIB)
+    assert res.exit_code == 0, res.output + res.stderr
+    for words in ("unified modules", "requantization points", "float islands", "W8A8", "128 samples"):
+        assert words in res.stdout
+    assert out.exists() and digest(SHIPPED) == before
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_convert_json_and_inspect_json_agree(tmp_path):
+    out = tmp_path / "q.onnx"
+    res = invoke("convert", SHIPPED, out, "--calib", CALIB, "--json", "--num-samples", "64")
+    s = json.loads(res.stdout)
+    assert s["calibration_samples"] == 64 and s["modules"] == 8
+    res = invoke("inspect", out, "--json")
+    info = json.loads(res.stdout)
+    for key in ("opset", "nodes", "op_types", "requant_points", "weight_quantizers", "modules", "scales"):
+        assert key in info
+    assert info["requant_points"] == s["requant_points"]
+    assert info["modules"] == s["modules"]
+
+
+def test_inspect_table_on_a_float_model():
+    res = invoke("inspect", SHIPPED)
+    assert res.exit_code == 0
+    assert "BatchNormalization" in res.stdout and "per-layer scheme" in res.stdout
+
+
+def test_float_only_writes_the_fused_model(tmp_path):
+    out = tmp_path / "fused.onnx"
+    res = invoke("convert", SHIPPED, out, "--float-only")
+    assert res.exit_code == 0, res.stderr
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out)).graph.node]
+
+
+def no_linear_model(path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "t",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def bad_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "no_linear", "bad_names", "bad_shape", "bad_dtype",
+                                  "nan", "same_path", "no_folder", "bad_preprocess", "empty_folder"])
+def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
+    x = np.load(CALIB)["input"][:8]
+    model, calib, out = SHIPPED, CALIB, tmp_path / "out.onnx"
+    extra = []
+    mention = {"missing": "no such file", "not_onnx": "not a readable ONNX model",
+               "no_linear": "nothing to quantize", "bad_names": "missing model input",
+               "bad_shape": "shape", "bad_dtype": "dtype", "nan": "NaN", "same_path": "equals the input",
+               "no_folder": "does not exist", "bad_preprocess": "preprocess",
+               "empty_folder": "no .npy files or images"}[case]
+    if case == "missing":
+        model = tmp_path / "nope.onnx"
+    elif case == "not_onnx":
+        model = tmp_path / "text.onnx"
+        model.write_text("hello, I am not a model\n")
+    elif case == "no_linear":
+        model = no_linear_model(tmp_path / "relu.onnx")
+        calib = bad_npz(tmp_path / "c.npz", x=np.ones((2, 4), np.float32))
+    elif case == "bad_names":
+        calib = bad_npz(tmp_path / "c.npz", image=x)
+    elif case == "bad_shape":
+        calib = bad_npz(tmp_path / "c.npz", input=x[:, :, :20, :20])
+    elif case == "bad_dtype":
+        calib = bad_npz(tmp_path / "c.npz", input=(x * 255).astype(np.int32))
+    elif case == "nan":
+        y = x.copy()
+        y[3, 0, 5, 5] = np.nan
+        calib = bad_npz(tmp_path / "c.npz", input=y)
+    elif case == "same_path":
+        model = tmp_path / "m.onnx"
+        model.write_bytes(SHIPPED.read_bytes())
+        out = model
+    elif case == "no_folder":
+        out = tmp_path / "no" / "such" / "out.onnx"
+    elif case == "bad_preprocess":
+        extra = ["--preprocess", "zoom=2"]
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        calib = tmp_path / "empty"
+    before = digest(model) if model.exists() else None
+    res = invoke("convert", model, out, "--calib", calib, *extra)
+    assert_clean_failure(res, 1, mention, None if case == "same_path" else out)
+    if before is not None:
+        assert digest(model) == before
+
+
+def test_missing_calib_is_a_usage_error(tmp_path):
+    res = invoke("convert", SHIPPED, tmp_path / "o.onnx")
+    assert_clean_failure(res, 2, "--calib", tmp_path / "o.onnx")
+
+
+def test_inspect_bad_input(tmp_path):
+    p = tmp_path / "x.onnx"
+    p.write_bytes(b"\x00\x01garbage")
+    assert_clean_failure(invoke("inspect", p), 1, "not a readable ONNX model")
+    assert_clean_failure(invoke("inspect", tmp_path / "none.onnx"), 1, "no such file")
+
+
+def test_console_script_runs(tmp_path):
+    """The installed entry point, as a user runs it (one subprocess)."""
+    exe = [sys.executable, "-m", "dfq_onnx.cli"]
+    res = subprocess.run(exe + ["convert", str(SHIPPED), str(tmp_path / "q.onnx"), "--calib", str(CALIB),
+                                "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "q.onnx").exists() and res.stdout == ""
+    res = subprocess.run(exe + ["convert", str(tmp_path / "none.onnx"), str(tmp_path / "o.onnx"),
+                                "--calib", str(CALIB)], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

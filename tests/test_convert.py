@@ -1,0 +1,172 @@
+"""End to end on the shipped model: accuracy, power-of-two scales, requantization bound,
+the exact bias fraction, every calibration source."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import dfq_onnx
+from dfq_onnx import QuantConfig
+from dfq_onnx.fixedpoint import is_pow2
+from dfq_onnx.pipeline import run
+
+from helpers import CALIB, SHIPPED, run_ort
+
+
+def accuracy(model, x, y, optimize=True):
+    return 100.0 * float(np.mean(run_ort(model, {"input": x}, optimize)[0].argmax(1) == y))
+
+
+def test_w8a8_accuracy_within_half_a_point_at_both_optimization_levels(shipped_qdq, test_data):
+    x, y = test_data
+    fl = accuracy(SHIPPED, x, y)
+    for optimize in (True, False):
+        q = accuracy(shipped_qdq.model, x, y, optimize)
+        assert q >= fl - 0.5, (optimize, q, fl)
+
+
+def test_outputs_stay_close_to_float(shipped_qdq, test_data):
+    x, _ = test_data
+    f = run_ort(SHIPPED, {"input": x})[0]
+    q = run_ort(shipped_qdq.model, {"input": x})[0]
+    sqnr = 10 * np.log10(np.sum(f ** 2) / np.sum((f - q) ** 2))
+    assert sqnr > 20.0
+    assert np.mean(f.argmax(1) == q.argmax(1)) >= 0.98
+
+
+def scales_and_zero_points(model):
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            yield n, inits[n.input[1]], inits[n.input[2]]
+
+
+def test_every_scale_is_a_power_of_two_and_every_zero_point_zero(shipped_qdq):
+    seen = 0
+    for _, s, z in scales_and_zero_points(shipped_qdq.model):
+        assert s.dtype == np.float32 and is_pow2(s).all()
+        assert not np.any(z)
+        seen += 1
+    assert seen > 20
+
+
+def test_requant_points_bound(shipped_qdq):
+    info = dfq_onnx.inspect(shipped_qdq.model)
+    kinds = shipped_qdq.requant_by_kind
+    n_inputs = len([i for i in shipped_qdq.model.graph.input])
+    assert info["requant_points"] == shipped_qdq.requant_points
+    assert info["requant_points"] <= info["modules"] + n_inputs + kinds["island"]
+    assert info["modules"] == 8
+    # per-layer: every Conv, BN, activation, Add, pool and Gemm output plus the input
+    assert shipped_qdq.per_layer_requant_points == 23
+
+
+def test_bias_is_int32_at_exactly_input_times_weight_scale(shipped_qdq):
+    m = shipped_qdq.model
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    checked = 0
+    for n in m.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3:
+            continue
+        dq_x, dq_w, dq_b = (prod[i] for i in n.input[:3])
+        assert inits[dq_b.input[0]].dtype == np.int32
+        assert inits[dq_w.input[0]].dtype == np.int8
+        sx, sw, sb = (inits[d.input[1]] for d in (dq_x, dq_w, dq_b))
+        np.testing.assert_array_equal(sb, (sx * sw).astype(np.float32))
+        checked += 1
+    assert checked == 7
+
+
+def test_metadata_says_who_made_it(shipped_qdq):
+    meta = {p.key: p.value for p in shipped_qdq.model.metadata_props}
+    assert meta["dfq.producer"].startswith("dfq-onnx")
+    assert len(json.loads(meta["dfq.modules"])) == 8
+    assert json.loads(meta["dfq.settings"])["weight_bits"] == 8
+
+
+def test_dynamic_batch_stays_dynamic(shipped_qdq, test_data):
+    assert shipped_qdq.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    x, _ = test_data
+    assert run_ort(shipped_qdq.model, {"input": x[:3]})[0].shape == (3, 10)
+
+
+class Reader:
+    """An onnxruntime-style CalibrationDataReader."""
+
+    def __init__(self, x):
+        self.items = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+@pytest.mark.parametrize("kind", ["dict", "iterable", "reader", "npy_folder", "image_folder"])
+def test_every_calibration_source_gives_the_same_model(kind, calib_data, tmp_path):
+    x = calib_data[:32]
+    if kind == "dict":
+        src = {"input": x}
+    elif kind == "iterable":
+        src = [{"input": x[i:i + 4]} for i in range(0, 32, 4)]
+    elif kind == "reader":
+        src = Reader(x)
+    elif kind == "npy_folder":
+        for i in range(32):
+            np.save(tmp_path / f"{i:03d}.npy", x[i])
+        src = tmp_path
+    else:
+        from PIL import Image
+        for i in range(32):
+            Image.fromarray(np.rint(x[i, 0] * 255).astype(np.uint8)).save(tmp_path / f"{i:03d}_0.png")
+        src = tmp_path
+    cfg = QuantConfig(num_samples=32)
+    ref = run(SHIPPED, {"input": x}, cfg).model
+    got = run(SHIPPED, src, cfg).model
+    ref_s = [s.tobytes() for _, s, _ in scales_and_zero_points(ref)]
+    got_s = [s.tobytes() for _, s, _ in scales_and_zero_points(got)]
+    assert got_s == ref_s
+
+
+def test_num_samples_limits_calibration():
+    r = run(SHIPPED, CALIB, QuantConfig(num_samples=50, batch_size=16))
+    assert r.samples == 50
+
+
+def test_per_tensor_and_max_method(test_data):
+    x, y = test_data
+    r = run(SHIPPED, CALIB, QuantConfig(per_channel=False, method="max"))
+    inits = {i.name: numpy_helper.to_array(i) for i in r.model.graph.initializer}
+    for n in r.model.graph.node:
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].dtype == np.int8:
+            assert inits[n.input[1]].size == 1
+    assert accuracy(r.model, x, y) >= accuracy(SHIPPED, x, y) - 2.0
+
+
+def test_convert_accepts_a_model_proto_and_leaves_it_alone():
+    m = onnx.load(str(SHIPPED))
+    before = m.SerializeToString()
+    out = dfq_onnx.convert(m, CALIB)
+    assert m.SerializeToString() == before
+    assert isinstance(out, onnx.ModelProto)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "squeezenet", "inception_v1", "shufflenet"])
+def test_structure_only_zoo_models_convert_and_run(name):
+    """onnx's light_* models (placeholder weights): old opsets and IR versions, Sum, LRN, Softmax."""
+    from pathlib import Path
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 224, 224)).astype(np.float32)
+    from dfq_onnx.calibration_data import input_specs
+    (spec,) = input_specs(onnx.load(str(path)))
+    inp = spec.name
+    r = run(path, {inp: x}, QuantConfig(batch_size=1))
+    info = dfq_onnx.inspect(r.model)
+    assert info["scales"]["total"] == info["scales"]["power_of_two"] > 0
+    assert info["requant_points"] <= info["modules"] + 1 + r.requant_by_kind["island"]
+    f = run_ort(path, {inp: x[:1]})[0]
+    q = run_ort(r.model, {inp: x[:1]})[0]
+    assert q.shape == f.shape and np.all(np.isfinite(q))

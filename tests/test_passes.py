@@ -1,0 +1,155 @@
+"""Each pass on hand-built graphs and on the shipped model."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dfq_onnx.model_io import load_model, to_graph, to_model
+from dfq_onnx.passes.canonicalize import canonicalize
+from dfq_onnx.passes.fold_batchnorm import fold_batchnorm
+from dfq_onnx.passes.form_modules import find_modules, plan_quantization
+from dfq_onnx.pipeline import fuse
+
+from helpers import SHIPPED, run_ort
+
+rng = np.random.default_rng(0)
+
+
+def init(name, a):
+    return numpy_helper.from_array(np.asarray(a, dtype=np.float32), name)
+
+
+def bn_inits(prefix, c):
+    return [init(f"{prefix}_g", rng.uniform(0.5, 2, c)), init(f"{prefix}_b", rng.normal(0, 1, c)),
+            init(f"{prefix}_m", rng.normal(0, 1, c)), init(f"{prefix}_v", rng.uniform(0.5, 2, c))]
+
+
+def bn(prefix, x, y):
+    return helper.make_node("BatchNormalization", [x, f"{prefix}_g", f"{prefix}_b", f"{prefix}_m", f"{prefix}_v"],
+                            [y], name=prefix, epsilon=1e-3)
+
+
+def make(nodes, inits, inp_shape, out_name="y", opset=13):
+    out = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [None] * len(inp_shape))
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, inp_shape)],
+                          [out], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def fold(model):
+    m = load_model(model)
+    return to_model(fold_batchnorm(canonicalize(to_graph(m))), m)
+
+
+def assert_same(a, b, x):
+    ya, yb = run_ort(a, {"x": x})[0], run_ort(b, {"x": x})[0]
+    np.testing.assert_allclose(yb, ya, rtol=1e-4, atol=1e-4 * np.abs(ya).max())
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def test_canonicalize_drops_identity_dropout_constant():
+    w = rng.normal(size=(4, 3, 3, 3))
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w.astype(np.float32))),
+             helper.make_node("Identity", ["x"], ["xi"]),
+             helper.make_node("Conv", ["xi", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Dropout", ["c"], ["d"]),
+             helper.make_node("Identity", ["d"], ["y"])]
+    m = make(nodes, [], [1, 3, 8, 8])
+    out = to_model(canonicalize(to_graph(load_model(m))), m)
+    assert ops(out) == ["Conv"]
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert_same(m, out, rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
+def test_fold_batchnorm_each_linear_op(layer):
+    c = 6
+    if layer == "Conv":
+        shape, w = [2, 3, 8, 8], rng.normal(size=(c, 3, 3, 3))
+        lin = helper.make_node("Conv", ["x", "w", "b"], ["l"], pads=[1, 1, 1, 1])
+        inits = [init("w", w), init("b", rng.normal(size=c))]
+    elif layer == "ConvTranspose":
+        shape, w = [2, 3, 5, 5], rng.normal(size=(3, c, 3, 3))
+        lin = helper.make_node("ConvTranspose", ["x", "w"], ["l"], strides=[2, 2])
+        inits = [init("w", w)]
+    elif layer == "Gemm":
+        shape, w = [4, 5], rng.normal(size=(c, 5))
+        lin = helper.make_node("Gemm", ["x", "w", "b"], ["l"], transB=1, alpha=0.5, beta=2.0)
+        inits = [init("w", w), init("b", rng.normal(size=c))]
+    else:
+        shape, w = [4, 5], rng.normal(size=(5, c))
+        lin = helper.make_node("MatMul", ["x", "w"], ["mm"])
+        inits = [init("w", w), init("b", rng.normal(size=c))]
+    nodes = [lin]
+    if layer == "MatMul":
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["l"]))
+    nodes += [bn("bn", "l", "n"), helper.make_node("Mul", ["n", "s"], ["y"])]
+    scale_shape = (c, 1, 1) if layer.startswith("Conv") else (c,)
+    inits += bn_inits("bn", c) + [init("s", rng.uniform(0.5, 1.5, scale_shape))]
+    m = make(nodes, inits, shape)
+    out = fold(m)
+    assert "BatchNormalization" not in ops(out) and "Mul" not in ops(out)
+    assert_same(m, out, rng.normal(size=shape).astype(np.float32))
+
+
+def test_shared_weight_is_not_folded_twice():
+    w = rng.normal(size=(4, 3, 3, 3))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]), bn("bn1", "a", "an"),
+             helper.make_node("Conv", ["x", "w"], ["b"], pads=[1, 1, 1, 1]), bn("bn2", "b", "bn"),
+             helper.make_node("Add", ["an", "bn"], ["y"])]
+    m = make(nodes, [init("w", w)] + bn_inits("bn1", 4) + bn_inits("bn2", 4), [1, 3, 8, 8])
+    out = fold(m)
+    assert "BatchNormalization" not in ops(out)
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert convs[0].input[1] != convs[1].input[1]
+    assert_same(m, out, rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+
+
+def test_bn_after_a_non_linear_op_is_kept():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), bn("bn", "r", "y")]
+    m = make(nodes, bn_inits("bn", 3), [1, 3, 4, 4])
+    out = fold(m)
+    assert "BatchNormalization" in ops(out)
+    assert_same(m, out, rng.normal(size=(1, 3, 4, 4)).astype(np.float32))
+
+
+def test_fused_shipped_model_equals_original(test_data):
+    x, _ = test_data
+    fused = fuse(SHIPPED)
+    assert "BatchNormalization" not in ops(fused)
+    a = run_ort(SHIPPED, {"input": x})[0]
+    b = run_ort(fused, {"input": x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    # the batch dimension stays dynamic
+    assert fused.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_shipped_model_modules_and_plan():
+    g = fold_batchnorm(canonicalize(to_graph(load_model(SHIPPED))))
+    mods = find_modules(g)
+    linear = [m for m in mods if m.kind == "linear"]
+    assert [m.op for m in linear] == ["Conv"] * 6 + ["Gemm"]
+    assert sum(m.residual is not None for m in linear) == 2
+    assert [m.activation for m in linear] == ["Relu", "Relu", "Relu", "Relu6", "Relu", "Relu", None]
+    assert [m.op for m in mods if m.kind == "pool"] == ["GlobalAveragePool"]
+    plan = plan_quantization(g, mods)
+    assert plan.requant_kind == {**{"input": "input"}, **{m.output: "module" for m in mods}}
+    assert not plan.float_nodes
+    # MaxPool and Flatten keep their input's fraction
+    kept = {g.tensors()[t].inputs[0].op for t in plan.passthrough}
+    assert kept == {"MaxPool", "Flatten"}
+
+
+def test_residual_add_is_claimed_by_the_later_branch():
+    w1, w2 = rng.normal(size=(4, 3, 1, 1)), rng.normal(size=(4, 3, 3, 3))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]),
+             helper.make_node("Conv", ["x", "w2"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    m = make(nodes, [init("w1", w1), init("w2", w2)], [1, 3, 8, 8])
+    g = canonicalize(to_graph(load_model(m)))
+    mods = find_modules(g)
+    assert mods[0].residual is None and mods[0].output == "a"
+    assert mods[1].residual is not None and mods[1].residual_input == "a" and mods[1].output == "y"
