@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from .errors import DfqError
 
 METHODS = ("mse", "max")
-FORMATS = ("qdq",)
+FORMATS = ("qdq", "int")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class QuantConfig:
     method: str = "mse"           # "mse": least expected squared error; "max": no clipping
     num_samples: int = 128        # calibration samples used
     batch_size: int = 32          # calibration batch size (1 for models with a fixed batch of 1)
-    format: str = "qdq"
+    format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
 
     def __post_init__(self):
         if not 2 <= self.weight_bits <= 8:

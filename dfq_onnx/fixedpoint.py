@@ -156,3 +156,72 @@ def rounding_shift(acc: np.ndarray, s, bits: int | None = None, unsigned: bool =
         lo, hi = qrange(bits, unsigned)
         y = np.clip(y, lo, hi)
     return y
+
+
+def shift_constants(s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, D, L) such that rounding_shift(x, s) == floor((x + H) / D) * L, elementwise in s."""
+    s = np.asarray(s, dtype=np.int64)
+    right = np.maximum(s, 0)
+    half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0).astype(np.int64)
+    return half, np.left_shift(np.int64(1), right).astype(np.int64), np.left_shift(np.int64(1), np.maximum(-s, 0)).astype(np.int64)
+
+
+def rounding_divide(acc: np.ndarray, n: int, bits: int | None = None, unsigned: bool = False) -> np.ndarray:
+    """floor((acc + n // 2) / n): round to nearest, ties up; then saturate if `bits` is given."""
+    y = np.floor_divide(np.asarray(acc, dtype=np.int64) + n // 2, n)
+    if bits is not None:
+        y = np.clip(y, *qrange(bits, unsigned))
+    return y
+
+
+def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int) -> np.ndarray:
+    """Integer N-d convolution (NCHW...), exact in int64. pads = [begin..., end...]."""
+    x = np.asarray(x, dtype=np.int64)
+    w = np.asarray(w, dtype=np.int64)
+    nd = x.ndim - 2
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    n, c = x.shape[:2]
+    cout, cin_g = w.shape[:2]
+    k = w.shape[2:]
+    out_sp = [(x.shape[2 + i] - dilations[i] * (k[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    cout_g = cout // group
+    y = np.zeros((n, cout, *out_sp), dtype=np.int64)
+    for gi in range(group):
+        xs = x[:, gi * cin_g:(gi + 1) * cin_g]
+        ws = w[gi * cout_g:(gi + 1) * cout_g]
+        for idx in np.ndindex(*k):
+            sl = tuple(slice(idx[i] * dilations[i], idx[i] * dilations[i] + strides[i] * (out_sp[i] - 1) + 1,
+                             strides[i]) for i in range(nd))
+            patch = xs[(slice(None), slice(None)) + sl]           # n, cin_g, *out
+            wk = ws[(slice(None), slice(None)) + idx]             # cout_g, cin_g
+            y[:, gi * cout_g:(gi + 1) * cout_g] += np.einsum("nc...,oc->no...", patch, wk)
+    return y
+
+
+def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, bits: int = 8) -> np.ndarray:
+    """One unified module in integers, from its parameters (as recorded by the integer emitter):
+    accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
+    accumulator's fraction, apply the activation bounds, then ONE rounding shift and saturation."""
+    if p["op"] == "GlobalAveragePool":
+        acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
+        n = p["window"]
+        if n & (n - 1) == 0:
+            return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])
+        return rounding_divide(acc, n, bits, p["unsigned"])
+    if p["op"] == "Conv":
+        acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
+        cshape = (1, -1) + (1,) * (acc.ndim - 2)
+    else:
+        acc = np.matmul(np.asarray(x, dtype=np.int64), np.asarray(p["weight"], dtype=np.int64))
+        cshape = (-1,)
+    if "bias" in p:
+        acc = acc + np.asarray(p["bias"], dtype=np.int64).reshape(cshape)
+    if "residual" in p:
+        k = np.asarray(p["residual_shift"]).reshape(cshape)
+        r = np.asarray(residual, dtype=np.int64)
+        acc = acc + (np.left_shift(r, np.maximum(k, 0)) if np.all(k >= 0) else rounding_shift(r, -k))
+    if "act_min" in p:
+        acc = np.maximum(acc, np.asarray(p["act_min"]).reshape(cshape))
+    if "act_max" in p:
+        acc = np.minimum(acc, np.asarray(p["act_max"]).reshape(cshape))
+    return rounding_shift(acc, np.asarray(p["shift"]).reshape(cshape), bits, p["unsigned"])

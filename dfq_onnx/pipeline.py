@@ -16,6 +16,7 @@ from .model_io import load_model, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.choose_exponents import choose_exponents
+from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import emit_qdq
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
@@ -33,6 +34,7 @@ class ConvertResult:
     seconds: float = 0.0
     samples: int = 0
     facts: dict = field(default_factory=dict)
+    int_params: list = field(default_factory=list)  # integer module parameters (format "int")
 
 
 def fuse(model) -> onnx.ModelProto:
@@ -73,15 +75,19 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     stats = calibrate(graph, plan.requant, data, config.batch_size, counted)
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                             per_channel=config.per_channel, method=config.method)
-    graph, facts = emit_qdq(graph, plan, exps, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                            per_channel=config.per_channel)
+    emit = emit_int if config.format == "int" else emit_qdq
+    graph, facts, int_params = emit(graph, plan, exps, weight_bits=config.weight_bits,
+                                    act_bits=config.act_bits, per_channel=config.per_channel)
 
     out = to_model(graph, original)
+    if config.format == "int":
+        out.functions.extend(rounding_functions())
+        out.opset_import.add(domain=INT_DOMAIN, version=1)
     kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "island")}
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], facts)
+                           seen[0], facts, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result

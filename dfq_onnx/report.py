@@ -9,7 +9,7 @@ Counting rules:
   same scale and zero point: the values are already on the grid, nothing is rounded. Those are
   reported apart as `requant_lossless`.
 - weight_quantizers: constant tensors that are quantized (DequantizeLinear or QuantizeLinear of
-  an initializer).
+  an initializer, or the integer weight of a ConvInteger/MatMulInteger).
 - scales: every element of every scale tensor of a Q/DQ node, counted once per tensor.
 - per_layer_requant_points (float models only, else null): what a per-layer scheme would need
   on this graph: graph inputs plus one per output of every op that computes new values (Conv,
@@ -31,7 +31,8 @@ from .graph_utils import PASS_THROUGH_OPS
 from .model_io import default_opset
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-SHIFT_OP = "RoundingShift"
+SHIFT_OPS = ("RoundingShift", "RoundingDivide")  # dfq's integer requantizers
+INTEGER_LINEAR = ("ConvInteger", "MatMulInteger")
 
 
 def _load(model) -> onnx.ModelProto:
@@ -84,8 +85,10 @@ def inspect_model(model) -> dict:
     scale_tensors: dict[str, np.ndarray] = {}
     for n in g.node:
         if n.op_type not in QDQ_OPS:
-            if n.op_type == SHIFT_OP:
+            if n.op_type in SHIFT_OPS:
                 requant += 1
+            elif n.op_type in INTEGER_LINEAR and len(n.input) > 1 and n.input[1] in consts:
+                quantized_consts.add(n.input[1])
             continue
         if len(n.input) > 1 and n.input[1] in consts:
             scale_tensors[n.input[1]] = consts[n.input[1]]
@@ -106,7 +109,7 @@ def inspect_model(model) -> dict:
     compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
                                                                                   "Shape", "Gather", "Cast")]
     inits = {i.name for i in g.initializer}
-    quantized = any(op in op_types for op in QDQ_OPS + (SHIFT_OP,))
+    quantized = any(op in op_types for op in QDQ_OPS + SHIFT_OPS + INTEGER_LINEAR)
     return {
         "opset": default_opset(m),
         "nodes": len(g.node),

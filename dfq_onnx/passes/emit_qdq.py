@@ -13,8 +13,9 @@ INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, act_bits: int,
-             per_channel: bool) -> tuple[gs.Graph, dict]:
-    """Return a copy with QuantizeLinear/DequantizeLinear inserted, and facts for the report.
+             per_channel: bool) -> tuple[gs.Graph, dict, list]:
+    """Return a copy with QuantizeLinear/DequantizeLinear inserted, facts for the report, and an
+    empty list (the integer emitter returns module parameters there).
 
     Guarantees: every linear module's weight is an int8 initializer behind a DequantizeLinear
     (per output channel with `axis`, or per tensor), its bias an int32 initializer at exactly
@@ -124,4 +125,4 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
             out_ids = {id(o) for o in g.outputs}
     g.cleanup()
     g.toposort()
-    return g, facts
+    return g, facts, []
