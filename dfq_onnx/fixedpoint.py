@@ -198,16 +198,9 @@ def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int)
     return y
 
 
-def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, bits: int = 8) -> np.ndarray:
-    """One unified module in integers, from its parameters (as recorded by the integer emitter):
-    accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
-    accumulator's fraction, apply the activation bounds, then ONE rounding shift and saturation."""
-    if p["op"] == "GlobalAveragePool":
-        acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
-        n = p["window"]
-        if n & (n - 1) == 0:
-            return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])
-        return rounding_divide(acc, n, bits, p["unsigned"])
+def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A linear module up to its requantization: the int32 accumulator (in int64) after bias,
+    residual and activation bounds, and the per-channel shift, broadcastable against it."""
     if p["op"] == "Conv":
         acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
         cshape = (1, -1) + (1,) * (acc.ndim - 2)
@@ -224,4 +217,18 @@ def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, b
         acc = np.maximum(acc, np.asarray(p["act_min"]).reshape(cshape))
     if "act_max" in p:
         acc = np.minimum(acc, np.asarray(p["act_max"]).reshape(cshape))
-    return rounding_shift(acc, np.asarray(p["shift"]).reshape(cshape), bits, p["unsigned"])
+    return acc, np.asarray(p["shift"]).reshape(cshape)
+
+
+def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, bits: int = 8) -> np.ndarray:
+    """One unified module in integers, from its parameters (as recorded by the integer emitter):
+    accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
+    accumulator's fraction, apply the activation bounds, then ONE rounding shift and saturation."""
+    if p["op"] == "GlobalAveragePool":
+        acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
+        n = p["window"]
+        if n & (n - 1) == 0:
+            return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])
+        return rounding_divide(acc, n, bits, p["unsigned"])
+    acc, shift = module_accumulator(p, x, residual)
+    return rounding_shift(acc, shift, bits, p["unsigned"])

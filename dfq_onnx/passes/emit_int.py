@@ -258,7 +258,8 @@ def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weig
             p["act_max"] = hi
     s = f_acc - exps.act_of(m.output)
     y = requantize(acc, s, cshape, m.output)
-    p.update(shift=s.copy(), unsigned=y.dtype == np.uint8)
+    p.update(shift=s.copy(), unsigned=y.dtype == np.uint8, int_input=x.name, int_output=y.name,
+             int_residual=qt[m.residual_input].name if m.residual_input else None)
     params.append(p)
     return y
 
@@ -286,7 +287,8 @@ def _emit_gap(m, tmap, qt, add, const, requantize, params):
     else:
         y = requantize(acc, None, (), m.output, op=DIVIDE_OP, divisor=n)
     params.append({"name": m.name, "op": m.op, "input": m.input, "output": m.output, "window": n,
-                   "unsigned": y.dtype == np.uint8})
+                   "unsigned": y.dtype == np.uint8, "int_input": qt[m.input].name, "int_output": y.name,
+                   "int_residual": None})
     return y
 
 
