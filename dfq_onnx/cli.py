@@ -73,14 +73,18 @@ def main():
 @click.option("--per-tensor", is_flag=True, help="One weight exponent per tensor (default: per output channel).")
 @click.option("--weight-bits", default=8, show_default=True, type=click.IntRange(2, 8), help="Weight bits.")
 @click.option("--act-bits", default=8, show_default=True, type=click.Choice(["8"]), help="Activation bits.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default="qdq", show_default=True,
+              help="qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
+                   "int: integer-only graph (ConvInteger/MatMulInteger, int32 bias, one dfq.RoundingShift "
+                   "per module), float input and output.")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, float_only, as_json, quiet):
-    """Quantize IN.onnx to a power-of-two W8A8 QDQ model OUT.onnx."""
+            weight_bits, act_bits, fmt, float_only, as_json, quiet):
+    """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
     from .config import QuantConfig
     from .model_io import check_output_path, save_model
     from .pipeline import fuse, run
@@ -96,7 +100,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         raise click.UsageError("calibration data is required: pass --calib DATA (a .npz keyed by input "
                                "name, a folder of .npy files or of images), or --float-only")
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
-                         method=method, num_samples=num_samples, batch_size=batch_size)
+                         method=method, num_samples=num_samples, batch_size=batch_size, format=fmt)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
@@ -142,6 +146,10 @@ def _print_summary(s: dict) -> None:
                                        f"{s['per_layer_requant_points']}")
     fi = s["float_islands"]
     t.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none")
+    t.add_row("format", "integer-only (dfq.RoundingShift requantization)" if s["format"] == "int" else "QDQ")
+    fm = s["facts"].get("float_modules")
+    if fm:
+        t.add_row("float modules", ", ".join(f"{n} {op}" for op, n in sorted(fm.items())) + " (no integer form)")
     t.add_row("bits", f"W{s['weight_bits']}A{s['act_bits']}, weights "
                       f"{'per channel' if s['per_channel'] else 'per tensor'}, exponents by {s['method']}")
     t.add_row("calibration", f"{s['calibration_samples']} samples")
@@ -149,6 +157,52 @@ def _print_summary(s: dict) -> None:
         t.add_row("warning", f"{s['facts']['bias_saturated']} bias values saturated to int32")
     t.add_row("time", f"{s['seconds']:.2f} s")
     t.add_row("output", s["output"])
+    out.print(t)
+
+
+@main.command()
+@click.argument("float_model", metavar="FLOAT.onnx", type=click.Path(dir_okay=False))
+@click.argument("quant_model", metavar="QUANT.onnx", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, metavar="DATA",
+              help="Evaluation data, as for convert --calib: .npz (an optional `labels` array is used), "
+                   "a folder of .npy files, or a folder of images named NAME_LABEL.jpg.")
+@click.option("--labels", metavar="FILE", help="Labels (.npy or text, one integer per sample); overrides the data's.")
+@click.option("--num-samples", type=int, default=None, help="Use only the first N samples (default: all).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--preprocess", metavar="SPEC", help="Image preprocessing, as for convert.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256),
+              help="onnxruntime intra-op threads for both models.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(1, 100000),
+              help="Timed batch-1 runs per model (median reported), after a warm-up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handle_errors
+def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, as_json):
+    """Run FLOAT and QUANT under onnxruntime on the same inputs and compare them."""
+    from .validate import validate as run_validate
+
+    r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
+                     batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    t = Table(title=f"{r['samples']} samples", title_justify="left")
+    t.add_column("")
+    t.add_column("float", justify="right")
+    t.add_column("quantized", justify="right")
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f} %"
+
+    t.add_row("top-1 accuracy", pct(r["float"]["top1"]), pct(r["quant"]["top1"]))
+    t.add_row("top-5 accuracy", pct(r["float"]["top5"]), pct(r["quant"]["top5"]))
+    t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]))
+    for name, db in r["sqnr_db"].items():
+        t.add_row(f"SQNR {name}", "", f"{db:.2f} dB")
+        t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}")
+    t.add_row("requantization points", str(r["requant_points"]["float"]), str(r["requant_points"]["quant"]))
+    t.add_row("nodes", str(r["nodes"]["float"]), str(r["nodes"]["quant"]))
+    t.add_row(f"latency, batch 1, {r['threads']} threads (median)",
+              f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms")
     out.print(t)
 
 

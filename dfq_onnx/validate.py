@@ -1,0 +1,139 @@
+"""Compare a quantized model with its float original under onnxruntime, on the same inputs.
+
+Works on models from any quantizer (dfq-onnx, onnxruntime's quantize_static, ...).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibration_data import DataSource, input_specs
+from .errors import DfqError
+from .report import inspect_model
+
+
+def _session(model, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise DfqError(f"onnxruntime cannot load {model if not isinstance(model, onnx.ModelProto) else 'model'}: "
+                       f"{str(e).strip().splitlines()[0]}") from None
+
+
+def _read(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    p = Path(model)
+    if not p.is_file():
+        raise DfqError(f"{p}: no such file")
+    try:
+        return onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise DfqError(f"{p}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _topk(logits: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-logits.reshape(len(logits), -1), axis=1)[:, :k]
+
+
+def _load_labels(labels) -> np.ndarray | None:
+    if labels is None or isinstance(labels, np.ndarray):
+        return labels
+    p = Path(labels)
+    if not p.is_file():
+        raise DfqError(f"{p}: no such labels file")
+    try:
+        if p.suffix == ".npy":
+            return np.load(p).reshape(-1)
+        return np.loadtxt(p, dtype=np.int64).reshape(-1)
+    except Exception as e:
+        raise DfqError(f"{p}: cannot read labels ({e})") from None
+
+
+def validate(float_model, quant_model, data, *, labels=None, num_samples: int | None = None,
+             batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None) -> dict:
+    """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both."""
+    fm, qm = _read(float_model), _read(quant_model)
+    fs, qs = input_specs(fm), input_specs(qm)
+    if [(s.name, s.dtype, s.shape[1:]) for s in fs] != [(s.name, s.dtype, s.shape[1:]) for s in qs]:
+        raise DfqError("the two models have different inputs: "
+                       f"{[(s.name, s.shape) for s in fs]} vs {[(s.name, s.shape) for s in qs]}")
+    f_out = [o.name for o in fm.graph.output]
+    q_out = [o.name for o in qm.graph.output]
+    if len(f_out) != len(q_out):
+        raise DfqError(f"the two models have different outputs: {f_out} vs {q_out}")
+    data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
+    fsess, qsess = _session(float_model, threads), _session(quant_model, threads)
+    fixed = [s.fixed_batch for s in fs + qs if s.fixed_batch is not None]
+    bs = fixed[0] if fixed else batch_size
+    outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
+    outs_q: list[list[np.ndarray]] = [[] for _ in f_out]
+    first = None
+    for batch in data.batches(bs):
+        if first is None:
+            first = {k: v[:1] for k, v in batch.items()}
+        try:
+            yf, yq = fsess.run(None, batch), qsess.run(None, batch)
+        except Exception as e:
+            raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).strip().splitlines()[0]}") from None
+        for i in range(len(f_out)):
+            outs_f[i].append(yf[i])
+            outs_q[i].append(yq[i])
+    F = [np.concatenate(o) for o in outs_f]
+    Q = [np.concatenate(o) for o in outs_q]
+    n = len(F[0])
+    if labels is None:
+        labels = data.labels
+    labels = _load_labels(labels)
+    if labels is not None and len(labels) != n:
+        raise DfqError(f"labels: {len(labels)} labels for {n} samples")
+
+    sqnr, max_err = {}, {}
+    for name, f, q in zip(f_out, F, Q):
+        if f.shape != q.shape:
+            raise DfqError(f"output {name!r}: shapes differ ({f.shape} vs {q.shape})")
+        f64, e = f.astype(np.float64), f.astype(np.float64) - q.astype(np.float64)
+        noise = float(np.sum(e ** 2))
+        sqnr[name] = float("inf") if noise == 0 else float(10 * np.log10(np.sum(f64 ** 2) / noise))
+        max_err[name] = float(np.max(np.abs(e)))
+    top_f, top_q = _topk(F[0], 5), _topk(Q[0], 5)
+
+    def acc(top, k):
+        return None if labels is None else float(100.0 * np.mean(np.any(top[:, :k] == labels[:, None], axis=1)))
+
+    fi, qi = inspect_model(fm), inspect_model(qm)
+    return {
+        "samples": n,
+        "float": {"top1": acc(top_f, 1), "top5": acc(top_f, 5)},
+        "quant": {"top1": acc(top_q, 1), "top5": acc(top_q, 5)},
+        "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])),
+        "sqnr_db": sqnr,
+        "max_abs_error": max_err,
+        "latency_ms": {"float": _latency(fsess, first, runs), "quant": _latency(qsess, first, runs)},
+        "threads": threads,
+        "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
+        "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
+        "nodes": {"float": fi["nodes"], "quant": qi["nodes"]},
+    }
+
+
+def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
+    """Median wall time of one batch-1 run, in milliseconds, after a warm-up."""
+    for _ in range(min(5, runs)):
+        sess.run(None, feed)
+    times = []
+    for _ in range(max(1, runs)):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(statistics.median(times))

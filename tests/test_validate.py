@@ -1,0 +1,94 @@
+"""dfq-onnx validate: figures computed independently here from onnxruntime outputs, and clean
+errors on bad input."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from dfq_onnx.cli import main
+from dfq_onnx.validate import validate
+
+from helpers import SHIPPED, TEST, run_ort
+
+
+@pytest.fixture(scope="module")
+def quant_path(tmp_path_factory, shipped_qdq):
+    p = tmp_path_factory.mktemp("v") / "q.onnx"
+    onnx.save(shipped_qdq.model, str(p))
+    return p
+
+
+def test_validate_figures_match_a_direct_computation(quant_path, test_data):
+    x, y = test_data
+    r = validate(SHIPPED, quant_path, TEST, num_samples=300, runs=3)
+    f = run_ort(SHIPPED, {"input": x[:300]})[0]
+    q = run_ort(quant_path, {"input": x[:300]})[0]
+    assert r["samples"] == 300
+    assert r["float"]["top1"] == pytest.approx(100 * np.mean(f.argmax(1) == y[:300]))
+    assert r["quant"]["top1"] == pytest.approx(100 * np.mean(q.argmax(1) == y[:300]))
+    assert r["agreement_top1"] == pytest.approx(100 * np.mean(f.argmax(1) == q.argmax(1)))
+    sq = 10 * np.log10(np.sum(f.astype(np.float64) ** 2) / np.sum((f.astype(np.float64) - q) ** 2))
+    assert r["sqnr_db"]["logits"] == pytest.approx(sq, rel=1e-6)
+    assert r["max_abs_error"]["logits"] == pytest.approx(float(np.max(np.abs(f - q))), rel=1e-6)
+    assert r["requant_points"] == {"float": 0, "quant": 9}
+    assert r["latency_ms"]["float"] > 0 and r["latency_ms"]["quant"] > 0
+
+
+def test_validate_json_cli_without_labels(quant_path, tmp_path, test_data):
+    x, _ = test_data
+    np.savez(tmp_path / "d.npz", input=x[:50])
+    res = CliRunner().invoke(main, ["validate", str(SHIPPED), str(quant_path), "--data", str(tmp_path / "d.npz"),
+                                    "--json", "--runs", "2"])
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["float"]["top1"] is None and r["quant"]["top1"] is None
+    for key in ("agreement_top1", "sqnr_db", "latency_ms", "requant_points"):
+        assert key in r
+
+
+def test_validate_onnxruntime_quantized_model(tmp_path, calib_data, test_data):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class R(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib_data[i:i + 1]} for i in range(32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(SHIPPED), str(tmp_path / "ort.onnx"), R(), quant_format=QuantFormat.QDQ, per_channel=True)
+    r = validate(SHIPPED, tmp_path / "ort.onnx", TEST, num_samples=200, runs=2)
+    assert r["agreement_top1"] > 90 and r["requant_points"]["quant"] > 0
+
+
+def other_model(path):
+    g = helper.make_graph([helper.make_node("Flatten", ["image"], ["f"]),
+                           helper.make_node("Gemm", ["f", "w"], ["logits"])], "t",
+                          [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 28, 28])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+                          [numpy_helper.from_array(np.ones((784, 10), np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["inputs_differ", "data_does_not_fit", "labels_wrong_length", "missing_model"])
+def test_validate_bad_input(case, quant_path, tmp_path, test_data):
+    x, y = test_data
+    fl, q, data, extra = SHIPPED, quant_path, TEST, []
+    if case == "inputs_differ":
+        q, mention = other_model(tmp_path / "o.onnx"), "different inputs"
+    elif case == "data_does_not_fit":
+        np.savez(tmp_path / "d.npz", input=x[:10, :, :14, :14])
+        data, mention = tmp_path / "d.npz", "shape"
+    elif case == "labels_wrong_length":
+        np.save(tmp_path / "l.npy", y[:7])
+        extra, mention = ["--labels", str(tmp_path / "l.npy")], "7 labels for 1000 samples"
+    else:
+        fl, mention = tmp_path / "none.onnx", "no such file"
+    res = CliRunner().invoke(main, ["validate", str(fl), str(q), "--data", str(data), "--runs", "1", *extra])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert mention in res.stderr
