@@ -15,6 +15,8 @@ from . import __version__
 from .errors import DfqError
 
 out = Console(highlight=False, soft_wrap=True)
+if not out.is_terminal:  # pipes and files: do not wrap at 80 columns
+    out = Console(highlight=False, soft_wrap=True, width=120)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
