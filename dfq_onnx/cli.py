@@ -25,6 +25,13 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+def _maybe_json(obj: dict, as_json: bool) -> bool:
+    """Print obj as one JSON object if asked; say whether it was printed."""
+    if as_json:
+        click.echo(json.dumps(obj, indent=2))
+    return as_json
+
+
 def handle_errors(fn):
     """One-line message and exit 1 for any failure; the traceback only with --debug."""
     @functools.wraps(fn)
@@ -114,10 +121,8 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
     if quiet:
         return
     summary = _summary(result, config, input_model, output_model)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    _print_summary(summary)
+    if not _maybe_json(summary, as_json):
+        _print_summary(summary)
 
 
 def _summary(result, config, inp, outp) -> dict:
@@ -184,8 +189,7 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
 
     r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
                      batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess)
-    if as_json:
-        click.echo(json.dumps(r, indent=2))
+    if _maybe_json(r, as_json):
         return
     t = Table(title=f"{r['samples']} samples", title_justify="left")
     t.add_column("")
@@ -217,8 +221,7 @@ def inspect(model, as_json):
     from .report import inspect_model
 
     info = inspect_model(model)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
+    if _maybe_json(info, as_json):
         return
     t = Table(title=f"{model}  (opset {info['opset']}, {info['nodes']} nodes)", title_justify="left")
     t.add_column("op type")

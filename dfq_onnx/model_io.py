@@ -29,25 +29,29 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def read_model(src, external_data: bool = True) -> onnx.ModelProto:
+    """The model at a path (or a ModelProto itself), with a one-line DfqError if it is not one."""
+    if isinstance(src, onnx.ModelProto):
+        return src
+    path = Path(src)
+    if not path.exists():
+        raise DfqError(f"{path}: no such file")
+    if not path.is_file():
+        raise DfqError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=external_data)
+    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        raise DfqError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
+    if not model.graph.node and not model.graph.input:
+        raise DfqError(f"{path}: not an ONNX model (empty graph)")
+    return model
+
+
 def load_model(src) -> onnx.ModelProto:
     """Read (or take) a model, check it, upgrade it to opset >= 13 and infer shapes."""
-    if isinstance(src, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(src)
-        where = "model"
-    else:
-        path = Path(src)
-        where = str(path)
-        if not path.exists():
-            raise DfqError(f"{path}: no such file")
-        if not path.is_file():
-            raise DfqError(f"{path}: not a file")
-        try:
-            model = onnx.load(str(path), load_external_data=True)
-        except Exception as e:  # protobuf DecodeError, missing external data, ...
-            raise DfqError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
-        if not model.graph.node and not model.graph.input:
-            raise DfqError(f"{path}: not an ONNX model (empty graph)")
+    where = "model" if isinstance(src, onnx.ModelProto) else str(src)
+    model = onnx.ModelProto()
+    model.CopyFrom(read_model(src))
     try:
         onnx.checker.check_model(model)
     except Exception as e:

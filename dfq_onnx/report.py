@@ -19,37 +19,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import DfqError
 from .fixedpoint import is_pow2
 from .graph_utils import PASS_THROUGH_OPS
-from .model_io import default_opset
+from .model_io import default_opset, read_model
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 SHIFT_OPS = ("RoundingShift", "RoundingDivide")  # dfq's integer requantizers
 INTEGER_LINEAR = ("ConvInteger", "MatMulInteger")
-
-
-def _load(model) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    p = Path(model)
-    if not p.exists():
-        raise DfqError(f"{p}: no such file")
-    if not p.is_file():
-        raise DfqError(f"{p}: not a file")
-    try:
-        m = onnx.load(str(p))
-    except Exception as e:
-        raise DfqError(f"{p}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not m.graph.node and not m.graph.input:
-        raise DfqError(f"{p}: not an ONNX model (empty graph)")
-    return m
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -74,7 +55,7 @@ def _qparams(node: onnx.NodeProto, consts) -> tuple | None:
 
 
 def inspect_model(model) -> dict:
-    m = _load(model)
+    m = read_model(model, external_data=False)
     g = m.graph
     consts = _constants(m)
     producer = {o: n for n in g.node for o in n.output}

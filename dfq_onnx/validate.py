@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from .calibration_data import DataSource, input_specs
 from .errors import DfqError
+from .model_io import read_model
 from .report import inspect_model
 
 
@@ -28,18 +29,6 @@ def _session(model, threads: int) -> ort.InferenceSession:
     except Exception as e:
         raise DfqError(f"onnxruntime cannot load {model if not isinstance(model, onnx.ModelProto) else 'model'}: "
                        f"{str(e).strip().splitlines()[0]}") from None
-
-
-def _read(model) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    p = Path(model)
-    if not p.is_file():
-        raise DfqError(f"{p}: no such file")
-    try:
-        return onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise DfqError(f"{p}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _topk(logits: np.ndarray, k: int) -> np.ndarray:
@@ -63,7 +52,7 @@ def _load_labels(labels) -> np.ndarray | None:
 def validate(float_model, quant_model, data, *, labels=None, num_samples: int | None = None,
              batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None) -> dict:
     """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both."""
-    fm, qm = _read(float_model), _read(quant_model)
+    fm, qm = read_model(float_model, False), read_model(quant_model, False)
     fs, qs = input_specs(fm), input_specs(qm)
     if [(s.name, s.dtype, s.shape[1:]) for s in fs] != [(s.name, s.dtype, s.shape[1:]) for s in qs]:
         raise DfqError("the two models have different inputs: "
