@@ -12,7 +12,7 @@ format="int" and format="qdq". Then:
     evaluation crops drawn with seeds disjoint from calibration.
 Exits 1 on any bit mismatch or if a float Conv/Gemm remains.
 
-Usage: python bench/check_integer.py [--cache DIR] [--calib 64] [--exact-images 4] [--eval 40]
+Usage: python bench/check_integer.py [--cache DIR] [--calib 64] [--exact-images 8] [--eval 40]
 """
 from __future__ import annotations
 
@@ -48,9 +48,8 @@ def _resized(photos: dict[str, np.ndarray]):
 
 
 def random_crops(resized, n: int, seed: int) -> np.ndarray:
-    """n random 224 crops (random horizontal flip) cycling over the resized photos, normalised as
-    zoo.imagenet_preprocess does (the 224x224 crop itself goes through imagenet_preprocess, which
-    leaves a 224 image's geometry unchanged apart from its resize-to-256 step, so we normalise here)."""
+    """n random 224 crops (each flipped horizontally with probability 1/2), cycling over the resized
+    photos, normalised as zoo.imagenet_preprocess does (/255, ImageNet mean/std, CHW float32)."""
     rng = np.random.default_rng(seed)
     xs = []
     for i in range(n):
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=zoo.DEFAULT_CACHE, help="cache folder (default bench/cache/)")
     ap.add_argument("--calib", type=int, default=64, help="calibration crops (default 64)")
-    ap.add_argument("--exact-images", type=int, default=4, help="images for the bit-exactness check (default 4)")
+    ap.add_argument("--exact-images", type=int, default=8, help="images for the bit-exactness check (default 8)")
     ap.add_argument("--eval", type=int, default=40, help="evaluation crops for agreement/SQNR (default 40)")
     args = ap.parse_args(argv)
 
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"integer linear ops    {ints}")
     ok &= float_left == 0
     print(f"int   requant points  {info['requant_points']} vs modules {info['modules']} "
-          f"(int_params {len(ri.int_params)}, float islands {info['float_islands']})")
+          f"(by kind {ri.requant_by_kind}; int_params {len(ri.int_params)}, float islands {info['float_islands']})")
     print(f"qdq   requant points  {qinfo['requant_points']} (+{qinfo['requant_lossless']} lossless) "
           f"vs modules {qinfo['modules']}; scales {qinfo['scales']}")
     print(f"per-layer scheme      {ri.per_layer_requant_points} requant points")
