@@ -224,8 +224,11 @@ def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, b
     """One unified module in integers, from its parameters (as recorded by the integer emitter):
     accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
     accumulator's fraction, apply the activation bounds, then ONE rounding shift and saturation."""
-    if p["op"] == "GlobalAveragePool":
-        acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
+    if p["op"] in ("GlobalAveragePool", "AveragePool"):
+        if p["op"] == "GlobalAveragePool":
+            acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
+        else:
+            acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
         n = p["window"]
         if n & (n - 1) == 0:
             return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])

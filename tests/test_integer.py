@@ -131,3 +131,35 @@ def test_rounding_divide_reference():
     got = rounding_divide(acc, 49)
     want = [int(np.floor(a / 49 + 0.5)) for a in acc]
     assert got.tolist() == want
+
+
+@pytest.mark.parametrize("kernel,pads,count_pad", [((2, 2), (0, 0, 0, 0), 0), ((3, 3), (1, 1, 1, 1), 1),
+                                                   ((3, 3), (1, 1, 1, 1), 0)])
+def test_average_pool_in_integers(kernel, pads, count_pad, tmp_path):
+    """Conv -> Relu -> AveragePool -> Conv: the pool is a window sum and one rounding, bit-exact with
+    the reference; padding that is not counted has no single divisor and stays float."""
+    from onnx import numpy_helper
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=list(kernel), pads=list(pads),
+                              count_include_pad=count_pad),
+             helper.make_node("Conv", ["p", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(4, 8, 1, 1)).astype(np.float32), "w2")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, None, None])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.normal(size=(16, 3, 12, 12)).astype(np.float32)
+    r = run(model, {"x": x}, QuantConfig(format="int"))
+    pools = [p for p in r.int_params if p["op"] == "AveragePool"]
+    if count_pad == 0 and any(pads):
+        assert not pools and r.facts["float_modules"] == {"AveragePool": 1}
+        return
+    assert len(pools) == 1 and "AveragePool" not in dfq_onnx.inspect(r.model)["op_types"]
+    p = pools[0]
+    m = with_outputs(r.model, [p["int_input"], p["int_output"]])
+    vals = dict(zip([o.name for o in m.graph.output], run_ort(m, {"x": x})))
+    np.testing.assert_array_equal(vals[p["int_output"]].astype(np.int64), module_forward(p, vals[p["int_input"]]))
+    f = run_ort(model, {"x": x})[0]
+    q = run_ort(r.model, {"x": x})[0]
+    assert 10 * np.log10(np.sum(f ** 2) / np.sum((f - q) ** 2)) > 20

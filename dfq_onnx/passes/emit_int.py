@@ -63,8 +63,9 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     f_x + f_w[c], adds a residual branch brought to that fraction by an exact left shift (a
     multiplication by 2^k), applies Relu/Relu6/Clip on int32 (Max/Min), and requantizes with ONE
     dfq.RoundingShift (round half up, saturate to int8, or uint8 when provably non-negative).
-    GlobalAveragePool is an int32 ReduceSum and one rounding shift (window a power of two) or
-    rounding division. Pass-through ops run on the integer tensor. Every other op, and modules with
+    GlobalAveragePool (an int32 ReduceSum) and AveragePool without uncounted padding (a depthwise
+    ConvInteger with a ones kernel) sum in integers, then one rounding shift (window a power of
+    two) or rounding division. Pass-through ops run on the integer tensor. Every other op, and modules with
     no integer form (ConvTranspose, AveragePool, LeakyRelu), runs in float between a
     DequantizeLinear and a QuantizeLinear: a float island.
     """
@@ -122,12 +123,12 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     modules_by_first = {m.nodes[0]: m for m in plan.modules}
     for node in order:
         m = modules_by_first.get(node.name)
-        if m is not None and _integer_form(m, tmap):
+        if m is not None and _integer_form(m, tmap, nodes):
             for name in (m.input, m.residual_input):
                 if name and name not in qt:
                     quantize_float(name, tmap[name])
             if m.kind == "pool":
-                qt[m.output] = _emit_gap(m, tmap, qt, add, const, requantize, params)
+                qt[m.output] = _emit_pool(m, nodes, tmap, qt, add, const, requantize, params)
             else:
                 qt[m.output] = _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts,
                                             weight_bits, per_channel)
@@ -176,11 +177,17 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     return g, facts, params
 
 
-def _integer_form(m: Module, tmap) -> bool:
+def _integer_form(m: Module, tmap, nodes) -> bool:
     if m.kind == "pool":
         shape = tmap[m.input].shape
-        return m.op == "GlobalAveragePool" and shape is not None and len(shape) == 4 and \
-            all(isinstance(d, int) for d in shape[2:])
+        if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
+            return False
+        if m.op == "GlobalAveragePool":
+            return all(isinstance(d, int) for d in shape[2:])
+        a = nodes[m.name].attrs
+        padded = any(a.get("pads", [0])) or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID")
+        # one divisor for every window: no padding, or padding counted
+        return not padded or int(a.get("count_include_pad", 0)) == 1
     return m.op in INTEGER_OPS and m.activation in INTEGER_ACTS
 
 
@@ -276,19 +283,34 @@ def _act_bounds(act: gs.Node, kind: str) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def _emit_gap(m, tmap, qt, add, const, requantize, params):
-    h, w = tmap[m.input].shape[2:]
-    n = int(h * w)
-    x = add("Cast", [qt[m.input]], np.int32, {"to": TensorProto.INT32}, name=f"{m.name}_cast")
-    acc = add("ReduceSum", [x, const(f"{m.name}_axes", np.array([2, 3], dtype=np.int64))], np.int32,
-              {"keepdims": 1}, name=f"{m.name}_ReduceSum")
+def _emit_pool(m, nodes, tmap, qt, add, const, requantize, params):
+    """Average = integer window sum, then one rounding shift (or division) at the same fraction.
+    AveragePool sums with a depthwise ConvInteger whose kernel is all ones."""
+    p = {"name": m.name, "op": m.op, "input": m.input, "output": m.output, "int_input": qt[m.input].name,
+         "int_residual": None}
+    if m.op == "GlobalAveragePool":
+        h, w = tmap[m.input].shape[2:]
+        n = int(h * w)
+        x = add("Cast", [qt[m.input]], np.int32, {"to": TensorProto.INT32}, name=f"{m.name}_cast")
+        acc = add("ReduceSum", [x, const(f"{m.name}_axes", np.array([2, 3], dtype=np.int64))], np.int32,
+                  {"keepdims": 1}, name=f"{m.name}_ReduceSum")
+    else:
+        a = nodes[m.name].attrs
+        k = list(a["kernel_shape"])
+        c = int(tmap[m.input].shape[1])
+        n = int(np.prod(k))
+        ones = np.ones([c, 1] + k, dtype=np.int8)
+        attrs = {"group": c, "kernel_shape": k, "strides": list(a.get("strides", [1] * len(k))),
+                 "pads": list(a.get("pads", [0] * 2 * len(k)))}
+        acc = add("ConvInteger", [qt[m.input], const(f"{m.name}_ones", ones)], np.int32, attrs,
+                  name=f"{m.name}_window_sum")
+        p.update(weight=ones, strides=attrs["strides"], pads=attrs["pads"], dilations=[1] * len(k), group=c)
     if n & (n - 1) == 0:
         y = requantize(acc, np.array([n.bit_length() - 1]), (), m.output)
     else:
         y = requantize(acc, None, (), m.output, op=DIVIDE_OP, divisor=n)
-    params.append({"name": m.name, "op": m.op, "input": m.input, "output": m.output, "window": n,
-                   "unsigned": y.dtype == np.uint8, "int_input": qt[m.input].name, "int_output": y.name,
-                   "int_residual": None})
+    p.update(window=n, unsigned=y.dtype == np.uint8, int_output=y.name)
+    params.append(p)
     return y
 
 
