@@ -110,7 +110,10 @@ def check_output_path(out, inp=None) -> Path:
 def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
     """Write `model` to `out` atomically (temporary file + rename)."""
     out = check_output_path(out, inp)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    except OSError as e:
+        raise DfqError(f"{out.parent}: cannot write there ({e.strerror})") from None
     os.close(fd)
     try:
         large = model.ByteSize() > 1_900_000_000
@@ -120,9 +123,11 @@ def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
         else:
             onnx.save_model(model, tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise DfqError(f"{out}: cannot write ({e.strerror or e})") from None
         raise
     return out
 
