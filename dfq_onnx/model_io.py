@@ -93,8 +93,6 @@ def check_output_path(out, inp=None) -> Path:
     """Refuse an output that is the input or lies in a folder we cannot write to."""
     out = Path(out)
     if inp is not None and not isinstance(inp, onnx.ModelProto):
-        if Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
-            raise DfqError(f"{out}: output path equals the input path; choose another")
         if out.resolve() == Path(inp).resolve():
             raise DfqError(f"{out}: output path equals the input path; choose another")
     parent = out.resolve().parent

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from ..fixedpoint import pow2_scale, qrange, quantize, shift_constants
+from ..fixedpoint import dequantize, pow2_scale, qrange, quantize, shift_constants
 from ..graph_utils import PASS_THROUGH_OPS, bias_of, new_name, out_channel_axis
 from .choose_exponents import Exponents
 from .form_modules import Module, Plan
@@ -320,7 +320,4 @@ def _dequantize_weight(node: gs.Node, exps, weight_bits, per_channel, m) -> None
     axis = out_channel_axis(node) if per_channel else None
     fw = exps.weight[m.name] if per_channel else exps.weight[m.name][0]
     q = quantize(w, fw, weight_bits, axis=axis)
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    node.inputs[1] = gs.Constant(node.inputs[1].name + "_qdq", (q * np.ldexp(1.0, -np.asarray(fw)).reshape(shape)).astype(np.float32))
+    node.inputs[1] = gs.Constant(node.inputs[1].name + "_qdq", dequantize(q, fw, axis).astype(np.float32))
