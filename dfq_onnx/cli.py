@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .config import QuantConfig
 from .errors import DfqError
 
 out = Console(highlight=False, soft_wrap=True)
@@ -71,7 +72,8 @@ def main():
               help="Calibration data: a .npz keyed by input name (N x ...), a folder of .npy files, "
                    "or a folder of images (see --preprocess). Required unless --float-only.")
 @click.option("--num-samples", default=128, show_default=True, type=int, help="Calibration samples to use.")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="Calibration batch size.")
+@click.option("--batch-size", default=QuantConfig.batch_size, show_default=True, type=int,
+              help="Calibration batch size (memory grows with it; speed barely does).")
 @click.option("--preprocess", metavar="SPEC",
               help='Image preprocessing, e.g. "resize=256 size=224 mean=0.485,0.456,0.406 '
                    'std=0.229,0.224,0.225 scale=1 layout=NCHW color=RGB". Default: resize to the '
@@ -94,7 +96,6 @@ def main():
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
             weight_bits, act_bits, fmt, float_only, as_json, quiet):
     """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
-    from .config import QuantConfig
     from .model_io import check_output_path, save_model
     from .pipeline import fuse, run
 

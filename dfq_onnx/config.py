@@ -16,7 +16,7 @@ class QuantConfig:
     per_channel: bool = True      # weight fraction per output channel (else per tensor)
     method: str = "mse"           # "mse": least expected squared error; "max": no clipping
     num_samples: int = 128        # calibration samples used
-    batch_size: int = 32          # calibration batch size (1 for models with a fixed batch of 1)
+    batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
 
     def __post_init__(self):

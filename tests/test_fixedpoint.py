@@ -100,3 +100,15 @@ def test_activation_fraction_prefers_resolution_for_heavy_tails():
     assert f_max == max_fraction(50.0, 8)
     assert f_mse > f_max
     assert abs_histogram(x).sum() == x.size
+
+
+def test_abs_histogram_bins_match_frexp():
+    """Bin of |x| = 8 * biased exponent + 3 leading mantissa bits, computed independently with frexp."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(0, 1, 5000) * 10.0 ** rng.integers(-6, 6, 5000), [0.0, -0.0, 1.0, -2.0]])
+    x = x.astype(np.float32)
+    m, e = np.frexp(np.abs(x).astype(np.float64))  # |x| = m 2^e, m in [0.5, 1)
+    nz = x != 0
+    idx = np.zeros(x.size, dtype=np.int64)
+    idx[nz] = (e[nz] - 1 + 127) * 8 + np.floor((2 * m[nz] - 1) * 8).astype(np.int64)
+    assert np.array_equal(abs_histogram(x), np.bincount(idx, minlength=len(abs_histogram(x))))

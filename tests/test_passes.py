@@ -153,3 +153,38 @@ def test_residual_add_is_claimed_by_the_later_branch():
     mods = find_modules(g)
     assert mods[0].residual is None and mods[0].output == "a"
     assert mods[1].residual is not None and mods[1].residual_input == "a" and mods[1].output == "y"
+
+
+def test_calibration_statistics_are_exact_and_mergeable(monkeypatch, calib_data):
+    """min/max see every value; the histogram sees the same strided per-sample subset whatever
+    the batching, so statistics of shards (batches of 5) merge into those of the whole (32)."""
+    import onnx_graphsurgeon as gs
+
+    from dfq_onnx.calibration_data import DataSource, input_specs
+    from dfq_onnx.fixedpoint import abs_histogram
+    from dfq_onnx.passes import calibrate as cal
+
+    monkeypatch.setattr(cal, "HIST_SAMPLES_PER_ITEM", 1000)  # force subsampling on MNIST's small tensors
+    model = load_model(SHIPPED)
+    g = fold_batchnorm(canonicalize(to_graph(model)))
+    plan = plan_quantization(g, find_modules(g))
+    x = calib_data[:64]
+    data = DataSource({"input": x}, input_specs(model))
+    whole = cal.calibrate(g, plan.requant, data, batch_size=32)
+    shards = cal.calibrate(g, plan.requant, data, batch_size=5)
+
+    probe = g.copy()
+    probe.outputs = [probe.tensors()[t] for t in plan.requant]
+    for t in probe.outputs:
+        t.dtype = np.float32
+    values = run_ort(to_model(probe), {"input": x})
+    stepped = 0
+    for name, v in zip(plan.requant, values):
+        a, b = whole[name], shards[name]
+        assert (a.count, a.min, a.max) == (b.count, b.min, b.max) == (v.size, float(v.min()), float(v.max()))
+        np.testing.assert_array_equal(a.hist, b.hist)
+        flat = v.reshape(len(v), -1)
+        step = (flat.shape[1] // 1000) | 1
+        stepped += step > 1
+        np.testing.assert_array_equal(a.hist, abs_histogram(flat[:, ::step]))
+    assert stepped >= 3

@@ -1,0 +1,87 @@
+"""One conversion, alone in its own process, so that its wall time and peak RSS are its own.
+
+  python bench/convert_one.py TOOL MODEL OUT --calib DATA [--preprocess SPEC] [--num-samples N]
+
+TOOL: dfq-qdq | dfq-int (dfq_onnx.convert) | ort-minmax | ort-percentile (onnxruntime's
+quant_pre_process + quantize_static: QDQ, per-channel, int8 weights and activations). Both tools
+read the same calibration samples through the same reader (dfq_onnx.calibration_data.DataSource)
+in batches of BATCH. The last line printed is JSON: {"seconds": conversion wall time, measured
+from before loading the model to after writing OUT, pre-processing included}.
+The parent (bench/run.py) reads the process's peak RSS with os.wait4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import os
+BATCH = int(os.environ.get("BENCH_BATCH", 32))
+
+
+def convert_dfq(model: Path, out: Path, calib: str, preprocess: str | None, n: int, fmt: str) -> None:
+    import dfq_onnx
+    from dfq_onnx.model_io import save_model
+
+    cfg = dfq_onnx.QuantConfig(format=fmt, num_samples=n, batch_size=BATCH)
+    save_model(dfq_onnx.convert(str(model), calib, cfg, preprocess=preprocess), out)
+
+
+def convert_ort(model: Path, out: Path, calib: str, preprocess: str | None, n: int, method: str) -> None:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from dfq_onnx.calibration_data import DataSource, input_specs
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, source: DataSource):
+            self.source = source
+            self.it = iter(source.batches(BATCH))
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def rewind(self):
+            self.it = iter(self.source.batches(BATCH))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = onnx.load(str(model))
+        opset = next((o.version for o in src.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if opset < 13:  # per-channel QDQ needs opset 13; dfq_onnx's loader upgrades the same way
+            src = onnx.version_converter.convert_version(src, 13)
+            model = Path(tmp) / "opset13.onnx"
+            onnx.save(src, str(model))
+        data = DataSource(calib, input_specs(src), num_samples=n, preprocess=preprocess)
+        del src
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(model), str(pre))
+        quantize_static(str(pre), str(out), Reader(data), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax if method == "minmax"
+                        else CalibrationMethod.Percentile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tool", choices=["dfq-qdq", "dfq-int", "ort-minmax", "ort-percentile"])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--preprocess", default=None)
+    ap.add_argument("--num-samples", type=int, default=128)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    kind, variant = args.tool.split("-")
+    fn = convert_dfq if kind == "dfq" else convert_ort
+    fn(args.model, args.out, args.calib, args.preprocess, args.num_samples, variant)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
