@@ -73,6 +73,15 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
+    """The graph re-imported after onnx shape inference (shapes computed from folded constants,
+    such as Pad amounts, become known); the graph itself if inference fails."""
+    try:
+        return gs.import_onnx(onnx.shape_inference.infer_shapes(to_model(graph)))
+    except Exception:
+        return graph
+
+
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export a graph; keep the opset imports, IR version and metadata of `like`."""
     model = gs.export_onnx(graph, do_type_check=False)

@@ -81,7 +81,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
 
     out = to_model(graph, original)
     if config.format == "int":
-        out.functions.extend(rounding_functions())
+        opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+        out.functions.extend(rounding_functions(opset))
         out.opset_import.add(domain=INT_DOMAIN, version=1)
     kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "island")}
     per_layer = inspect_model(original)["per_layer_requant_points"]

