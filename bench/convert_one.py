@@ -6,8 +6,9 @@ TOOL: dfq-qdq | dfq-int (dfq_onnx.convert) | ort-minmax | ort-percentile (onnxru
 quant_pre_process + quantize_static: QDQ, per-channel, int8 weights and activations). Both tools
 read the same calibration samples through the same reader (dfq_onnx.calibration_data.DataSource)
 in batches of BATCH. The last line printed is JSON: {"seconds": conversion wall time, measured
-from before loading the model to after writing OUT, pre-processing included}.
-The parent (bench/run.py) reads the process's peak RSS with os.wait4.
+from before loading the model to after writing OUT, pre-processing included; "peak_rss_mb": this
+process's peak resident set (VmHWM), interpreter and imports included}. VmHWM is read here, not
+with the parent's os.wait4: on Linux a child's ru_maxrss starts from its parent's peak at fork.
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import os
-BATCH = int(os.environ.get("BENCH_BATCH", 32))
+BATCH = 8  # dfq_onnx's default calibration batch; onnxruntime's reader yields the same batches
 
 
 def convert_dfq(model: Path, out: Path, calib: str, preprocess: str | None, n: int, fmt: str) -> None:
@@ -66,6 +66,17 @@ def convert_ort(model: Path, out: Path, calib: str, preprocess: str | None, n: i
                         else CalibrationMethod.Percentile)
 
 
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource  # not Linux: the best available, same meaning for a fresh process
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tool", choices=["dfq-qdq", "dfq-int", "ort-minmax", "ort-percentile"])
@@ -79,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     kind, variant = args.tool.split("-")
     fn = convert_dfq if kind == "dfq" else convert_ort
     fn(args.model, args.out, args.calib, args.preprocess, args.num_samples, variant)
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
     return 0
 
 

@@ -88,13 +88,18 @@ def main():
               help="qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
                    "int: integer-only graph (ConvInteger/MatMulInteger, int32 bias, one dfq.RoundingShift "
                    "per module), float input and output.")
+@click.option("--layout", type=click.Choice(["ort", "unified"]), default="ort", show_default=True,
+              help="QDQ only. ort: the linear result entering a residual Add gets its own QuantizeLinear, "
+                   "so onnxruntime runs QLinearConv + QLinearAdd (one more requantization point per "
+                   "residual module); unified: one requantization per module, as in the integer graph "
+                   "(onnxruntime then runs residual convs in float).")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, fmt, float_only, as_json, quiet):
+            weight_bits, act_bits, fmt, layout, float_only, as_json, quiet):
     """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
     from .pipeline import fuse, run
@@ -110,7 +115,8 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         raise click.UsageError("calibration data is required: pass --calib DATA (a .npz keyed by input "
                                "name, a folder of .npy files or of images), or --float-only")
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
-                         method=method, num_samples=num_samples, batch_size=batch_size, format=fmt)
+                         method=method, num_samples=num_samples, batch_size=batch_size, format=fmt,
+                         layout=layout)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
@@ -150,7 +156,8 @@ def _print_summary(s: dict) -> None:
     t.add_row("unified modules", f"{s['modules']} ({ops}; {s['residual_modules']} with a residual Add)")
     k = s["requant_by_kind"]
     t.add_row("requantization points", f"{s['requant_points']} ({k['input']} graph input, {k['module']} module "
-                                       f"output, {k['island']} float-island boundary); a per-layer scheme needs "
+                                       f"output, {k['residual']} before a residual Add, {k['island']} float-island "
+                                       f"boundary); a per-layer scheme needs "
                                        f"{s['per_layer_requant_points']}")
     fi = s["float_islands"]
     t.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none")

@@ -7,6 +7,7 @@ from .errors import DfqError
 
 METHODS = ("mse", "max")
 FORMATS = ("qdq", "int")
+LAYOUTS = ("ort", "unified")
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,9 @@ class QuantConfig:
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
+    layout: str = "ort"           # QDQ only. "ort": a residual Add gets its own requantization so that
+    #                               onnxruntime runs QLinearConv + QLinearAdd; "unified": one requantization
+    #                               per module, as in the integer graph (onnxruntime runs those convs in float)
 
     def __post_init__(self):
         if not 2 <= self.weight_bits <= 8:
@@ -28,6 +32,8 @@ class QuantConfig:
             raise DfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.format not in FORMATS:
             raise DfqError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.layout not in LAYOUTS:
+            raise DfqError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.num_samples < 1:
             raise DfqError("number of calibration samples must be at least 1")
         if self.batch_size < 1:

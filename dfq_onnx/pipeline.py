@@ -62,7 +62,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
-    plan = plan_quantization(graph, modules)
+    plan = plan_quantization(graph, modules, residual_requant=config.format == "qdq" and config.layout == "ort")
     if on_start is not None:
         on_start(len(data))
     seen = [0]
@@ -84,7 +84,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
         out.functions.extend(rounding_functions(opset))
         out.opset_import.add(domain=INT_DOMAIN, version=1)
-    kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "island")}
+    kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "residual", "island")}
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,

@@ -52,15 +52,36 @@ def test_every_scale_is_a_power_of_two_and_every_zero_point_zero(shipped_qdq):
     assert seen > 20
 
 
-def test_requant_points_bound(shipped_qdq):
+def test_requant_points_bound(shipped_qdq, calib_data):
+    """ort layout: one requantization per module, graph input and island boundary, plus one
+    before each residual Add; unified layout: exactly the minimum, as the integer graph."""
     info = dfq_onnx.inspect(shipped_qdq.model)
     kinds = shipped_qdq.requant_by_kind
     n_inputs = len([i for i in shipped_qdq.model.graph.input])
+    residual = sum(1 for m in shipped_qdq.modules if m["residual"])
+    assert residual == 2 and kinds["residual"] == residual
     assert info["requant_points"] == shipped_qdq.requant_points
-    assert info["requant_points"] <= info["modules"] + n_inputs + kinds["island"]
+    assert info["requant_points"] == info["modules"] + n_inputs + kinds["island"] + residual
     assert info["modules"] == 8
+    unified = run(SHIPPED, {"input": calib_data}, QuantConfig(layout="unified"))
+    assert dfq_onnx.inspect(unified.model)["requant_points"] == info["modules"] + n_inputs + kinds["island"]
     # per-layer: every Conv, BN, activation, Add, pool and Gemm output plus the input
     assert shipped_qdq.per_layer_requant_points == 23
+
+
+def test_ort_runs_every_linear_module_in_int8(shipped_qdq):
+    """onnxruntime's optimized graph has no float Conv/Gemm left: QDQ fused to int8 kernels."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = f"{tmp}/opt.onnx"
+        ort.InferenceSession(shipped_qdq.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 6 and ops.count("QLinearAdd") == 2
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"} & set(ops), sorted(set(ops))
 
 
 def test_bias_is_int32_at_exactly_input_times_weight_scale(shipped_qdq):
@@ -166,7 +187,8 @@ def test_structure_only_zoo_models_convert_and_run(name):
     r = run(path, {inp: x}, QuantConfig(batch_size=1))
     info = dfq_onnx.inspect(r.model)
     assert info["scales"]["total"] == info["scales"]["power_of_two"] > 0
-    assert info["requant_points"] <= info["modules"] + 1 + r.requant_by_kind["island"]
+    k = r.requant_by_kind
+    assert info["requant_points"] == info["modules"] + 1 + k["island"] + k["residual"]
     f = run_ort(path, {inp: x[:1]})[0]
     q = run_ort(r.model, {inp: x[:1]})[0]
     assert q.shape == f.shape and np.all(np.isfinite(q))

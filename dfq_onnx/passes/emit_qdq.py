@@ -5,7 +5,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..fixedpoint import pow2_scale, quantize, qrange
-from ..graph_utils import bias_of, new_name, out_channel_axis
+from ..graph_utils import bias_of, const_value, new_name, out_channel_axis
 from .choose_exponents import Exponents
 from .form_modules import Plan
 
@@ -22,14 +22,17 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     2^-(f_x + f_w[c]); every requantized tensor of the plan gets one QuantizeLinear ->
     DequantizeLinear pair; outputs of pass-through ops get a lossless pair at their input's scale
     (so onnxruntime can keep them in int8); every scale is an exact power of two in float32 and
-    every zero point is 0. A Relu whose output is quantized unsigned is dropped: the uint8 clamp
-    of QuantizeLinear computes it exactly. Graph input and output names are unchanged.
+    every zero point is 0. A module's activation runs on the integer codes after its QuantizeLinear,
+    so onnxruntime can fuse DQ -> Conv -> Q into QLinearConv: a Relu whose output is unsigned is
+    dropped (the uint8 clamp of QuantizeLinear computes it), a Clip/Relu6 becomes a Clip of the
+    codes to [round(lo 2^f), round(hi 2^f)] -- exact, because rounding is monotone. Graph input and
+    output names are unchanged.
     """
     g = graph.copy()
     g.__dict__.pop("_dfq_used_names", None)
     nodes = {n.name: n for n in g.nodes}
     tmap = g.tensors()
-    facts = {"bias_saturated": 0, "relu_dropped": 0}
+    facts = {"bias_saturated": 0, "relu_dropped": 0, "clip_on_codes": 0}
     consts: dict[tuple, gs.Constant] = {}
 
     def const(kind: str, value: np.ndarray) -> gs.Constant:
@@ -90,7 +93,7 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
         order[t.name] = -1
     todo = sorted(set(plan.requant) | set(plan.passthrough), key=lambda n: order.get(n, 0))
     out_ids = {id(t) for t in g.outputs}
-    module_act = {m.output: nodes[m.nodes[-1]] for m in plan.modules if m.activation == "Relu"}
+    module_act = {m.output: nodes[m.nodes[-1]] for m in plan.modules if m.activation in ("Relu", "Relu6", "Clip")}
     for name in todo:
         t = tmap[name]
         f = exps.act_of(name)
@@ -102,16 +105,27 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
         zp = const("act_zero_point", np.zeros((), dtype=zp_dtype))
         readers = list(t.outputs)
         q_in = t
-        relu = module_act.get(name)
-        if relu is not None and unsigned and name in plan.requant:
-            q_in = relu.inputs[0]  # uint8 clamp == Relu
-            relu.inputs.clear()
-            relu.outputs.clear()
-            facts["relu_dropped"] += 1
+        act = module_act.get(name) if name in plan.requant else None
+        code_clip = None
+        if act is not None and (act.op == "Clip" or unsigned):
+            q_in = act.inputs[0]
+            if act.op == "Clip":
+                code_clip = _code_bounds(act, f, act_bits, unsigned)
+                facts["clip_on_codes"] += 1
+            else:
+                facts["relu_dropped"] += 1
+            act.inputs.clear()
+            act.outputs.clear()
         q_out = gs.Variable(new_name(g, f"{name}_quantized"), dtype=zp_dtype, shape=t.shape)
         dq_out = gs.Variable(new_name(g, f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
         g.nodes.append(gs.Node("QuantizeLinear", new_name(g, f"{name}_QuantizeLinear"), {},
                                [q_in, scale, zp], [q_out]))
+        if code_clip is not None:
+            clipped = gs.Variable(new_name(g, f"{name}_clipped"), dtype=zp_dtype, shape=t.shape)
+            g.nodes.append(gs.Node("Clip", new_name(g, f"{name}_Clip"), {},
+                                   [q_out, const("code_min", np.array(code_clip[0], dtype=zp_dtype)),
+                                    const("code_max", np.array(code_clip[1], dtype=zp_dtype))], [clipped]))
+            q_out = clipped
         g.nodes.append(gs.Node("DequantizeLinear", new_name(g, f"{name}_DequantizeLinear"), {},
                                [q_out, scale, zp], [dq_out]))
         for r in readers:
@@ -126,3 +140,14 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     g.cleanup()
     g.toposort()
     return g, facts, []
+
+
+def _code_bounds(clip: gs.Node, f: int, bits: int, unsigned: bool) -> tuple[int, int]:
+    """Clip(lo, hi) after rounding to fraction f, as bounds on the codes (round half to even, as
+    QuantizeLinear rounds: min/max commute with a monotone rounding)."""
+    qlo, qhi = qrange(bits, unsigned)
+    lo = const_value(clip.inputs[1]) if len(clip.inputs) > 1 and clip.inputs[1].name else None
+    hi = const_value(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2].name else None
+    clo = qlo if lo is None else int(np.clip(np.rint(np.ldexp(float(lo), f)), qlo, qhi))
+    chi = qhi if hi is None else int(np.clip(np.rint(np.ldexp(float(hi), f)), qlo, qhi))
+    return clo, chi

@@ -51,7 +51,7 @@ class Plan:
     """
     modules: list[Module]
     requant: list[str] = field(default_factory=list)
-    requant_kind: dict[str, str] = field(default_factory=dict)  # input | module | island
+    requant_kind: dict[str, str] = field(default_factory=dict)  # input | module | residual | island
     passthrough: dict[str, str] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     unsigned: set[str] = field(default_factory=set)
@@ -158,8 +158,11 @@ def find_modules(graph: gs.Graph) -> list[Module]:
     return modules
 
 
-def plan_quantization(graph: gs.Graph, modules: list[Module]) -> Plan:
-    """Decide which tensors are requantized, which keep a fraction, which stay float."""
+def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: bool = False) -> Plan:
+    """Decide which tensors are requantized, which keep a fraction, which stay float.
+
+    residual_requant: also requantize the linear result that enters a module's residual Add (kind
+    "residual"), the layout onnxruntime's int8 kernels need (QLinearConv, then QLinearAdd)."""
     plan = Plan(modules)
     tensors = graph.tensors()
     by_first = {m.nodes[0]: m for m in modules}
@@ -181,6 +184,11 @@ def plan_quantization(graph: gs.Graph, modules: list[Module]) -> Plan:
             need(m.input)
             if m.residual_input:
                 need(m.residual_input)
+            if residual_requant and m.residual:
+                add = next(n for n in graph.nodes if n.name == m.residual)
+                pre = next(t.name for t in add.inputs if t.name != m.residual_input)
+                plan.requant.append(pre)
+                plan.requant_kind[pre] = "residual"
             plan.requant.append(m.output)
             plan.requant_kind[m.output] = "module"
             if m.unsigned:
