@@ -119,12 +119,18 @@ def _bin_centers() -> np.ndarray:
     return centers
 
 
+def _expected_error(hist: np.ndarray, centers: np.ndarray, top: float, step: float) -> float:
+    """Squared error of rounding to `step` with codes up to `top`: clipped values cost
+    (|x| - top)^2, the rest the rounding noise min(x^2, step^2/12)."""
+    err = np.where(centers > top, (centers - top) ** 2, np.minimum(centers ** 2, step * step / 12))
+    return float(np.dot(hist, err))
+
+
 def activation_fraction(hist: np.ndarray, max_abs: float, bits: int, unsigned: bool,
                         method: str = "mse") -> int:
     """Fractional length for an activation from its |x| histogram and maximum.
 
-    "max": no clipping. "mse": among f_max .. f_max+4, the least expected squared error:
-    clipped values cost (|x| - clip)^2, the rest the rounding noise min(x^2, step^2/12).
+    "max": no clipping. "mse": among f_max .. f_max+4, the least expected squared error.
     """
     f0 = max_fraction(max_abs, bits, unsigned)
     if method == "max" or max_abs <= 0:
@@ -134,13 +140,30 @@ def activation_fraction(hist: np.ndarray, max_abs: float, bits: int, unsigned: b
     hi = qrange(bits, unsigned)[1]
     best, best_err = f0, np.inf
     for f in range(f0, f0 + 5):
-        step = 2.0 ** -f
-        clip = hi * step
-        err = np.where(centers > clip, (centers - clip) ** 2, np.minimum(centers ** 2, step * step / 12))
-        total = float(np.dot(hist, err))
+        total = _expected_error(hist, centers, hi * 2.0 ** -f, 2.0 ** -f)
         if total < best_err * (1 - 1e-9):
             best, best_err = f, total
     return best
+
+
+def clip_threshold(hist: np.ndarray, max_abs: float, bits: int, unsigned: bool, method: str = "mse") -> float:
+    """The top of the code range with the least expected squared error when the scale may be any
+    number: T = max_abs 2^(-k/16) for k = 0..79 ("mse"), or max_abs ("max")."""
+    if method == "max" or max_abs <= 0:
+        return float(max_abs)
+    centers = _bin_centers()
+    hist = np.asarray(hist, dtype=np.float64)
+    hi = qrange(bits, unsigned)[1]
+    tops = max_abs * 2.0 ** (-np.arange(80) / 16)
+    errs = [_expected_error(hist, centers, t, t / hi) for t in tops]
+    return float(tops[int(np.argmin(errs))])
+
+
+def rescale_histogram(hist: np.ndarray, c: float) -> np.ndarray:
+    """The histogram of c |x| (c > 0), each bin's count moved to the bin of its centre times c."""
+    centers = np.minimum(_bin_centers() * c, np.finfo(np.float32).max).astype(np.float32)
+    idx = (centers.view(np.uint32) >> _MANTISSA_DROP).astype(np.int64)
+    return np.bincount(idx, weights=np.asarray(hist, dtype=np.float64), minlength=HIST_BINS)[:HIST_BINS].round().astype(np.int64)
 
 
 # --- integer arithmetic ----------------------------------------------------------------------
@@ -202,8 +225,8 @@ def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int)
 
 
 def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A linear module up to its requantization: the int32 accumulator (in int64) after bias,
-    residual and activation bounds, and the per-channel shift, broadcastable against it."""
+    """A linear module up to its requantization: the int32 accumulator (in int64) after bias and
+    residual, and the per-channel shift, broadcastable against it."""
     if p["op"] == "Conv":
         acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
         cshape = (1, -1) + (1,) * (acc.ndim - 2)
@@ -216,17 +239,24 @@ def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = Non
         k = np.asarray(p["residual_shift"]).reshape(cshape)
         r = np.asarray(residual, dtype=np.int64)
         acc = acc + (np.left_shift(r, np.maximum(k, 0)) if np.all(k >= 0) else rounding_shift(r, -k))
-    if "act_min" in p:
-        acc = np.maximum(acc, np.asarray(p["act_min"]).reshape(cshape))
-    if "act_max" in p:
-        acc = np.minimum(acc, np.asarray(p["act_max"]).reshape(cshape))
     return acc, np.asarray(p["shift"]).reshape(cshape)
+
+
+def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned: bool) -> tuple[int, int]:
+    """An activation clamp(x, lo, hi) applied after rounding to fraction f: bounds on the codes,
+    intersected with the code range. Exact, because min/max commute with a monotone rounding
+    (ties aside: QuantizeLinear rounds half to even, the shift half up)."""
+    qlo, qhi = qrange(bits, unsigned)
+    clo = qlo if lo is None else int(np.clip(np.rint(np.ldexp(float(lo), f)), qlo, qhi))
+    chi = qhi if hi is None else int(np.clip(np.rint(np.ldexp(float(hi), f)), qlo, qhi))
+    return clo, chi
 
 
 def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, bits: int = 8) -> np.ndarray:
     """One unified module in integers, from its parameters (as recorded by the integer emitter):
     accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
-    accumulator's fraction, apply the activation bounds, then ONE rounding shift and saturation."""
+    accumulator's fraction, then ONE rounding shift and saturation to the code range narrowed by the
+    activation (Relu: unsigned codes; Clip(lo, hi): code_min/code_max)."""
     if p["op"] in ("GlobalAveragePool", "AveragePool"):
         if p["op"] == "GlobalAveragePool":
             acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
@@ -237,4 +267,5 @@ def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, b
             return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])
         return rounding_divide(acc, n, bits, p["unsigned"])
     acc, shift = module_accumulator(p, x, residual)
-    return rounding_shift(acc, shift, bits, p["unsigned"])
+    y = rounding_shift(acc, shift, bits, p["unsigned"])
+    return np.clip(y, p["code_min"], p["code_max"]) if "code_min" in p else y

@@ -48,6 +48,15 @@ def weight_of(node: gs.Node) -> gs.Constant | None:
     return w
 
 
+def clip_limits(node: gs.Node) -> tuple[float | None, float | None]:
+    """(lo, hi) of a Relu (0, None) or a Clip with constant bounds (None where absent)."""
+    if node.op == "Relu":
+        return 0.0, None
+    lo = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    hi = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
 def out_channel_axis(node: gs.Node) -> int:
     """Axis of the weight tensor that indexes output channels."""
     if node.op == "Conv":

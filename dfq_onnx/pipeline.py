@@ -18,6 +18,7 @@ from .passes.canonicalize import canonicalize
 from .passes.choose_exponents import choose_exponents
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import emit_qdq
+from .passes.align_ranges import align_ranges
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
 from .report import inspect_model
@@ -73,6 +74,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             on_batch(n)
 
     stats = calibrate(graph, plan.requant, data, config.batch_size, counted)
+    align_facts = {"aligned": 0}
+    if config.align:
+        graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                             per_channel=config.per_channel, method=config.method)
     emit = emit_int if config.format == "int" else emit_qdq
@@ -88,7 +92,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], facts, int_params)
+                           seen[0], {**facts, **align_facts}, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result

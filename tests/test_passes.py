@@ -188,3 +188,35 @@ def test_calibration_statistics_are_exact_and_mergeable(monkeypatch, calib_data)
         stepped += step > 1
         np.testing.assert_array_equal(a.hist, abs_histogram(flat[:, ::step]))
     assert stepped >= 3
+
+
+def test_range_alignment_keeps_the_function_and_lands_on_a_power_of_two(test_data, calib_data):
+    """The aligned graph computes the same function (float, no quantization); each aligned
+    tensor's best clipping threshold then sits on a power-of-two code range (to the search step)."""
+    from dfq_onnx.calibration_data import DataSource, input_specs
+    from dfq_onnx.fixedpoint import clip_threshold, qrange
+    from dfq_onnx.passes.align_ranges import align_ranges
+    from dfq_onnx.passes.calibrate import calibrate
+
+    model = load_model(SHIPPED)
+    g = fold_batchnorm(canonicalize(to_graph(model)))
+    plan = plan_quantization(g, find_modules(g))
+    data = DataSource({"input": calib_data}, input_specs(model))
+    stats = calibrate(g, plan.requant, data)
+    aligned, new_stats, facts = align_ranges(g, plan, stats, act_bits=8, method="mse")
+    assert facts["aligned"] >= 2
+    x, _ = test_data
+    a = run_ort(to_model(g, model), {"input": x})[0]
+    b = run_ort(to_model(aligned, model), {"input": x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    # statistics re-measured on the aligned graph: thresholds now sit on 2^k * qmax
+    measured = calibrate(aligned, plan.requant, data)
+    moved = [t for t in plan.requant if new_stats[t].max != stats[t].max]
+    assert len(moved) == facts["aligned"]
+    for t in moved:
+        s = measured[t]
+        assert s.max == pytest.approx(new_stats[t].max, rel=1e-5)
+        hi = qrange(8, t in plan.unsigned)[1]
+        top = clip_threshold(s.hist, s.max_abs, 8, t in plan.unsigned)
+        k = np.log2(top / hi)
+        assert abs(k - round(k)) <= 1 / 16 + 1e-6, (t, top)  # within one step of the threshold search

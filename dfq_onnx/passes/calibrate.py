@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from ..calibration_data import DataSource
 from ..errors import DfqError
-from ..fixedpoint import HIST_BINS, abs_histogram
+from ..fixedpoint import HIST_BINS, abs_histogram, rescale_histogram
 from ..graph_utils import new_name
 from ..model_io import to_model
 
@@ -33,6 +33,10 @@ class TensorStats:
     @property
     def max_abs(self) -> float:
         return max(abs(self.min), abs(self.max)) if self.count else 0.0
+
+    def scaled(self, c: float) -> "TensorStats":
+        """Statistics of c x for c > 0 (the histogram re-binned by its bin centres)."""
+        return TensorStats(self.count, self.min * c, self.max * c, rescale_histogram(self.hist, c))
 
     def merge(self, other: "TensorStats") -> "TensorStats":
         return TensorStats(self.count + other.count, min(self.min, other.min), max(self.max, other.max),

@@ -7,8 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from ..fixedpoint import dequantize, pow2_scale, qrange, quantize, shift_constants
-from ..graph_utils import PASS_THROUGH_OPS, bias_of, new_name, out_channel_axis
+from ..fixedpoint import code_bounds, dequantize, pow2_scale, qrange, quantize, shift_constants
+from ..graph_utils import PASS_THROUGH_OPS, bias_of, clip_limits, new_name, out_channel_axis
 from .choose_exponents import Exponents
 from .form_modules import Module, Plan
 
@@ -63,7 +63,7 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     so inputs and outputs stay float. Each Conv/Gemm/MatMul module runs as ConvInteger or
     MatMulInteger on int8/uint8 with int8 weights into int32, adds its int32 bias at fraction
     f_x + f_w[c], adds a residual branch brought to that fraction by an exact left shift (a
-    multiplication by 2^k), applies Relu/Relu6/Clip on int32 (Max/Min), and requantizes with ONE
+    multiplication by 2^k), applies Relu/Relu6/Clip as the saturation bounds of its ONE
     dfq.RoundingShift (round half up, saturate to int8, or uint8 when provably non-negative).
     GlobalAveragePool (an int32 ReduceSum) and AveragePool without uncounted padding (a depthwise
     ConvInteger with a ones kernel) sum in integers, then one rounding shift (window a power of
@@ -110,10 +110,12 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
                                  name=f"{name}_DequantizeLinear", shape=tmap[name].shape)
         return dq_cache[name]
 
-    def requantize(acc, s_vec, shape, out_name, op=SHIFT_OP, divisor=None):
+    def requantize(acc, s_vec, shape, out_name, op=SHIFT_OP, divisor=None, bounds=None):
         lo, hi = qrange(act_bits, plan.source(out_name) in plan.unsigned)
-        h, d, l = shift_constants(s_vec) if divisor is None else (np.int64(divisor // 2), np.int64(divisor), np.int64(1))
         to = TensorProto.UINT8 if lo == 0 else TensorProto.INT8
+        if bounds is not None:  # an activation clamp, applied to the codes by the saturation
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        h, d, l = shift_constants(s_vec) if divisor is None else (np.int64(divisor // 2), np.int64(divisor), np.int64(1))
         return add(op, [acc, const("half", np.asarray(h).reshape(shape)), const("divisor", np.asarray(d).reshape(shape)),
                         const("multiplier", np.asarray(l).reshape(shape))], int_dtype(out_name),
                    {"lo": lo, "hi": hi, "to": to}, name=f"{out_name}_{op}", domain=DOMAIN)
@@ -253,36 +255,17 @@ def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weig
         acc = add("Add", [acc, r], np.int32, name=f"{m.name}_residual_add")
         p["residual"] = m.residual_input
         p["residual_shift"] = k.copy()
-    if m.activation in ("Relu", "Relu6", "Clip"):
-        act = nodes[m.nodes[-1]]
-        lo_f, hi_f = _act_bounds(act, m.activation)
-        lo = np.zeros(channels, np.int64) if lo_f is None else np.rint(np.ldexp(np.full(channels, lo_f), f_acc))
-        acc = add("Max", [acc, const(f"{m.name}_act_min", np.clip(lo, *INT32).astype(np.int32).reshape(cshape))],
-                  np.int32, name=f"{m.name}_act_max")
-        p["act_min"] = np.clip(lo, *INT32).astype(np.int64)
-        if hi_f is not None:
-            hi = np.clip(np.rint(np.ldexp(np.full(channels, hi_f), f_acc)), *INT32).astype(np.int64)
-            acc = add("Min", [acc, const(f"{m.name}_act_max_value", hi.astype(np.int32).reshape(cshape))],
-                      np.int32, name=f"{m.name}_act_min")
-            p["act_max"] = hi
     s = f_acc - exps.act_of(m.output)
-    y = requantize(acc, s, cshape, m.output)
+    bounds = None
+    if m.activation in ("Relu6", "Clip"):  # a Relu is the unsigned code range already
+        bounds = code_bounds(*clip_limits(nodes[m.nodes[-1]]), exps.act_of(m.output), 8,
+                             exps.plan.source(m.output) in exps.plan.unsigned)
+        p["code_min"], p["code_max"] = bounds
+    y = requantize(acc, s, cshape, m.output, bounds=bounds)
     p.update(shift=s.copy(), unsigned=y.dtype == np.uint8, int_input=x.name, int_output=y.name,
              int_residual=qt[m.residual_input].name if m.residual_input else None)
     params.append(p)
     return y
-
-
-def _act_bounds(act: gs.Node, kind: str) -> tuple[float | None, float | None]:
-    if kind == "Relu":
-        return 0.0, None
-    if kind == "Relu6":
-        return 0.0, 6.0
-    lo = float(act.inputs[1].values) if len(act.inputs) > 1 and act.inputs[1].name else None
-    hi = float(act.inputs[2].values) if len(act.inputs) > 2 and act.inputs[2].name else None
-    if lo is None:
-        lo = -3.4e38
-    return lo, hi
 
 
 def _emit_pool(m, nodes, tmap, qt, add, const, requantize, params):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..fixedpoint import pow2_scale, quantize, qrange
-from ..graph_utils import bias_of, const_value, new_name, out_channel_axis
+from ..fixedpoint import code_bounds, pow2_scale, quantize
+from ..graph_utils import bias_of, clip_limits, new_name, out_channel_axis
 from .choose_exponents import Exponents
 from .form_modules import Plan
 
@@ -110,7 +110,7 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
         if act is not None and (act.op == "Clip" or unsigned):
             q_in = act.inputs[0]
             if act.op == "Clip":
-                code_clip = _code_bounds(act, f, act_bits, unsigned)
+                code_clip = code_bounds(*clip_limits(act), f, act_bits, unsigned)
                 facts["clip_on_codes"] += 1
             else:
                 facts["relu_dropped"] += 1
@@ -141,13 +141,3 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     g.toposort()
     return g, facts, []
 
-
-def _code_bounds(clip: gs.Node, f: int, bits: int, unsigned: bool) -> tuple[int, int]:
-    """Clip(lo, hi) after rounding to fraction f, as bounds on the codes (round half to even, as
-    QuantizeLinear rounds: min/max commute with a monotone rounding)."""
-    qlo, qhi = qrange(bits, unsigned)
-    lo = const_value(clip.inputs[1]) if len(clip.inputs) > 1 and clip.inputs[1].name else None
-    hi = const_value(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2].name else None
-    clo = qlo if lo is None else int(np.clip(np.rint(np.ldexp(float(lo), f)), qlo, qhi))
-    chi = qhi if hi is None else int(np.clip(np.rint(np.ldexp(float(hi), f)), qlo, qhi))
-    return clo, chi
