@@ -232,6 +232,9 @@ def render(results: dict) -> str:
     L += _targets(results)
     for name, r in results["models"].items():
         L += _model_table(name, r)
+    findings = HERE / "findings.md"  # hand-written reading of the figures; dated, kept in git
+    if findings.exists():
+        L += [findings.read_text().rstrip(), ""]
     return "\n".join(L) + "\n"
 
 
@@ -255,13 +258,11 @@ def _model_table(name: str, r: dict) -> list[str]:
     any_t = next((x for x in tools.values() if "error" not in x), {})
     if "labelled" in any_t:
         n = any_t["labelled"]["samples"]
-        row(f"top-1 / top-5, ImageNet-{n} (%)", lambda c: (
+        row(f"top-1 / top-5, {'MNIST test digits' if name == 'mnist' else 'labelled ImageNet images'}, "
+            f"{n} (%)", lambda c: (
             f"{any_t['labelled']['float_top1']:.0f} / {any_t['labelled']['float_top5']:.0f}" if c == "float"
             else "–" if err(c) else f"{t(c)['labelled']['top1']:.0f} / {t(c)['labelled']['top5']:.0f}"))
     n_eval = any_t.get("samples", 0)
-    if name == "mnist":
-        row(f"test accuracy, {n_eval} digits (%)", lambda c: "–")
-        rows.pop()
     row(f"top-1 agreement with float, {n_eval} {'test digits' if name == 'mnist' else 'crops'} (%)",
         lambda c: "100" if c == "float" else "–" if err(c) else _f(t(c)["agreement_top1"]))
     row("output SQNR (dB)", lambda c: "∞" if c == "float" else "–" if err(c) else _f(t(c)["sqnr_db"]))
