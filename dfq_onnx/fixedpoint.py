@@ -239,7 +239,7 @@ def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = Non
         k = np.asarray(p["residual_shift"]).reshape(cshape)
         r = np.asarray(residual, dtype=np.int64)
         acc = acc + (np.left_shift(r, np.maximum(k, 0)) if np.all(k >= 0) else rounding_shift(r, -k))
-    return acc, np.asarray(p["shift"]).reshape(cshape)
+    return acc, np.asarray(p.get("shift", 0)).reshape(cshape)
 
 
 def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned: bool) -> tuple[int, int]:
@@ -266,6 +266,8 @@ def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, b
         if n & (n - 1) == 0:
             return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])
         return rounding_divide(acc, n, bits, p["unsigned"])
+    if p.get("float_output"):  # a graph output: the accumulator leaves as it is (then dequantized)
+        return module_accumulator(p, x, residual)[0]
     acc, shift = module_accumulator(p, x, residual)
     y = rounding_shift(acc, shift, bits, p["unsigned"])
     return np.clip(y, p["code_min"], p["code_max"]) if "code_min" in p else y

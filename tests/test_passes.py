@@ -136,7 +136,8 @@ def test_shipped_model_modules_and_plan():
     assert [m.activation for m in linear] == ["Relu", "Relu", "Relu", "Relu6", "Relu", "Relu", None]
     assert [m.op for m in mods if m.kind == "pool"] == ["GlobalAveragePool"]
     plan = plan_quantization(g, mods)
-    assert plan.requant_kind == {**{"input": "input"}, **{m.output: "module" for m in mods}}
+    assert plan.requant_kind == {**{"input": "input"}, **{m.output: "module" for m in mods if m.output != "logits"}}
+    assert plan.float_outputs == {"logits"}  # the graph output leaves at accumulator precision
     assert not plan.float_nodes
     # MaxPool and Flatten keep their input's fraction
     kept = {g.tensors()[t].inputs[0].op for t in plan.passthrough}

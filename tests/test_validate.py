@@ -33,7 +33,7 @@ def test_validate_figures_match_a_direct_computation(quant_path, test_data):
     sq = 10 * np.log10(np.sum(f.astype(np.float64) ** 2) / np.sum((f.astype(np.float64) - q) ** 2))
     assert r["sqnr_db"]["logits"] == pytest.approx(sq, rel=1e-6)
     assert r["max_abs_error"]["logits"] == pytest.approx(float(np.max(np.abs(f - q))), rel=1e-6)
-    assert r["requant_points"] == {"float": 0, "quant": 11}  # 8 modules, the input, 2 before residual Adds
+    assert r["requant_points"] == {"float": 0, "quant": 10}  # 7 module outputs (not the logits), the input, 2 before residual Adds
     assert r["latency_ms"]["float"] > 0 and r["latency_ms"]["quant"] > 0
 
 

@@ -83,8 +83,8 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
     removed: set[str] = set()
     new_nodes: list[gs.Node] = []
 
-    def add(op, inputs, out_dtype, attrs=None, name=None, domain=None, shape=None):
-        out = gs.Variable(new_name(g, f"{name or op}_out"), dtype=out_dtype, shape=shape)
+    def add(op, inputs, out_dtype, attrs=None, name=None, domain=None, shape=None, out=None):
+        out = out if out is not None else gs.Variable(new_name(g, f"{name or op}_out"), dtype=out_dtype, shape=shape)
         new_nodes.append(gs.Node(op, new_name(g, name or op), attrs or {}, inputs, [out], domain=domain))
         return out
 
@@ -134,8 +134,10 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
             if m.kind == "pool":
                 qt[m.output] = _emit_pool(m, nodes, tmap, qt, add, const, requantize, params)
             else:
-                qt[m.output] = _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts,
-                                            weight_bits, per_channel)
+                y = _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weight_bits,
+                                 per_channel, tmap[m.output] if m.output in plan.float_outputs else None)
+                if y is not None:
+                    qt[m.output] = y
             removed.update(m.nodes)
             continue
         if node.name in removed:
@@ -203,7 +205,10 @@ def _channel_shape(node: gs.Node) -> tuple:
     return (-1,)
 
 
-def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weight_bits, per_channel):
+def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weight_bits, per_channel,
+                 float_out=None):
+    """One linear module in integers; returns its int8/uint8 output, or None when it writes the
+    float tensor float_out (a graph output: the int32 accumulator dequantized, no requantization)."""
     node = nodes[m.name]
     w = np.asarray(node.inputs[1].values)
     axis = out_channel_axis(node)
@@ -255,6 +260,20 @@ def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weig
         acc = add("Add", [acc, r], np.int32, name=f"{m.name}_residual_add")
         p["residual"] = m.residual_input
         p["residual_shift"] = k.copy()
+    if float_out is not None:
+        act = m.activation in ("Relu", "Relu6", "Clip")
+        y = add("DequantizeLinear", [acc, const(f"{m.name}_acc_scale", pow2_scale(f_acc))], np.float32,
+                {"axis": 1 if node.op == "Conv" else -1}, name=f"{m.name}_DequantizeLinear",
+                out=None if act else float_out)
+        if act:
+            lo, hi = clip_limits(nodes[m.nodes[-1]])
+            add("Clip", [y, const(f"{m.name}_min", np.float32(-3.4e38 if lo is None else lo)),
+                         const(f"{m.name}_max", np.float32(3.4e38 if hi is None else hi))], np.float32,
+                name=f"{m.name}_Clip", out=float_out)
+        p.update(float_output=True, int_input=x.name, int_output=acc.name,
+                 int_residual=qt[m.residual_input].name if m.residual_input else None)
+        params.append(p)
+        return None
     s = f_acc - exps.act_of(m.output)
     bounds = None
     if m.activation in ("Relu6", "Clip"):  # a Relu is the unsigned code range already

@@ -47,6 +47,8 @@ class Plan:
     groups: tensor -> representative; tensors of one group share one fraction (Concat inputs,
         a pooling op's input and output).
     unsigned: tensors that are provably non-negative.
+    float_outputs: outputs of linear modules that are graph outputs: not requantized, they leave
+        at the accumulator's precision (dequantized int32).
     float_nodes: names of nodes that stay float (float islands), by op type in `float_ops`.
     """
     modules: list[Module]
@@ -55,6 +57,7 @@ class Plan:
     passthrough: dict[str, str] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     unsigned: set[str] = field(default_factory=set)
+    float_outputs: set[str] = field(default_factory=set)
     float_nodes: list[str] = field(default_factory=list)
     float_ops: Counter = field(default_factory=Counter)
 
@@ -168,6 +171,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     by_first = {m.nodes[0]: m for m in modules}
     inside = {name for m in modules for name in m.nodes[1:]}
     graph_inputs = {t.name for t in graph.inputs}
+    graph_outputs = {t.name for t in graph.outputs}
 
     def need(t: str) -> None:
         """t is read by a quantized op: make sure it is quantized."""
@@ -189,6 +193,9 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                 pre = next(t.name for t in add.inputs if t.name != m.residual_input)
                 plan.requant.append(pre)
                 plan.requant_kind[pre] = "residual"
+            if m.kind == "linear" and m.output in graph_outputs:
+                plan.float_outputs.add(m.output)  # read by the user, not by a quantized op
+                continue
             plan.requant.append(m.output)
             plan.requant_kind[m.output] = "module"
             if m.unsigned:
