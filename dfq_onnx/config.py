@@ -16,6 +16,7 @@ class QuantConfig:
     act_bits: int = 8             # 8 (int8, or uint8 for provably non-negative tensors)
     per_channel: bool = True      # weight fraction per output channel (else per tensor)
     method: str = "mse"           # "mse": least expected squared error; "max": no clipping
+    bias_correction: bool = True  # empirical bias correction on the simulated graph (passes/bias_correction.py)
     align: bool = True            # range alignment between consecutive convolutions (passes/align_ranges.py)
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)

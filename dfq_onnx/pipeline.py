@@ -19,6 +19,7 @@ from .passes.choose_exponents import choose_exponents
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import emit_qdq
 from .passes.align_ranges import align_ranges
+from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
 from .report import inspect_model
@@ -73,12 +74,19 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_batch is not None:
             on_batch(n)
 
-    stats = calibrate(graph, plan.requant, data, config.batch_size, counted)
+    kept: list[dict] = []
+    stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
+                      BIAS_SAMPLES if config.bias_correction else 0)
     align_facts = {"aligned": 0}
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                             per_channel=config.per_channel, method=config.method)
+    bias_facts = {"bias_corrected": 0}
+    if config.bias_correction:
+        simulated = emit_qdq(graph, plan, exps, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                             per_channel=config.per_channel)[0]
+        graph, bias_facts = correct_biases(graph, plan, simulated, kept)
     emit = emit_int if config.format == "int" else emit_qdq
     graph, facts, int_params = emit(graph, plan, exps, weight_bits=config.weight_bits,
                                     act_bits=config.act_bits, per_channel=config.per_channel)
@@ -92,7 +100,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], {**facts, **align_facts}, int_params)
+                           seen[0], {**facts, **align_facts, **bias_facts}, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result

@@ -221,3 +221,23 @@ def test_range_alignment_keeps_the_function_and_lands_on_a_power_of_two(test_dat
         top = clip_threshold(s.hist, s.max_abs, 8, t in plan.unsigned)
         k = np.log2(top / hi)
         assert abs(k - round(k)) <= 1 / 16 + 1e-6, (t, top)  # within one step of the threshold search
+
+
+def test_zero_spatial_pad_folds_into_the_conv_and_other_pads_stay():
+    w = init("w", rng.normal(size=(4, 3, 3, 3)))
+    spatial = numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 2, 1], dtype=np.int64), "pads")
+    channel = numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 0, 0, 0], dtype=np.int64), "cpads")
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]),
+             helper.make_node("Conv", ["p", "w"], ["y"], pads=[1, 0, 0, 1], strides=[2, 2])]
+    m = make(nodes, [w, spatial], [2, 3, 9, 10])
+    x = rng.normal(size=(2, 3, 9, 10)).astype(np.float32)
+    f = fold(m)
+    assert ops(f) == ["Conv"]
+    assert_same(m, f, x)
+    # padding channels is not a Conv padding: kept
+    w4 = init("w", rng.normal(size=(4, 4, 3, 3)))
+    m2 = make([helper.make_node("Pad", ["x", "cpads"], ["p"]), helper.make_node("Conv", ["p", "w"], ["y"])],
+              [w4, channel], [2, 3, 9, 10])
+    f2 = fold(m2)
+    assert ops(f2) == ["Pad", "Conv"]
+    assert_same(m2, f2, x)

@@ -44,12 +44,14 @@ class TensorStats:
 
 
 def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size: int = 32,
-              on_batch: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
+              on_batch: Callable[[int], None] | None = None, keep: list | None = None,
+              keep_samples: int = 0) -> dict[str, TensorStats]:
     """Run the float graph on the data and return statistics of `tensors` (the graph is not
     changed). The run computes only what they need, and onnxruntime reduces each tensor to its
     min, max and a strided per-sample subset before anything reaches numpy, so memory stays near
     one forward pass and does not grow with the sample count. Each sample is subsampled the same
-    way whatever the batching, so statistics of shards merge into those of the whole set."""
+    way whatever the batching, so statistics of shards merge into those of the whole set.
+    The first batches, up to keep_samples samples, are appended to `keep` for later passes."""
     g = graph.copy()
     tmap = g.tensors()
     outs = []
@@ -73,7 +75,11 @@ def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size:
         batch_size = fixed[0]
     stats = {name: TensorStats() for name in tensors}
     names = [o.name for o in outs]
+    kept = 0
     for batch in data.batches(batch_size):
+        if keep is not None and kept < keep_samples:
+            keep.append(batch)
+            kept += len(next(iter(batch.values())))
         try:
             values = sess.run(names, batch)
         except Exception as e:

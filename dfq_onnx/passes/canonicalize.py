@@ -1,16 +1,18 @@
 """Canonical form for the later passes."""
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_utils import new_name
+from ..graph_utils import const_value, new_name, sole_consumer
 from ..model_io import with_inferred_shapes
 
 
 def canonicalize(graph: gs.Graph) -> gs.Graph:
     """Return a copy in canonical form, computing the same function.
 
-    Guarantees: no Constant, Identity or (inference-mode) Dropout nodes remain, except an Identity
+    Guarantees: no Constant, Identity or (inference-mode) Dropout nodes remain; a zero Pad of the
+    spatial axes read only by a Conv is folded into the Conv's pads; except an Identity
     that connects a graph input straight to a graph output; a two-input Sum is an Add; every subexpression of constants is
     folded into an initializer and shapes are re-inferred from the folded values; nodes are topologically sorted and every node has a unique name.
     """
@@ -43,6 +45,9 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     g.cleanup()
     g.fold_constants(error_ok=True)
     g.cleanup()
+    for node in list(g.nodes):
+        _fold_pad_into_conv(g, node)
+    g.cleanup()
     g = with_inferred_shapes(g)
     g.toposort()
     for node in g.nodes:
@@ -54,3 +59,33 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
             node.name = new_name(g, node.name)
         seen.add(node.name)
     return g
+
+
+def _fold_pad_into_conv(g: gs.Graph, pad: gs.Node) -> None:
+    """Pad(constant 0, spatial axes only) -> Conv becomes Conv with larger pads (exactly equal)."""
+    if pad.op != "Pad" or len(pad.inputs) > 3 or len(pad.inputs) < 2:
+        return
+    mode = pad.attrs.get("mode", "constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return
+    pads = const_value(pad.inputs[1])
+    if pads is None or (len(pad.inputs) > 2 and pad.inputs[2].name and
+                        (const_value(pad.inputs[2]) is None or np.any(const_value(pad.inputs[2])))):
+        return
+    conv = sole_consumer(pad.outputs[0], g)
+    if conv is None or conv.op != "Conv" or conv.inputs[0] is not pad.outputs[0]:
+        return
+    auto = conv.attrs.get("auto_pad", "NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
+        return
+    pads = [int(v) for v in np.asarray(pads).reshape(-1)]
+    rank = len(pads) // 2
+    begin, end = pads[:rank], pads[rank:]
+    if rank < 3 or any(begin[:2]) or any(end[:2]) or min(pads) < 0:
+        return  # batch/channel padding, or cropping
+    nsp = rank - 2
+    old = list(conv.attrs.get("pads", [0] * 2 * nsp))
+    conv.attrs["pads"] = [old[i] + begin[2 + i] for i in range(nsp)] + [old[nsp + i] + end[2 + i] for i in range(nsp)]
+    conv.inputs[0] = pad.inputs[0]
+    pad.inputs.clear()
+    pad.outputs.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..fixedpoint import code_bounds, pow2_scale, quantize
+from ..fixedpoint import code_bounds, pow2_scale, qrange, quantize
 from ..graph_utils import bias_of, clip_limits, new_name, out_channel_axis
 from .choose_exponents import Exponents
 from .form_modules import Plan
@@ -111,7 +111,10 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
             q_in = act.inputs[0]
             if act.op == "Clip":
                 code_clip = code_bounds(*clip_limits(act), f, act_bits, unsigned)
-                facts["clip_on_codes"] += 1
+                if code_clip == qrange(act_bits, unsigned):
+                    code_clip = None  # the code range is narrower than the clip: QuantizeLinear does it
+                else:
+                    facts["clip_on_codes"] += 1
             else:
                 facts["relu_dropped"] += 1
             act.inputs.clear()
