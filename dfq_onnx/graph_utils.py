@@ -48,6 +48,21 @@ def weight_of(node: gs.Node) -> gs.Constant | None:
     return w
 
 
+def attr_str(node: gs.Node, name: str, default: str) -> str:
+    v = node.attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def is_zero_pad(node: gs.Node) -> bool:
+    """A Pad that adds zeros (constant mode, pad value absent or a constant 0)."""
+    if node.op != "Pad" or attr_str(node, "mode", "constant") != "constant":
+        return False
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        v = const_value(node.inputs[2])
+        return v is not None and not np.any(v)
+    return True
+
+
 def clip_limits(node: gs.Node) -> tuple[float | None, float | None]:
     """(lo, hi) of a Relu (0, None) or a Clip with constant bounds (None where absent)."""
     if node.op == "Relu":

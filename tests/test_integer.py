@@ -11,7 +11,7 @@ import dfq_onnx
 from dfq_onnx import QuantConfig
 from dfq_onnx.fixedpoint import (module_accumulator, module_forward, rounding_divide, rounding_shift,
                                  shift_constants)
-from dfq_onnx.passes.emit_int import DOMAIN, SHIFT_OP, DIVIDE_OP, rounding_functions
+from dfq_onnx.passes.emit_int import DOMAIN, SHIFT_OP, rounding_functions
 from dfq_onnx.pipeline import run
 
 from helpers import CALIB, SHIPPED, run_ort

@@ -1,6 +1,5 @@
 """Each pass on hand-built graphs and on the shipped model."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -159,7 +158,6 @@ def test_residual_add_is_claimed_by_the_later_branch():
 def test_calibration_statistics_are_exact_and_mergeable(monkeypatch, calib_data):
     """min/max see every value; the histogram sees the same strided per-sample subset whatever
     the batching, so statistics of shards (batches of 5) merge into those of the whole (32)."""
-    import onnx_graphsurgeon as gs
 
     from dfq_onnx.calibration_data import DataSource, input_specs
     from dfq_onnx.fixedpoint import abs_histogram

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..fixedpoint import clip_threshold, qrange
-from ..graph_utils import clip_limits, const_value, new_name, sole_consumer
+from ..graph_utils import clip_limits, const_value, is_zero_pad, new_name, sole_consumer
 from .calibrate import TensorStats
 from .form_modules import Plan
 
@@ -34,7 +34,7 @@ def find_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node], gs.Node]]:
             between.append(nxt)
             t = nxt.outputs[0]
             nxt = sole_consumer(t, graph)
-        if nxt is not None and nxt.op == "Pad" and _zero_pad(nxt):
+        if nxt is not None and is_zero_pad(nxt):
             between.append(nxt)
             t = nxt.outputs[0]
             nxt = sole_consumer(t, graph)
@@ -111,13 +111,3 @@ def _scalable_activation(node: gs.Node) -> bool:
     given = [i for i in node.inputs[1:] if i.name]
     return all(const_value(i) is not None for i in given)
 
-
-def _zero_pad(node: gs.Node) -> bool:
-    mode = node.attrs.get("mode", "constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return False
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        v = const_value(node.inputs[2])
-        return v is not None and not np.any(v)
-    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_utils import const_value, new_name, sole_consumer
+from ..graph_utils import attr_str, const_value, is_zero_pad, new_name, sole_consumer
 from ..model_io import with_inferred_shapes
 
 
@@ -63,20 +63,15 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
 
 def _fold_pad_into_conv(g: gs.Graph, pad: gs.Node) -> None:
     """Pad(constant 0, spatial axes only) -> Conv becomes Conv with larger pads (exactly equal)."""
-    if pad.op != "Pad" or len(pad.inputs) > 3 or len(pad.inputs) < 2:
-        return
-    mode = pad.attrs.get("mode", "constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+    if not is_zero_pad(pad) or not 2 <= len(pad.inputs) <= 3:
         return
     pads = const_value(pad.inputs[1])
-    if pads is None or (len(pad.inputs) > 2 and pad.inputs[2].name and
-                        (const_value(pad.inputs[2]) is None or np.any(const_value(pad.inputs[2])))):
+    if pads is None:
         return
     conv = sole_consumer(pad.outputs[0], g)
     if conv is None or conv.op != "Conv" or conv.inputs[0] is not pad.outputs[0]:
         return
-    auto = conv.attrs.get("auto_pad", "NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
+    if attr_str(conv, "auto_pad", "NOTSET") != "NOTSET":
         return
     pads = [int(v) for v in np.asarray(pads).reshape(-1)]
     rank = len(pads) // 2

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
 from ..fixedpoint import code_bounds, dequantize, pow2_scale, qrange, quantize, shift_constants
-from ..graph_utils import PASS_THROUGH_OPS, bias_of, clip_limits, new_name, out_channel_axis
+from ..graph_utils import bias_of, clip_limits, new_name, out_channel_axis
 from .choose_exponents import Exponents
 from .form_modules import Module, Plan
 

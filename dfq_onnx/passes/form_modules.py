@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_utils import (ACTIVATION_OPS, LINEAR_OPS, PASS_THROUGH_OPS, POOL_OPS, const_value,
-                           output_rank, per_channel_vector, sole_consumer, weight_of)
+from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, attr_str, const_value,
+                           is_zero_pad, output_rank, per_channel_vector, sole_consumer, weight_of)
 
 
 @dataclass(frozen=True)
@@ -234,19 +233,8 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
 
 
 def _passes_through(node: gs.Node) -> bool:
-    if node.op == "Pad":
-        mode = node.attrs.get("mode", "constant")
-        if isinstance(mode, bytes):
-            mode = mode.decode()
-        if mode != "constant":
-            return True  # reflect/edge copy values
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            v = const_value(node.inputs[2])
-            return v is not None and np.all(np.asarray(v) == 0)
-        return True
+    if node.op == "Pad":  # reflect/edge copy values; a constant pad must add zeros
+        return attr_str(node, "mode", "constant") != "constant" or is_zero_pad(node)
     if node.op == "Resize":
-        mode = node.attrs.get("mode", "nearest")
-        if isinstance(mode, bytes):
-            mode = mode.decode()
-        return mode == "nearest"
+        return attr_str(node, "mode", "nearest") == "nearest"
     return True
