@@ -14,7 +14,8 @@ Steps, per model (zoo.py builds or locates the models, data.py the data, both in
  3. evaluate every output with dfq_onnx.validate under onnxruntime (default optimizations =
     deployed): top-1 agreement with float and output SQNR on the evaluation crops (disjoint
     photos), top-1/top-5 on foolbox's 20 labelled ImageNet images (ImageNet models) or the MNIST
-    test split; latency at batch 1, 2 threads, median of RUNS runs after warm-up; requantization
+    test split; latency at batch 1, 2 threads, median of RUNS runs after warm-up, all models of a
+    row timed round-robin; requantization
     points and nodes (dfq_onnx.inspect); which kernels onnxruntime actually runs (op types of the
     optimized graph).
 Results go to bench/cache/results.json; BENCHMARKS.md is rendered from them (--render-only
@@ -101,11 +102,11 @@ def evaluate(float_path: Path, quant_path: Path, entry: zoo.ZooModel, paths: dic
     from dfq_onnx.validate import validate
 
     if entry.test:  # MNIST: the labelled test split is the evaluation set
-        main = validate(float_path, quant_path, str(ROOT / entry.test), threads=THREADS, runs=RUNS)
+        main = validate(float_path, quant_path, str(ROOT / entry.test), threads=THREADS, runs=1)
         labelled = main
     else:
         main = validate(float_path, quant_path, str(paths["eval"]), preprocess=entry.preprocess,
-                        threads=THREADS, runs=RUNS)
+                        threads=THREADS, runs=1)
         labelled = (validate(float_path, quant_path, str(paths["imagenet20"]), preprocess=entry.preprocess,
                              threads=THREADS, runs=1) if entry.imagenet_labels else None)
     facts = inspect(str(quant_path))
@@ -113,8 +114,6 @@ def evaluate(float_path: Path, quant_path: Path, entry: zoo.ZooModel, paths: dic
         "samples": main["samples"],
         "agreement_top1": main["agreement_top1"],
         "sqnr_db": min(main["sqnr_db"].values()),
-        "latency_ms": main["latency_ms"]["quant"],
-        "float_latency_ms": main["latency_ms"]["float"],
         "requant_points": facts["requant_points"],
         "requant_lossless": facts.get("requant_lossless", 0),
         "weight_quantizers": facts["weight_quantizers"],
@@ -126,6 +125,32 @@ def evaluate(float_path: Path, quant_path: Path, entry: zoo.ZooModel, paths: dic
                            "top5": labelled["quant"]["top5"], "float_top1": labelled["float"]["top1"],
                            "float_top5": labelled["float"]["top5"]}
     return out
+
+
+def latencies(models: list[Path], paths: dict, entry: zoo.ZooModel) -> list[float]:
+    """Median batch-1 latency (ms) of each model, timed round-robin (one run of each model in
+    turn, RUNS rounds after a warm-up), so that all of them see the same machine load."""
+    import onnxruntime as ort
+
+    from dfq_onnx.calibration_data import DataSource, input_specs
+    from dfq_onnx.model_io import read_model
+
+    src = str(ROOT / entry.test) if entry.test else str(paths["eval"])
+    feed = next(DataSource(src, input_specs(read_model(models[0], False)), num_samples=1,
+                           preprocess=entry.preprocess).batches(1))
+    sessions = []
+    for m in models:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = THREADS, 1, 3
+        sessions.append(ort.InferenceSession(str(m), so, providers=["CPUExecutionProvider"]))
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(RUNS + 5):
+        for i, sess in enumerate(sessions):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            if r >= 5:
+                times[i].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def float_facts(path: Path) -> dict:
@@ -156,10 +181,17 @@ def bench_model(name: str, cache: Path, paths: dict, work: Path, log, step) -> d
         else:
             log(f"{name}: {TOOL_NAMES[tool]} converted in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
             r.update(evaluate(model, out, entry, paths))
-            log(f"{name}: {TOOL_NAMES[tool]} agreement {r['agreement_top1']:.1f} %, SQNR {r['sqnr_db']:.1f} dB, "
-                f"{r['latency_ms']:.2f} ms (float {r['float_latency_ms']:.2f} ms)")
+            log(f"{name}: {TOOL_NAMES[tool]} agreement {r['agreement_top1']:.1f} %, SQNR {r['sqnr_db']:.1f} dB")
         step(f"{name}: {TOOL_NAMES[tool]} evaluate")
         res["tools"][tool] = r
+    ok = [t for t in TOOLS if "error" not in res["tools"][t]]
+    lat = latencies([model] + [work / f"{name}.{t}.onnx" for t in ok], paths, entry)
+    res["float"]["latency_ms"] = lat[0]
+    for t, ms in zip(ok, lat[1:]):
+        res["tools"][t]["latency_ms"] = ms
+        res["tools"][t]["float_latency_ms"] = lat[0]
+    step(f"{name}: latency")
+    log(f"{name}: latency (ms) float {lat[0]:.2f}, " + ", ".join(f"{TOOL_NAMES[t]} {ms:.2f}" for t, ms in zip(ok, lat[1:])))
     for tool in ("dfq-qdq", "ort-minmax"):
         r = convert(tool, model, work / f"{name}.{tool}.big.onnx", calib_big, entry.preprocess, RSS_SAMPLES)
         step(f"{name}: {TOOL_NAMES[tool]} at {RSS_SAMPLES} samples")
@@ -228,12 +260,13 @@ def render(results: dict) -> str:
         "`quant_pre_process` then `quantize_static(QDQ, per_channel=True, QInt8 weights and activations)` "
         "with MinMax or Percentile (opset < 13 models are first upgraded to 13, as dfq-onnx does). "
         "dfq-onnx: `dfq_onnx.convert` with default settings (W8A8, per-channel power-of-two weights, "
-        "mse exponents). Evaluation under onnxruntime with default optimizations (the deployed graph): "
+        "mse exponents, range alignment, bias correction on 16 of the samples, QDQ `--layout ort`). Evaluation under onnxruntime with default optimizations (the deployed graph): "
         "top-1 agreement with the float model and output SQNR on "
         f"{bench_data.EVAL_COUNT} crops of photos never used for calibration; top-1/top-5 on foolbox's 20 "
         "labelled ImageNet images; latency at batch 1, "
-        f"{THREADS} threads, median of {RUNS} runs after warm-up (one process, models timed one after "
-        "the other: noisy, compare ratios). *int8 kernels* = QLinearConv/QGemm/QLinearAdd/ConvInteger/... "
+        f"{THREADS} threads, median of {RUNS} runs after warm-up, the float model and the four quantized "
+        "ones of a row timed round-robin so that they share the machine's load (still noisy: compare "
+        "ratios). *int8 kernels* = QLinearConv/QGemm/QLinearAdd/ConvInteger/... "
         "nodes in onnxruntime's optimized graph; *float linear* = Conv/Gemm/MatMul still run in float "
         "there.",
         "",
@@ -281,7 +314,7 @@ def _model_table(name: str, r: dict) -> list[str]:
     row("deployed: int8 kernels / float linear ops", lambda c: (
         f"{(fl if c == 'float' else t(c))['deployed']['int8_kernels']} / "
         f"{(fl if c == 'float' else t(c))['deployed']['float_linear']}") if not err(c) else "–")
-    row("latency (ms)", lambda c: _f(any_t.get("float_latency_ms"), "{:.2f}") if c == "float"
+    row("latency (ms)", lambda c: _f(fl.get("latency_ms"), "{:.2f}") if c == "float"
         else "–" if err(c) else _f(t(c)["latency_ms"], "{:.2f}"))
     row("latency / float", lambda c: "1.00×" if c == "float" else "–" if err(c)
         else _ratio(t(c)["latency_ms"], t(c)["float_latency_ms"]))
@@ -359,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         zoo.ZOO[n].path(args.cache)
     paths = bench_data.build_data(args.cache)
     results = {"machine": machine(), "models": {}}
-    steps_per_model = 2 * len(TOOLS) + 2
+    steps_per_model = 2 * len(TOOLS) + 3
     with tempfile.TemporaryDirectory() as tmp, Progress(
             TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=False) as progress:
