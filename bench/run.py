@@ -14,8 +14,8 @@ Steps, per model (zoo.py builds or locates the models, data.py the data, both in
  3. evaluate every output with dfq_onnx.validate under onnxruntime (default optimizations =
     deployed): top-1 agreement with float and output SQNR on the evaluation crops (disjoint
     photos), top-1/top-5 on foolbox's 20 labelled ImageNet images (ImageNet models) or the MNIST
-    test split; latency at batch 1, 2 threads, median of RUNS runs after warm-up, all models of a
-    row timed round-robin; requantization
+    test split; latency at batch 1, 2 threads, median of RUNS runs, all models of a row timed in
+    alternating blocks; requantization
     points and nodes (dfq_onnx.inspect); which kernels onnxruntime actually runs (op types of the
     optimized graph).
 Results go to bench/cache/results.json; BENCHMARKS.md is rendered from them (--render-only
@@ -50,6 +50,7 @@ CALIB = 128
 RSS_SAMPLES = 1024
 RUNS = 50
 THREADS = 2
+ROUNDS = 5  # latency: blocks of RUNS / ROUNDS consecutive runs per model, models in turn
 REPEAT = 3  # conversions timed this many times (median); Percentile, and the 1024-sample runs, once
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
                 "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
@@ -128,8 +129,9 @@ def evaluate(float_path: Path, quant_path: Path, entry: zoo.ZooModel, paths: dic
 
 
 def latencies(models: list[Path], paths: dict, entry: zoo.ZooModel) -> list[float]:
-    """Median batch-1 latency (ms) of each model, timed round-robin (one run of each model in
-    turn, RUNS rounds after a warm-up), so that all of them see the same machine load."""
+    """Median batch-1 latency (ms) of each model: ROUNDS rounds, in each a block of RUNS / ROUNDS
+    consecutive runs of every model in turn (after 2 warm-up runs), so that all models see the
+    same machine load while each runs in steady state (its weights in cache)."""
     import onnxruntime as ort
 
     from dfq_onnx.calibration_data import DataSource, input_specs
@@ -144,12 +146,14 @@ def latencies(models: list[Path], paths: dict, entry: zoo.ZooModel) -> list[floa
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = THREADS, 1, 3
         sessions.append(ort.InferenceSession(str(m), so, providers=["CPUExecutionProvider"]))
     times: list[list[float]] = [[] for _ in sessions]
-    for r in range(RUNS + 5):
+    per_block = max(1, RUNS // ROUNDS)
+    for _ in range(ROUNDS):
         for i, sess in enumerate(sessions):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            if r >= 5:
-                times[i].append((time.perf_counter() - t) * 1e3)
+            for k in range(per_block + 2):  # 2 warm-up runs: the model's weights back in cache
+                t = time.perf_counter()
+                sess.run(None, feed)
+                if k >= 2:
+                    times[i].append((time.perf_counter() - t) * 1e3)
     return [statistics.median(t) for t in times]
 
 
@@ -264,9 +268,9 @@ def render(results: dict) -> str:
         "top-1 agreement with the float model and output SQNR on "
         f"{bench_data.EVAL_COUNT} crops of photos never used for calibration; top-1/top-5 on foolbox's 20 "
         "labelled ImageNet images; latency at batch 1, "
-        f"{THREADS} threads, median of {RUNS} runs after warm-up, the float model and the four quantized "
-        "ones of a row timed round-robin so that they share the machine's load (still noisy: compare "
-        "ratios). *int8 kernels* = QLinearConv/QGemm/QLinearAdd/ConvInteger/... "
+        f"{THREADS} threads, median of {RUNS} runs: {ROUNDS} rounds in which the float model and the "
+        f"quantized ones of a row each run a block of {RUNS // ROUNDS} after 2 warm-up runs, so that they "
+        "share the machine's load (still noisy: compare ratios). *int8 kernels* = QLinearConv/QGemm/QLinearAdd/ConvInteger/... "
         "nodes in onnxruntime's optimized graph; *float linear* = Conv/Gemm/MatMul still run in float "
         "there.",
         "",
