@@ -90,8 +90,8 @@ def main():
                    "per module), float input and output.")
 @click.option("--layout", type=click.Choice(["ort", "unified"]), default="ort", show_default=True,
               help="QDQ only. ort: the linear result entering a residual Add gets its own QuantizeLinear, "
-                   "so onnxruntime runs QLinearConv + QLinearAdd (one more requantization point per "
-                   "residual module); unified: one requantization per module, as in the integer graph "
+                   "so onnxruntime can run that convolution as QLinearConv (and the Add as QLinearAdd "
+                   "where its kernels allow; one more requantization point per residual module); unified: one requantization per module, as in the integer graph "
                    "(onnxruntime then runs residual convs in float).")
 @click.option("--no-align", is_flag=True,
               help="Do not align ranges: by default a tensor between two convolutions is scaled by a "
@@ -99,7 +99,7 @@ def main():
                    "exactly on a power-of-two scale.")
 @click.option("--no-bias-correction", is_flag=True,
               help="Do not correct biases: by default the mean error each module adds by quantization "
-                   "(measured per output channel on 32 calibration samples, simulated) is folded into "
+                   "(measured per output channel on 16 calibration samples, simulated) is folded into "
                    "its bias.")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")

@@ -22,7 +22,7 @@ from ..model_io import to_model
 from .form_modules import Plan
 
 PROBE_BATCH = 4  # measured on EfficientNet-Lite0: batches of 8 raise peak RSS by 150 MB, 4 by nothing
-SAMPLES = 16  # calibration samples used to measure the mean errors (measured: 128 gives the same)
+SAMPLES = 16  # calibration samples used to measure the mean errors (MobileNetV2: 128 gives the same); cli.py help says 16
 
 
 def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: list[dict]) -> tuple[gs.Graph, dict]:
