@@ -22,7 +22,7 @@ class QuantConfig:
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
     layout: str = "ort"           # QDQ only. "ort": a residual Add gets its own requantization so that
-    #                               onnxruntime runs QLinearConv + QLinearAdd; "unified": one requantization
+    #                               onnxruntime can run QLinearConv (+ QLinearAdd); "unified": one requantization
     #                               per module, as in the integer graph (onnxruntime runs those convs in float)
 
     def __post_init__(self):
