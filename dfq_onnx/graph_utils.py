@@ -115,6 +115,15 @@ def output_rank(t: gs.Tensor) -> int | None:
     return len(t.shape) if t.shape is not None else None
 
 
+def add_node(graph: gs.Graph, op: str, inputs: list, attrs: dict | None = None, base: str | None = None,
+             dtype=np.float32) -> gs.Variable:
+    """Append op(inputs) to the graph and return its new output tensor (node and tensor named
+    after `base`, default the op)."""
+    out = gs.Variable(new_name(graph, base or op), dtype=dtype)
+    graph.nodes.append(gs.Node(op, new_name(graph, base or op), attrs or {}, inputs, [out]))
+    return out
+
+
 def new_name(graph: gs.Graph, base: str) -> str:
     """A tensor/node name not yet used in the graph."""
     used = graph.__dict__.get("_dfq_used_names")

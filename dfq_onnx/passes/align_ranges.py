@@ -14,9 +14,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..fixedpoint import clip_threshold, qrange
-from ..graph_utils import clip_limits, const_value, is_zero_pad, new_name, sole_consumer
+from ..graph_utils import clip_limits, is_zero_pad, new_name, sole_consumer, weight_of
 from .calibrate import TensorStats
-from .form_modules import Plan
+from .form_modules import Plan, activation_kind
 
 
 def find_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node], gs.Node]]:
@@ -30,7 +30,7 @@ def find_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node], gs.Node]]:
         between: list[gs.Node] = []
         t = n1.outputs[0]
         nxt = sole_consumer(t, graph)
-        if nxt is not None and _scalable_activation(nxt):
+        if nxt is not None and activation_kind(nxt) is not None:
             between.append(nxt)
             t = nxt.outputs[0]
             nxt = sole_consumer(t, graph)
@@ -92,22 +92,10 @@ def _scale(t: gs.Constant, c: float) -> None:
 
 def _conv_weight(node: gs.Node) -> gs.Constant | None:
     """The weight of a Conv whose weight (and bias) are constants read by this node alone."""
-    if node.op != "Conv" or len(node.inputs) < 2:
-        return None
-    w = node.inputs[1]
-    if not isinstance(w, gs.Constant) or w.values.dtype.kind != "f" or len(w.outputs) != 1:
+    w = weight_of(node) if node.op == "Conv" else None
+    if w is None or len(w.outputs) != 1:
         return None
     if len(node.inputs) > 2 and node.inputs[2].name and \
             (not isinstance(node.inputs[2], gs.Constant) or len(node.inputs[2].outputs) != 1):
         return None
     return w
-
-
-def _scalable_activation(node: gs.Node) -> bool:
-    if node.op in ("Relu", "LeakyRelu"):
-        return True
-    if node.op != "Clip":
-        return False
-    given = [i for i in node.inputs[1:] if i.name]
-    return all(const_value(i) is not None for i in given)
-

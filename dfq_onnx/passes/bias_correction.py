@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
-from ..errors import DfqError
-from ..graph_utils import clip_limits, new_name
-from ..model_io import to_model
+from ..graph_utils import add_node, clip_limits, new_name
+from ..model_io import analysis_session
 from .form_modules import Plan
 
 PROBE_BATCH = 4  # measured on EfficientNet-Lite0: batches of 8 raise peak RSS by 150 MB, 4 by nothing
@@ -64,14 +62,7 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         return g, {"bias_corrected": 0}
     probe.outputs = diffs
     probe.cleanup()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.enable_mem_pattern = False
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # simulated float arithmetic
-    try:
-        sess = ort.InferenceSession(to_model(probe).SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise DfqError(f"bias correction: onnxruntime cannot run the simulated model: {str(e).splitlines()[0]}") from None
+    sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", basic=True)  # simulated float arithmetic
     sums: list[np.ndarray] | None = None
     count = 0
     fixed = any(t.shape and isinstance(t.shape[0], int) for t in graph.inputs)  # a fixed batch: keep it
@@ -108,6 +99,4 @@ def _c(g: gs.Graph, v: float) -> gs.Constant:
 
 
 def _new(g: gs.Graph, op: str, inputs: list, attrs: dict | None = None) -> gs.Variable:
-    out = gs.Variable(new_name(g, f"bias_correction_{op}"), dtype=np.float32)
-    g.nodes.append(gs.Node(op, new_name(g, f"bias_correction_{op}"), attrs or {}, inputs, [out]))
-    return out
+    return add_node(g, op, inputs, attrs, f"bias_correction_{op}")

@@ -81,7 +81,8 @@ class Plan:
         return t in self.passthrough or t in self.requant
 
 
-def _activation_kind(node: gs.Node) -> str | None:
+def activation_kind(node: gs.Node) -> str | None:
+    """Relu, LeakyRelu, Relu6 (Clip(0, 6)) or Clip with constant bounds; None for anything else."""
     if node.op in ("Relu", "LeakyRelu"):
         return node.op
     if node.op == "Clip":
@@ -149,7 +150,7 @@ def find_modules(graph: gs.Graph) -> list[Module]:
                     nxt = sole_consumer(out, graph)
         unsigned = False
         if nxt is not None and nxt.op in ACTIVATION_OPS:
-            kind = _activation_kind(nxt)
+            kind = activation_kind(nxt)
             if kind is not None:
                 act = kind
                 unsigned = _non_negative_activation(nxt)
@@ -168,6 +169,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     plan = Plan(modules)
     tensors = graph.tensors()
     by_first = {m.nodes[0]: m for m in modules}
+    nodes = {n.name: n for n in graph.nodes}
     inside = {name for m in modules for name in m.nodes[1:]}
     graph_inputs = {t.name for t in graph.inputs}
     graph_outputs = {t.name for t in graph.outputs}
@@ -188,8 +190,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
             if m.residual_input:
                 need(m.residual_input)
             if residual_requant and m.residual:
-                add = next(n for n in graph.nodes if n.name == m.residual)
-                pre = next(t.name for t in add.inputs if t.name != m.residual_input)
+                pre = next(t.name for t in nodes[m.residual].inputs if t.name != m.residual_input)
                 plan.requant.append(pre)
                 plan.requant_kind[pre] = "residual"
             if m.kind == "linear" and m.output in graph_outputs:
