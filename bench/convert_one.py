@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,38 +31,11 @@ def convert_dfq(model: Path, out: Path, calib: str, preprocess: str | None, n: i
 
 def convert_ort(model: Path, out: Path, calib: str, preprocess: str | None, n: int, method: str) -> None:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from dfq_onnx.calibration_data import DataSource, input_specs
+    from dfq_onnx.baseline import ort_quantize
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, source: DataSource):
-            self.source = source
-            self.it = iter(source.batches(BATCH))
-
-        def get_next(self):
-            return next(self.it, None)
-
-        def rewind(self):
-            self.it = iter(self.source.batches(BATCH))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = onnx.load(str(model))
-        opset = next((o.version for o in src.opset_import if o.domain in ("", "ai.onnx")), 13)
-        if opset < 13:  # per-channel QDQ needs opset 13; dfq_onnx's loader upgrades the same way
-            src = onnx.version_converter.convert_version(src, 13)
-            model = Path(tmp) / "opset13.onnx"
-            onnx.save(src, str(model))
-        data = DataSource(calib, input_specs(src), num_samples=n, preprocess=preprocess)
-        del src
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(model), str(pre))
-        quantize_static(str(pre), str(out), Reader(data), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax if method == "minmax"
-                        else CalibrationMethod.Percentile)
+    onnx.save(ort_quantize(str(model), calib, num_samples=n, batch_size=BATCH, preprocess=preprocess,
+                           method=method), str(out))
 
 
 def peak_rss_mb() -> float | None:

@@ -233,11 +233,25 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
 @main.command()
 @click.argument("model", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--hw", is_flag=True,
+              help="Hardware cost of requantization (needs --calib, yosys and iverilog): synthesize a "
+                   "rounding-shift and a multiplier requantizer, simulate both on this model's int32 "
+                   "accumulators, and total them over dfq-onnx's integer graph and onnxruntime's "
+                   "quantized model. MODEL must be the float model.")
+@click.option("--calib", metavar="DATA", help="With --hw: calibration data, as for convert --calib.")
+@click.option("--num-samples", default=128, show_default=True, type=int,
+              help="With --hw: calibration samples for both quantizers.")
+@click.option("--preprocess", metavar="SPEC", help="With --hw: image preprocessing, as for convert.")
+@click.option("--values", default=4096, show_default=True, type=click.IntRange(2, 1_000_000),
+              help="With --hw: accumulators streamed through each simulated circuit.")
 @handle_errors
-def inspect(model, as_json):
-    """Op types, requantization points, unified modules and scales of any ONNX model."""
+def inspect(model, as_json, hw, calib, num_samples, preprocess, values):
+    """Op types, requantization points, unified modules and scales of any ONNX model; with --hw,
+    what its requantization costs in silicon."""
     from .report import inspect_model
 
+    if hw:
+        return _inspect_hw(model, calib, num_samples, preprocess, values, as_json)
     info = inspect_model(model)
     if _maybe_json(info, as_json):
         return
@@ -261,6 +275,47 @@ def inspect(model, as_json):
     if info["float_islands"]:
         s.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(info["float_islands"].items())))
     out.print(s)
+
+
+def _inspect_hw(model, calib, num_samples, preprocess, values, as_json) -> None:
+    from .hw_report import hardware_report
+
+    with err.status("hardware report", spinner="dots") as status:
+        r = hardware_report(model, calib, num_samples=num_samples, preprocess=preprocess, values=values,
+                            on_step=lambda msg: status.update(msg))
+    if _maybe_json(r, as_json):
+        return
+    u, ur = r["units"], r["unit_ratios"]
+    t = Table(title=f"one requantizer: int32 in, int8/uint8 out (yosys generic gates; {u['shift']['values']} "
+                    f"accumulators of {r['stream']['modules']} modules, bit-exact)", title_justify="left")
+    for c in ("", "rounding shift (dfq-onnx)", "multiplier (float scales)", "multiplier / shift", "paper"):
+        t.add_column(c, justify="left" if not c else "right")
+    t.add_row("cells", f"{u['shift']['cells']:,}", f"{u['multiplier']['cells']:,}", f"{ur['area_cells']:.1f}x", "")
+    t.add_row("transistors (CMOS estimate)", f"{u['shift']['transistors']:,}", f"{u['multiplier']['transistors']:,}",
+              f"{ur['area_transistors']:.1f}x", f"~{r['paper_ratios']['area']:.0f}x area")
+    t.add_row("toggles per requantization", f"{u['shift']['toggles_per_op']:.1f}",
+              f"{u['multiplier']['toggles_per_op']:.1f}", f"{ur['energy_proxy']:.1f}x",
+              f"~{r['paper_ratios']['energy']:.0f}x energy")
+    out.print(t)
+    d, o, k = r["dfq"], r["ort"], r["ratios"]
+
+    def units(x):
+        return ", ".join(f"{n} {name}" for name, n in x["by_unit"].items())
+
+    m = Table(title=f"{model}: requantization per inference (batch 1; graph-input quantization left out)",
+              title_justify="left")
+    for c in ("", "dfq-onnx integer graph", "onnxruntime quantizer", "onnxruntime / dfq-onnx"):
+        m.add_column(c, justify="left" if not c else "right")
+    m.add_row("requantizer units", f"{d['requantizers']} ({units(d)})", f"{o['requantizers']} ({units(o)})",
+              f"{k['requantizers']:.2f}x")
+    m.add_row("their transistors", f"{d['transistors']:,}", f"{o['transistors']:,}", f"{k['transistors']:.1f}x")
+    m.add_row("parameter bits (shifts, multipliers)", f"{d['parameter_bits']:,}", f"{o['parameter_bits']:,}",
+              f"{k['parameter_bits']:.1f}x")
+    m.add_row("requantizations", f"{d['requantizations']:,}", f"{o['requantizations']:,}", f"{k['requantizations']:.2f}x")
+    m.add_row("toggles (energy proxy)", f"{d['toggles']:,.0f}", f"{o['toggles']:,.0f}", f"{k['toggles']:.1f}x")
+    out.print(m)
+    out.print("The proxy counts 0/1 changes on every net of the synthesized netlist in a zero-delay simulation: "
+              "no process library, wire load, glitches or leakage. One unit per requantization point.")
 
 
 if __name__ == "__main__":

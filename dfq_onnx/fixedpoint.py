@@ -200,6 +200,42 @@ def rounding_divide(acc: np.ndarray, n: int, bits: int | None = None, unsigned: 
     return y
 
 
+def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
+    """A real multiplier in (0, 1) as (m, s): m a Q31 integer in [2^30, 2^31), s >= 0 a right shift,
+    real ~= m * 2^-31 * 2^-s (TFLite QuantizeMultiplier, right-shift case). Elementwise."""
+    real = np.asarray(real, dtype=np.float64)
+    if np.any(~np.isfinite(real)) or np.any(real <= 0) or np.any(real >= 1):
+        raise ValueError("multiplier outside (0, 1)")
+    mant, exp = np.frexp(real)                       # real = mant * 2^exp, mant in [0.5, 1)
+    m = np.rint(np.ldexp(mant, 31)).astype(np.int64)
+    carry = m == (1 << 31)
+    m = np.where(carry, m >> 1, m)
+    s = -(exp + carry.astype(np.int64))
+    return m, s
+
+
+def multiply_requant(acc: np.ndarray, m, s, bits: int | None = None, unsigned: bool = False) -> np.ndarray:
+    """The multiplier requantizer of integer-only inference (gemmlowp/TFLite
+    MultiplyByQuantizedMultiplier with a right shift): saturating rounding doubling high multiply
+    of acc by the Q31 multiplier m, then a rounding divide by 2^s (ties away from zero), then
+    saturation to a b-bit code if `bits` is given. int32 semantics, computed in int64."""
+    a = np.asarray(acc, dtype=np.int64)
+    m = np.asarray(m, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    ab = a * m                                        # exact: |a|, |m| <= 2^31
+    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    t = ab + nudge
+    hm = np.floor_divide(t, 1 << 31) + ((t < 0) & (np.bitwise_and(t, (1 << 31) - 1) != 0))  # toward zero
+    x = np.where((a == -(1 << 31)) & (m == -(1 << 31)), (1 << 31) - 1, hm)
+    mask = np.left_shift(np.int64(1), s) - 1
+    rem = np.bitwise_and(x, mask)
+    thr = np.right_shift(mask, 1) + (x < 0)
+    y = np.right_shift(x, s) + (rem > thr)
+    if bits is not None:
+        y = np.clip(y, *qrange(bits, unsigned))
+    return y
+
+
 def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int) -> np.ndarray:
     """Integer N-d convolution (NCHW...), exact in int64. pads = [begin..., end...]."""
     x = np.asarray(x, dtype=np.int64)
@@ -224,9 +260,21 @@ def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int)
     return y
 
 
-def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A linear module up to its requantization: the int32 accumulator (in int64) after bias and
-    residual, and the per-channel shift, broadcastable against it."""
+POOL_MODULES = ("GlobalAveragePool", "AveragePool")
+
+
+def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A module up to its requantization: the accumulator (int64; int32 in the graph) and its
+    shift. Linear: the accumulator after bias and residual, and the per-channel shift,
+    broadcastable against it. Pooling: the integer window sum and log2(window), or None when the
+    window is not a power of two (that module divides)."""
+    if p["op"] in POOL_MODULES:
+        if p["op"] == "GlobalAveragePool":
+            acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
+        else:
+            acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
+        n = p["window"]
+        return acc, (np.asarray(n.bit_length() - 1) if n & (n - 1) == 0 else None)
     if p["op"] == "Conv":
         acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
         cshape = (1, -1) + (1,) * (acc.ndim - 2)
@@ -257,17 +305,12 @@ def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, b
     accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
     accumulator's fraction, then ONE rounding shift and saturation to the code range narrowed by the
     activation (Relu: unsigned codes; Clip(lo, hi): code_min/code_max)."""
-    if p["op"] in ("GlobalAveragePool", "AveragePool"):
-        if p["op"] == "GlobalAveragePool":
-            acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
-        else:
-            acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
-        n = p["window"]
-        if n & (n - 1) == 0:
-            return rounding_shift(acc, n.bit_length() - 1, bits, p["unsigned"])
-        return rounding_divide(acc, n, bits, p["unsigned"])
-    if p.get("float_output"):  # a graph output: the accumulator leaves as it is (then dequantized)
-        return module_accumulator(p, x, residual)[0]
     acc, shift = module_accumulator(p, x, residual)
+    if p["op"] in POOL_MODULES:
+        if shift is None:
+            return rounding_divide(acc, p["window"], bits, p["unsigned"])
+        return rounding_shift(acc, shift, bits, p["unsigned"])
+    if p.get("float_output"):  # a graph output: the accumulator leaves as it is (then dequantized)
+        return acc
     y = rounding_shift(acc, shift, bits, p["unsigned"])
     return np.clip(y, p["code_min"], p["code_max"]) if "code_min" in p else y

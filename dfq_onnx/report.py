@@ -65,23 +65,16 @@ def inspect_model(model) -> dict:
     quantized_consts: set[str] = set()
     scale_tensors: dict[str, np.ndarray] = {}
     for n in g.node:
-        if n.op_type not in QDQ_OPS:
-            if n.op_type in SHIFT_OPS:
-                requant += 1
-            elif n.op_type in INTEGER_LINEAR and len(n.input) > 1 and n.input[1] in consts:
-                quantized_consts.add(n.input[1])
-            continue
-        if len(n.input) > 1 and n.input[1] in consts:
-            scale_tensors[n.input[1]] = consts[n.input[1]]
-        src = n.input[0]
-        if src in consts:
-            quantized_consts.add(src)
-            continue
-        if n.op_type == "QuantizeLinear":
-            if _is_lossless(n, producer, consts):
-                lossless += 1
-            else:
-                requant += 1
+        kind = _requant_kind(n, producer, consts)
+        requant += kind == "requant"
+        lossless += kind == "lossless"
+        if n.op_type in INTEGER_LINEAR and len(n.input) > 1 and n.input[1] in consts:
+            quantized_consts.add(n.input[1])
+        if n.op_type in QDQ_OPS:
+            if len(n.input) > 1 and n.input[1] in consts:
+                scale_tensors[n.input[1]] = consts[n.input[1]]
+            if n.input[0] in consts:
+                quantized_consts.add(n.input[0])
     total = sum(int(np.asarray(s).size) for s in scale_tensors.values())
     pow2 = sum(int(np.sum(is_pow2(np.asarray(s, dtype=np.float64)))) for s in scale_tensors.values())
 
@@ -106,6 +99,24 @@ def inspect_model(model) -> dict:
         sum(1 for i in g.input if i.name not in inits) + len(compute),
         "producer": meta.get("dfq.producer") or (m.producer_name or None),
     }
+
+
+def _requant_kind(n: onnx.NodeProto, producer, consts) -> str | None:
+    """"requant" for a requantization point, "lossless" for a QuantizeLinear that rounds nothing
+    (see the module docstring), None for any other node."""
+    if n.op_type in SHIFT_OPS:
+        return "requant"
+    if n.op_type != "QuantizeLinear" or n.input[0] in consts:
+        return None
+    return "lossless" if _is_lossless(n, producer, consts) else "requant"
+
+
+def requant_nodes(model) -> list[onnx.NodeProto]:
+    """The nodes counted as requantization points by inspect_model, in graph order."""
+    m = read_model(model, external_data=False)
+    consts = _constants(m)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    return [n for n in m.graph.node if _requant_kind(n, producer, consts) == "requant"]
 
 
 def _is_lossless(q: onnx.NodeProto, producer, consts) -> bool:

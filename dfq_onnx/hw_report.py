@@ -1,0 +1,242 @@
+"""What a model's requantization costs in silicon, under dfq-onnx's scheme and under onnxruntime's.
+
+Steps (`dfq-onnx inspect MODEL --hw --calib DATA`):
+1. Convert MODEL to dfq-onnx's integer graph (format "int") on the calibration data, run it on the
+   first few calibration samples under onnxruntime and take every module's int32 accumulator.
+2. Stream a slice of each module's accumulators through both synthesized requantizers
+   (hardware.py): the shift unit with the module's own per-channel shifts, the multiplier unit
+   with the multipliers a float-scale scheme would use for the same accumulators (output scale
+   max|y| / 127, or / 255 for unsigned outputs, per tensor; multiplier 2^-s / scale per channel).
+   Both circuits must match the numpy reference on every value (else the report fails).
+3. Quantize MODEL with onnxruntime's quantizer (baseline.py) on the same data and count its
+   requantization points (QuantizeLinear nodes that round; see report.py), their elements per
+   inference and their multipliers (one per output channel after a per-channel weight).
+4. Totals per inference: requantizer units (one per requantization point: a layer-pipelined
+   accelerator), their transistors, parameter bits (shift: 5 bits per channel; multiplier: 32 + 5
+   bits per channel), requantizations (output elements at batch 1) and the toggle proxy
+   (requantizations x toggles per requantization of the unit that does them).
+
+Graph-input quantization exists in both schemes and is left out of both. A dfq pooling module
+whose window is not a power of two divides; it is priced as a multiplier unit.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from . import hardware as hw
+from .baseline import ort_quantize
+from .calibration_data import DataSource, input_specs
+from .config import QuantConfig
+from .errors import DfqError
+from .fixedpoint import module_accumulator, multiply_requant, qrange, quantize_multiplier, rounding_shift
+from .model_io import load_model
+from .report import inspect_model, requant_nodes
+
+PAPER = {"area": 15.0, "energy": 9.0}  # Geng et al., 2019: shift vs multiplier requantizer
+RUN_SAMPLES = 4                        # calibration samples whose accumulators are captured
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _run(model: onnx.ModelProto, feeds: dict, names: list[str], optimize: bool) -> dict[str, np.ndarray]:
+    """Named intermediate tensors of one onnxruntime run."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in have)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, feeds)
+    except Exception as e:
+        raise DfqError(f"onnxruntime could not run the quantized model: {str(e).splitlines()[0]}") from None
+    return dict(zip([o.name for o in m.graph.output], outs))
+
+
+def _first_batch(model, calib, preprocess) -> tuple[dict, int]:
+    data = DataSource(calib, input_specs(load_model(model)), num_samples=RUN_SAMPLES, preprocess=preprocess)
+    batch = next(iter(data.batches(RUN_SAMPLES)), None)
+    if batch is None:
+        raise DfqError("calibration data is empty")
+    return batch, len(next(iter(batch.values())))
+
+
+def dfq_requantizers(params: list[dict], vals: dict, batch: int) -> list[dict]:
+    """Each requantization of dfq-onnx's integer graph: unit ("shift" or "divide"), accumulators
+    of the captured batch, per-element shift, output signedness, elements per inference, channels."""
+    out = []
+    for p in params:
+        if p.get("float_output"):
+            continue  # a graph output: its int32 accumulator leaves unrounded
+        acc, s = module_accumulator(p, vals[p["int_input"]], vals[p["int_residual"]] if p["int_residual"] else None)
+        unit = "divide" if s is None else "shift"
+        out.append({"name": p["name"], "unit": unit, "acc": acc,
+                    "shift": None if s is None else np.broadcast_to(s, acc.shape),
+                    "unsigned": bool(p["unsigned"]), "elements": acc.size // batch,
+                    "channels": 1 if s is None else int(np.asarray(p.get("shift", 0)).size)})
+    return out
+
+
+def stream(requantizers: list[dict], values: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The input stream both units are simulated on: from each shift-requantized module, a
+    contiguous run (NCHW order, as a layer streams out) of its accumulators, `values` in all,
+    with the module's shifts and the multipliers a float-scale scheme would use instead."""
+    rng = np.random.default_rng(seed)
+    mods = [r for r in requantizers if r["unit"] == "shift"]
+    if not mods:
+        raise DfqError("the model has no shift-requantized module to measure")
+    take = max(1, values // len(mods))
+    parts: dict[str, list] = {k: [] for k in ("acc", "s", "unsigned", "m", "ms")}
+    for r in mods:
+        acc, s = r["acc"].ravel(), r["shift"].ravel()
+        qmax = qrange(hw.OUT_BITS, r["unsigned"])[1]
+        scale = np.max(np.abs(np.ldexp(acc.astype(np.float64), -s))) / qmax
+        if scale == 0:
+            continue
+        real = np.clip(np.ldexp(1.0, -s) / scale, 2.0 ** -60, 1 - 2.0 ** -40)
+        m, ms = quantize_multiplier(real)
+        k = min(take, acc.size)
+        i = int(rng.integers(0, acc.size - k + 1))
+        sl = slice(i, i + k)
+        parts["acc"].append(acc[sl])
+        parts["s"].append(s[sl])
+        parts["unsigned"].append(np.full(k, r["unsigned"]))
+        parts["m"].append(m[sl])
+        parts["ms"].append(np.minimum(ms[sl], (1 << hw.SHIFT_BITS) - 1))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def characterize(st: dict[str, np.ndarray], on_step: Callable[[str], None] | None = None) -> dict:
+    """Synthesize both units, simulate them on the stream, check every output against the numpy
+    reference. Raises DfqError on any mismatch."""
+    acc, s, uns = st["acc"], st["s"], st["unsigned"]
+    if np.any((acc < -(1 << (hw.ACC_BITS - 1))) | (acc >= 1 << (hw.ACC_BITS - 1))):
+        raise DfqError("an accumulator does not fit in int32")
+    if np.any(s >= 1 << hw.SHIFT_BITS) or np.any(s < 0):
+        raise DfqError(f"a shift outside 0..{(1 << hw.SHIFT_BITS) - 1}: the shift unit does right shifts only")
+    ref = {"shift": np.where(uns, np.clip(rounding_shift(acc, s), 0, 255), np.clip(rounding_shift(acc, s), -128, 127)),
+           "multiplier": np.where(uns, np.clip(multiply_requant(acc, st["m"], st["ms"]), 0, 255),
+                                  np.clip(multiply_requant(acc, st["m"], st["ms"]), -128, 127))}
+    units = {}
+    for unit in hw.UNITS:
+        if on_step:
+            on_step(f"synthesizing the {unit} requantizer (yosys)")
+        syn = hw.synthesize(unit)
+        if on_step:
+            on_step(f"simulating the {unit} netlist on {len(acc)} accumulators (iverilog)")
+        if unit == "shift":
+            y, toggles = hw.simulate(syn, acc, s, uns)
+        else:
+            y, toggles = hw.simulate(syn, acc, st["ms"], uns, st["m"])
+        bad = int(np.sum(y != ref[unit]))
+        if bad:
+            raise DfqError(f"the {unit} netlist differs from the numpy reference on {bad} of {len(acc)} values")
+        units[unit] = {"cells": syn.cells, "transistors": syn.transistors, "cell_types": syn.cell_types,
+                       "values": int(len(acc)), "bit_exact": True,
+                       "toggles_per_op": toggles / max(1, len(acc) - 1)}
+    return units
+
+
+def ort_requantizers(qmodel: onnx.ModelProto, feeds: dict, batch: int) -> list[dict]:
+    """Requantization points of an onnxruntime-quantized model (graph inputs excluded), with
+    elements per inference and multipliers (channels of a per-channel weight feeding them)."""
+    g = qmodel.graph
+    inputs = {i.name for i in g.input}
+    nodes = [n for n in requant_nodes(qmodel) if n.input[0] not in inputs]
+    vals = _run(qmodel, feeds, [n.output[0] for n in nodes], optimize=False)
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    out = []
+    for n in nodes:
+        out.append({"name": n.name or n.output[0], "unit": "multiplier", "elements": vals[n.output[0]].size // batch,
+                    "channels": _weight_channels(n.input[0], producer, inits)})
+    return out
+
+
+def _weight_channels(t: str, producer, inits) -> int:
+    """Output channels of the per-channel weight of the linear op whose result reaches tensor t
+    through single-input ops (Relu, Clip, ...), else 1 (a per-tensor multiplier)."""
+    for _ in range(8):
+        n = producer.get(t)
+        if n is None:
+            return 1
+        if n.op_type in LINEAR_OPS:
+            w = producer.get(n.input[1]) if len(n.input) > 1 else None
+            if w is not None and w.op_type == "DequantizeLinear" and w.input[1] in inits:
+                return int(inits[w.input[1]].size)
+            return 1
+        data = [i for i in n.input if i and i not in inits and (producer.get(i) is None or producer[i].op_type != "Constant")]
+        if len(data) != 1:
+            return 1
+        t = data[0]
+    return 1
+
+
+def totals(requantizers: list[dict], units: dict) -> dict:
+    """Units, transistors, parameter bits, requantizations and toggle proxy per inference."""
+    cost = {"shift": units["shift"], "divide": units["multiplier"], "multiplier": units["multiplier"]}
+    param_bits = {"shift": hw.SHIFT_BITS, "divide": hw.MULTIPLIER_BITS + hw.SHIFT_BITS,
+                  "multiplier": hw.MULTIPLIER_BITS + hw.SHIFT_BITS}
+    by_unit = {u: sum(1 for r in requantizers if r["unit"] == u) for u in ("shift", "divide", "multiplier")}
+    return {
+        "requantizers": len(requantizers),
+        "by_unit": {k: v for k, v in by_unit.items() if v},
+        "transistors": sum(cost[r["unit"]]["transistors"] for r in requantizers),
+        "parameter_bits": sum(param_bits[r["unit"]] * r["channels"] for r in requantizers),
+        "requantizations": sum(r["elements"] for r in requantizers),
+        "toggles": sum(r["elements"] * cost[r["unit"]]["toggles_per_op"] for r in requantizers),
+    }
+
+
+def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | None = None, values: int = 4096,
+                    on_step: Callable[[str], None] | None = None) -> dict:
+    """The report described in the module docstring, as a JSON-able dict."""
+    from .pipeline import run
+
+    if calib is None:
+        raise DfqError("--hw needs --calib DATA: the circuits are simulated on the model's own accumulators")
+    if inspect_model(model)["per_layer_requant_points"] is None:
+        raise DfqError(f"{model}: already quantized; the hardware report compares two quantizations of the "
+                       "float model: pass that")
+    hw.require_tools()
+    if values < 2:
+        raise DfqError("--values must be at least 2")
+    step = on_step or (lambda _: None)
+    step("converting to dfq-onnx's integer graph")
+    result = run(model, calib, QuantConfig(format="int", num_samples=num_samples), preprocess=preprocess)
+    feeds, batch = _first_batch(model, calib, preprocess)
+    step(f"capturing accumulators on {batch} calibration samples")
+    names = [p[k] for p in result.int_params for k in ("int_input", "int_residual") if p[k]]
+    vals = _run(result.model, feeds, names, optimize=True)
+    dfq = dfq_requantizers(result.int_params, vals, batch)
+    units = characterize(stream(dfq, values), step)
+    step("quantizing with onnxruntime's quantizer")
+    ort_model = ort_quantize(model, calib, num_samples=num_samples, preprocess=preprocess)
+    base = ort_requantizers(ort_model, feeds, batch)
+    t_dfq, t_ort = totals(dfq, units), totals(base, units)
+
+    def ratio(k):
+        return t_ort[k] / t_dfq[k] if t_dfq[k] else None
+
+    return {
+        "model": str(model) if not isinstance(model, onnx.ModelProto) else "model",
+        "units": units,
+        "unit_ratios": {"area_transistors": units["multiplier"]["transistors"] / units["shift"]["transistors"],
+                        "area_cells": units["multiplier"]["cells"] / units["shift"]["cells"],
+                        "energy_proxy": units["multiplier"]["toggles_per_op"] / units["shift"]["toggles_per_op"]},
+        "paper_ratios": PAPER,
+        "stream": {"values": units["shift"]["values"], "modules": sum(1 for r in dfq if r["unit"] == "shift"),
+                   "samples": batch},
+        "dfq": t_dfq,
+        "ort": t_ort,
+        "ratios": {k: ratio(k) for k in ("requantizers", "transistors", "parameter_bits", "requantizations", "toggles")},
+        "dfq_points": [{k: r[k] for k in ("name", "unit", "elements", "channels")} for r in dfq],
+        "ort_points": base,
+    }
