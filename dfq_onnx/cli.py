@@ -252,6 +252,8 @@ def inspect(model, as_json, hw, calib, num_samples, preprocess, values):
 
     if hw:
         return _inspect_hw(model, calib, num_samples, preprocess, values, as_json)
+    if calib or preprocess:
+        raise click.UsageError("--calib and --preprocess apply only with --hw")
     info = inspect_model(model)
     if _maybe_json(info, as_json):
         return

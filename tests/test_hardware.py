@@ -205,6 +205,11 @@ def test_hw_needs_calibration_data():
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_calib_without_hw_is_a_usage_error():
+    p = _cli("inspect", str(SHIPPED), "--calib", str(CALIB))
+    assert p.returncode == 2 and "only with --hw" in p.stderr
+
+
 def test_hw_refuses_a_quantized_model(tmp_path, shipped_qdq):
     import onnx
 
