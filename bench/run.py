@@ -115,6 +115,8 @@ def evaluate(float_path: Path, quant_path: Path, entry: zoo.ZooModel, paths: dic
         "samples": main["samples"],
         "agreement_top1": main["agreement_top1"],
         "sqnr_db": min(main["sqnr_db"].values()),
+        "simulated_agreement_top1": main["simulated"]["agreement_top1"],
+        "simulated_sqnr_db": min(main["simulated"]["sqnr_db"].values()),
         "requant_points": facts["requant_points"],
         "requant_lossless": facts.get("requant_lossless", 0),
         "weight_quantizers": facts["weight_quantizers"],
@@ -362,6 +364,9 @@ def _model_table(name: str, r: dict) -> list[str]:
     row(f"top-1 agreement with float, {n_eval} {'test digits' if name == 'mnist' else 'crops'} (%)",
         lambda c: "100" if c == "float" else "–" if err(c) else _f(t(c)["agreement_top1"]))
     row("output SQNR (dB)", lambda c: "∞" if c == "float" else "–" if err(c) else _f(t(c)["sqnr_db"]))
+    if "simulated_agreement_top1" in any_t:
+        row("simulated (no ORT optimizations): agreement (%) / SQNR (dB)", lambda c: "–" if c == "float" or err(c)
+            else f"{_f(t(c)['simulated_agreement_top1'])} / {_f(t(c)['simulated_sqnr_db'])}")
     row("requantization points", lambda c: str(fl["per_layer_requant_points"]) + " (per-layer scheme)"
         if c == "float" else "–" if err(c) else str(t(c)["requant_points"]))
     row("nodes", lambda c: str(fl["nodes"]) if c == "float" else "–" if err(c) else str(t(c)["nodes"]))

@@ -202,7 +202,11 @@ def _print_summary(s: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
 def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, as_json):
-    """Run FLOAT and QUANT under onnxruntime on the same inputs and compare them."""
+    """Run FLOAT and QUANT under onnxruntime on the same inputs and compare them.
+
+    QUANT runs deployed (default optimizations: onnxruntime's int8 kernels) and simulated (no
+    optimizations: the QDQ graph's float arithmetic); a gap between the two means the deployed
+    kernels do not compute what the graph says."""
     from .validate import validate as run_validate
 
     r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
@@ -212,21 +216,23 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
     t = Table(title=f"{r['samples']} samples", title_justify="left")
     t.add_column("")
     t.add_column("float", justify="right")
-    t.add_column("quantized", justify="right")
+    t.add_column("quantized, deployed", justify="right")
+    t.add_column("quantized, simulated", justify="right")
 
     def pct(v):
         return "n/a" if v is None else f"{v:.2f} %"
 
-    t.add_row("top-1 accuracy", pct(r["float"]["top1"]), pct(r["quant"]["top1"]))
-    t.add_row("top-5 accuracy", pct(r["float"]["top5"]), pct(r["quant"]["top5"]))
-    t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]))
+    sim = r["simulated"]
+    t.add_row("top-1 accuracy", pct(r["float"]["top1"]), pct(r["quant"]["top1"]), pct(sim["top1"]))
+    t.add_row("top-5 accuracy", pct(r["float"]["top5"]), pct(r["quant"]["top5"]), pct(sim["top5"]))
+    t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]), pct(sim["agreement_top1"]))
     for name, db in r["sqnr_db"].items():
-        t.add_row(f"SQNR {name}", "", f"{db:.2f} dB")
-        t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}")
-    t.add_row("requantization points", str(r["requant_points"]["float"]), str(r["requant_points"]["quant"]))
-    t.add_row("nodes", str(r["nodes"]["float"]), str(r["nodes"]["quant"]))
+        t.add_row(f"SQNR {name}", "", f"{db:.2f} dB", f"{sim['sqnr_db'][name]:.2f} dB")
+        t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}", f"{sim['max_abs_error'][name]:.4g}")
+    t.add_row("requantization points", str(r["requant_points"]["float"]), str(r["requant_points"]["quant"]), "")
+    t.add_row("nodes", str(r["nodes"]["float"]), str(r["nodes"]["quant"]), "")
     t.add_row(f"latency, batch 1, {r['threads']} threads (median)",
-              f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms")
+              f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms", "")
     out.print(t)
 
 

@@ -18,11 +18,16 @@ from .model_io import read_model
 from .report import inspect_model
 
 
-def _session(model, threads: int) -> ort.InferenceSession:
+def _session(model, threads: int, simulated: bool = False) -> ort.InferenceSession:
+    """simulated: no graph optimizations, so DequantizeLinear -> float op -> QuantizeLinear runs as
+    written, in float (the arithmetic the quantizer simulated); else the deployed graph with
+    onnxruntime's default optimizations (fused int8 kernels)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if simulated:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
@@ -51,7 +56,12 @@ def _load_labels(labels) -> np.ndarray | None:
 
 def validate(float_model, quant_model, data, *, labels=None, num_samples: int | None = None,
              batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None) -> dict:
-    """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both."""
+    """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both.
+
+    The quantized model runs twice: deployed (default optimizations: onnxruntime's int8 kernels;
+    the top-level figures) and simulated (no optimizations: the float arithmetic of the QDQ
+    graph; under "simulated"). Their difference shows kernels that do not compute what the
+    graph says (such as 16-bit saturation in u8s8 kernels on CPUs without VNNI)."""
     fm, qm = read_model(float_model, False), read_model(quant_model, False)
     fs, qs = input_specs(fm), input_specs(qm)
     if [(s.name, s.dtype, s.shape[1:]) for s in fs] != [(s.name, s.dtype, s.shape[1:]) for s in qs]:
@@ -63,23 +73,27 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         raise DfqError(f"the two models have different outputs: {f_out} vs {q_out}")
     data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
     fsess, qsess = _session(float_model, threads), _session(quant_model, threads)
+    ssess = _session(quant_model, threads, simulated=True)
     fixed = [s.fixed_batch for s in fs + qs if s.fixed_batch is not None]
     bs = fixed[0] if fixed else batch_size
     outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
     outs_q: list[list[np.ndarray]] = [[] for _ in f_out]
+    outs_s: list[list[np.ndarray]] = [[] for _ in f_out]
     first = None
     for batch in data.batches(bs):
         if first is None:
             first = {k: v[:1] for k, v in batch.items()}
         try:
-            yf, yq = fsess.run(None, batch), qsess.run(None, batch)
+            yf, yq, ys = fsess.run(None, batch), qsess.run(None, batch), ssess.run(None, batch)
         except Exception as e:
             raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).strip().splitlines()[0]}") from None
         for i in range(len(f_out)):
             outs_f[i].append(yf[i])
             outs_q[i].append(yq[i])
+            outs_s[i].append(ys[i])
     F = [np.concatenate(o) for o in outs_f]
     Q = [np.concatenate(o) for o in outs_q]
+    S = [np.concatenate(o) for o in outs_s]
     n = len(F[0])
     if labels is None:
         labels = data.labels
@@ -87,8 +101,31 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     if labels is not None and len(labels) != n:
         raise DfqError(f"labels: {len(labels)} labels for {n} samples")
 
+    deployed, simulated = _compare(f_out, F, Q, labels), _compare(f_out, F, S, labels)
+    fi, qi = inspect_model(fm), inspect_model(qm)
+    return {
+        "samples": n,
+        "float": deployed["float"],
+        "quant": deployed["quant"],
+        "agreement_top1": deployed["agreement_top1"],
+        "sqnr_db": deployed["sqnr_db"],
+        "max_abs_error": deployed["max_abs_error"],
+        "simulated": {"top1": simulated["quant"]["top1"], "top5": simulated["quant"]["top5"],
+                      "agreement_top1": simulated["agreement_top1"], "sqnr_db": simulated["sqnr_db"],
+                      "max_abs_error": simulated["max_abs_error"]},
+        "deployed_minus_simulated_agreement": deployed["agreement_top1"] - simulated["agreement_top1"],
+        "latency_ms": {"float": _latency(fsess, first, runs), "quant": _latency(qsess, first, runs)},
+        "threads": threads,
+        "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
+        "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
+        "nodes": {"float": fi["nodes"], "quant": qi["nodes"]},
+    }
+
+
+def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels) -> dict:
+    """Accuracy of both, top-1 agreement, SQNR and max abs error per output of Q against F."""
     sqnr, max_err = {}, {}
-    for name, f, q in zip(f_out, F, Q):
+    for name, f, q in zip(names, F, Q):
         if f.shape != q.shape:
             raise DfqError(f"output {name!r}: shapes differ ({f.shape} vs {q.shape})")
         f64, e = f.astype(np.float64), f.astype(np.float64) - q.astype(np.float64)
@@ -100,20 +137,10 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     def acc(top, k):
         return None if labels is None else float(100.0 * np.mean(np.any(top[:, :k] == labels[:, None], axis=1)))
 
-    fi, qi = inspect_model(fm), inspect_model(qm)
-    return {
-        "samples": n,
-        "float": {"top1": acc(top_f, 1), "top5": acc(top_f, 5)},
-        "quant": {"top1": acc(top_q, 1), "top5": acc(top_q, 5)},
-        "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])),
-        "sqnr_db": sqnr,
-        "max_abs_error": max_err,
-        "latency_ms": {"float": _latency(fsess, first, runs), "quant": _latency(qsess, first, runs)},
-        "threads": threads,
-        "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
-        "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
-        "nodes": {"float": fi["nodes"], "quant": qi["nodes"]},
-    }
+    return {"float": {"top1": acc(top_f, 1), "top5": acc(top_f, 5)},
+            "quant": {"top1": acc(top_q, 1), "top5": acc(top_q, 5)},
+            "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])),
+            "sqnr_db": sqnr, "max_abs_error": max_err}
 
 
 def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:

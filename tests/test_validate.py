@@ -35,6 +35,13 @@ def test_validate_figures_match_a_direct_computation(quant_path, test_data):
     assert r["max_abs_error"]["logits"] == pytest.approx(float(np.max(np.abs(f - q))), rel=1e-6)
     assert r["requant_points"] == {"float": 0, "quant": 10}  # 7 module outputs (not the logits), the input, 2 before residual Adds
     assert r["latency_ms"]["float"] > 0 and r["latency_ms"]["quant"] > 0
+    # simulated: the same model without graph optimizations (float arithmetic between Q/DQ)
+    s = run_ort(quant_path, {"input": x[:300]}, optimize=False)[0]
+    assert r["simulated"]["top1"] == pytest.approx(100 * np.mean(s.argmax(1) == y[:300]))
+    assert r["simulated"]["agreement_top1"] == pytest.approx(100 * np.mean(f.argmax(1) == s.argmax(1)))
+    sq_s = 10 * np.log10(np.sum(f.astype(np.float64) ** 2) / np.sum((f.astype(np.float64) - s) ** 2))
+    assert r["simulated"]["sqnr_db"]["logits"] == pytest.approx(sq_s, rel=1e-6)
+    assert r["deployed_minus_simulated_agreement"] == pytest.approx(r["agreement_top1"] - r["simulated"]["agreement_top1"])
 
 
 def test_validate_json_cli_without_labels(quant_path, tmp_path, test_data):
