@@ -70,7 +70,9 @@ def main():
 @click.argument("output_model", metavar="OUT.onnx", type=click.Path(dir_okay=False))
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration data: a .npz keyed by input name (N x ...), a folder of .npy files, "
-                   "or a folder of images (see --preprocess). Required unless --float-only.")
+                   "or a folder of images (see --preprocess); or `none` for data-free mode (ranges "
+                   "from BatchNorm statistics, random inputs where there are none; no bias "
+                   "correction; check the result with validate). Required unless --float-only.")
 @click.option("--num-samples", default=128, show_default=True, type=int, help="Calibration samples to use.")
 @click.option("--batch-size", default=QuantConfig.batch_size, show_default=True, type=int,
               help="Calibration batch size (memory grows with it; speed barely does).")
@@ -121,7 +123,8 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         return
     if not calib:
         raise click.UsageError("calibration data is required: pass --calib DATA (a .npz keyed by input "
-                               "name, a folder of .npy files or of images), or --float-only")
+                               "name, a folder of .npy files or of images), --calib none (data-free), "
+                               "or --float-only")
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
                          method=method, num_samples=num_samples, batch_size=batch_size, format=fmt,
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction)
@@ -133,6 +136,11 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                      on_start=lambda n: bar.update(task, total=n),
                      on_batch=lambda n: bar.advance(task, n))
     save_model(result.model, output_model, input_model)
+    if "bn_derived" in result.facts:
+        err.print("[bold yellow]warning:[/] data-free mode: activation ranges are estimated from BatchNorm "
+                  f"statistics ({result.facts['bn_derived']} tensors) and random N(0, 1) inputs "
+                  f"({result.facts['random']} tensors), not measured; check accuracy with `dfq-onnx validate` "
+                  "on real data", markup=True, highlight=False)
     if quiet:
         return
     summary = _summary(result, config, input_model, output_model)
@@ -175,9 +183,14 @@ def _print_summary(s: dict) -> None:
         t.add_row("float modules", ", ".join(f"{n} {op}" for op, n in sorted(fm.items())) + " (no integer form)")
     t.add_row("bits", f"W{s['weight_bits']}A{s['act_bits']}, weights "
                       f"{'per channel' if s['per_channel'] else 'per tensor'}, exponents by {s['method']}")
-    t.add_row("calibration", f"{s['calibration_samples']} samples")
+    f = s["facts"]
+    if "bn_derived" in f:
+        t.add_row("calibration", f"none (data-free): {f['bn_derived']} tensors from BatchNorm statistics, "
+                                 f"{f['random']} from random N(0, 1) inputs")
+    else:
+        t.add_row("calibration", f"{s['calibration_samples']} samples")
     t.add_row("range alignment", f"{s['facts'].get('aligned', 0)} tensors between convolutions")
-    t.add_row("bias correction", f"{s['facts'].get('bias_corrected', 0)} modules")
+    t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else f"{f.get('bias_corrected', 0)} modules")
     if s["facts"].get("bias_saturated"):
         t.add_row("warning", f"{s['facts']['bias_saturated']} bias values saturated to int32")
     t.add_row("time", f"{s['seconds']:.2f} s")

@@ -15,6 +15,7 @@ from .errors import DfqError
 from .model_io import load_model, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
+from .passes.data_free import batchnorm_moments, data_free_stats
 from .passes.choose_exponents import choose_exponents
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import emit_qdq
@@ -49,24 +50,26 @@ def fuse(model) -> onnx.ModelProto:
 def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | None = None,
         on_start: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None) -> ConvertResult:
-    """Convert a float model to a power-of-two quantized QDQ model."""
+    """Convert a float model to a power-of-two quantized model (QDQ or integer-only). calib: the
+    calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction)."""
     config = config or QuantConfig()
     t0 = time.perf_counter()
     original = load_model(model)
     if calib is None:
         raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
-                       "a folder of .npy files or of images)")
-    data = DataSource(calib, input_specs(original), num_samples=config.num_samples, preprocess=preprocess)
+                       "a folder of .npy files or of images), or --calib none for data-free mode")
+    data_free = isinstance(calib, str) and calib.lower() == "none"
+    data = None if data_free else DataSource(calib, input_specs(original), num_samples=config.num_samples,
+                                             preprocess=preprocess)
 
     graph = to_graph(original)
     graph = canonicalize(graph)
+    bn_moments = batchnorm_moments(graph) if data_free else {}
     graph = fold_batchnorm(graph)
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
     plan = plan_quantization(graph, modules, residual_requant=config.format == "qdq" and config.layout == "ort")
-    if on_start is not None:
-        on_start(len(data))
     seen = [0]
 
     def counted(n: int) -> None:
@@ -75,15 +78,21 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             on_batch(n)
 
     kept: list[dict] = []
-    stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                      BIAS_SAMPLES if config.bias_correction else 0)
+    free_facts = {}
+    if data_free:  # ranges from BatchNorm statistics; random inputs where there are none
+        stats, free_facts = data_free_stats(graph, plan, bn_moments, input_specs(original), config.batch_size)
+    else:
+        if on_start is not None:
+            on_start(len(data))
+        stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
+                          BIAS_SAMPLES if config.bias_correction else 0)
     align_facts = {"aligned": 0}
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                             per_channel=config.per_channel, method=config.method)
     bias_facts = {"bias_corrected": 0}
-    if config.bias_correction:
+    if config.bias_correction and not data_free:  # it measures errors on data
         simulated = emit_qdq(graph, plan, exps, weight_bits=config.weight_bits, act_bits=config.act_bits,
                              per_channel=config.per_channel)[0]
         graph, bias_facts = correct_biases(graph, plan, simulated, kept)
@@ -100,7 +109,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], {**facts, **align_facts, **bias_facts}, int_params)
+                           seen[0], {**facts, **align_facts, **bias_facts, **free_facts}, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result
