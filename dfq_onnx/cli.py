@@ -103,13 +103,17 @@ def main():
               help="Do not correct biases: by default the mean error each module adds by quantization "
                    "(measured per output channel on 16 calibration samples, simulated) is folded into "
                    "its bias.")
+@click.option("--keep-float", "keep_float", multiple=True, metavar="NAME",
+              help="Leave this unified module (named by its Conv/Gemm/pool node; see inspect --sensitivity) "
+                   "in float; repeatable. It is reported as a float island.")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, fmt, layout, no_align, no_bias_correction, float_only, as_json, quiet):
+            weight_bits, act_bits, fmt, layout, no_align, no_bias_correction, keep_float, float_only, as_json,
+            quiet):
     """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
     from .pipeline import fuse, run
@@ -127,7 +131,8 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                                "or --float-only")
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
                          method=method, num_samples=num_samples, batch_size=batch_size, format=fmt,
-                         layout=layout, align=not no_align, bias_correction=not no_bias_correction)
+                         layout=layout, align=not no_align, bias_correction=not no_bias_correction,
+                         keep_float=tuple(keep_float))
     show = not quiet and err.is_terminal
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
@@ -257,22 +262,32 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
                    "rounding-shift and a multiplier requantizer, simulate both on this model's int32 "
                    "accumulators, and total them over dfq-onnx's integer graph and onnxruntime's "
                    "quantized model. MODEL must be the float model.")
-@click.option("--calib", metavar="DATA", help="With --hw: calibration data, as for convert --calib.")
+@click.option("--sensitivity", is_flag=True,
+              help="Quantize one unified module at a time (the rest float; plain power-of-two, no "
+                   "alignment or bias correction) and report each one's output SQNR and top-1 agreement "
+                   "with float on the first 64 calibration samples, most sensitive first (needs --calib).")
+@click.option("--calib", metavar="DATA", help="With --hw/--sensitivity: calibration data, as for convert --calib.")
 @click.option("--num-samples", default=128, show_default=True, type=int,
-              help="With --hw: calibration samples for both quantizers.")
-@click.option("--preprocess", metavar="SPEC", help="With --hw: image preprocessing, as for convert.")
+              help="With --hw/--sensitivity: calibration samples.")
+@click.option("--preprocess", metavar="SPEC", help="With --hw/--sensitivity: image preprocessing, as for convert.")
+@click.option("--weight-bits", default=8, show_default=True, type=click.IntRange(2, 8),
+              help="With --sensitivity: weight bits of the quantized module.")
 @click.option("--values", default=4096, show_default=True, type=click.IntRange(2, 1_000_000),
               help="With --hw: accumulators streamed through each simulated circuit.")
 @handle_errors
-def inspect(model, as_json, hw, calib, num_samples, preprocess, values):
+def inspect(model, as_json, hw, sensitivity, calib, num_samples, preprocess, weight_bits, values):
     """Op types, requantization points, unified modules and scales of any ONNX model; with --hw,
-    what its requantization costs in silicon."""
+    what its requantization costs in silicon; with --sensitivity, what quantizing each module costs."""
     from .report import inspect_model
 
+    if hw and sensitivity:
+        raise click.UsageError("--hw and --sensitivity are separate reports: pass one")
     if hw:
         return _inspect_hw(model, calib, num_samples, preprocess, values, as_json)
+    if sensitivity:
+        return _inspect_sensitivity(model, calib, num_samples, preprocess, weight_bits, as_json)
     if calib or preprocess:
-        raise click.UsageError("--calib and --preprocess apply only with --hw")
+        raise click.UsageError("--calib and --preprocess apply only with --hw or --sensitivity")
     info = inspect_model(model)
     if _maybe_json(info, as_json):
         return
@@ -296,6 +311,25 @@ def inspect(model, as_json, hw, calib, num_samples, preprocess, values):
     if info["float_islands"]:
         s.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(info["float_islands"].items())))
     out.print(s)
+
+
+def _inspect_sensitivity(model, calib, num_samples, preprocess, weight_bits, as_json) -> None:
+    from .sensitivity import module_sensitivity
+
+    if calib is None:
+        raise click.UsageError("--sensitivity needs --calib DATA")
+    config = QuantConfig(num_samples=num_samples, weight_bits=weight_bits)
+    with err.status("sensitivity", spinner="dots") as status:
+        r = module_sensitivity(model, calib, config, preprocess=preprocess, on_step=lambda msg: status.update(msg))
+    if _maybe_json(r, as_json):
+        return
+    t = Table(title=f"{model}: one module quantized at a time (W{r['weight_bits']}A8, {r['samples']} samples), "
+                    "most sensitive first", title_justify="left")
+    for c in ("module", "op", "output SQNR", "top-1 agreement"):
+        t.add_column(c, justify="left" if c in ("module", "op") else "right")
+    for row in r["modules"]:
+        t.add_row(row["name"], row["op"], f"{row['sqnr_db']:.2f} dB", f"{row['agreement_top1']:.1f} %")
+    out.print(t)
 
 
 def _inspect_hw(model, calib, num_samples, preprocess, values, as_json) -> None:

@@ -21,6 +21,7 @@ class QuantConfig:
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
+    keep_float: tuple = ()        # names of unified modules (their linear/pool node) left in float
     layout: str = "ort"           # QDQ only. "ort": a residual Add gets its own requantization so that
     #                               onnxruntime can run QLinearConv (+ QLinearAdd); "unified": one requantization
     #                               per module, as in the integer graph (onnxruntime runs those convs in float)
@@ -42,4 +43,6 @@ class QuantConfig:
             raise DfqError("batch size must be at least 1")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["keep_float"] = list(self.keep_float)
+        return d

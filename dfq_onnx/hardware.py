@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DfqError
-from .fixedpoint import multiply_requant, qrange, rounding_shift
+
 
 ACC_BITS = 32
 OUT_BITS = 8

@@ -69,7 +69,13 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
-    plan = plan_quantization(graph, modules, residual_requant=config.format == "qdq" and config.layout == "ort")
+    unknown = sorted(set(config.keep_float) - {m.name for m in modules})
+    if unknown:
+        raise DfqError(f"--keep-float: no unified module named {', '.join(unknown)} (module names: "
+                       f"{', '.join(m.name for m in modules[:6])}{', ...' if len(modules) > 6 else ''}; "
+                       "`dfq-onnx inspect --sensitivity` lists them all)")
+    quantized = [m for m in modules if m.name not in config.keep_float]  # the others run as float ops
+    plan = plan_quantization(graph, quantized, residual_requant=config.format == "qdq" and config.layout == "ort")
     seen = [0]
 
     def counted(n: int) -> None:
@@ -107,7 +113,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         out.opset_import.add(domain=INT_DOMAIN, version=1)
     kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "residual", "island")}
     per_layer = inspect_model(original)["per_layer_requant_points"]
-    result = ConvertResult(out, [m.summary() for m in modules], len(plan.requant), kinds, per_layer,
+    result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
                            seen[0], {**facts, **align_facts, **bias_facts, **free_facts}, int_params)
     _stamp(out, result, config)

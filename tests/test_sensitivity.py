@@ -1,0 +1,79 @@
+"""Per-module sensitivity and --keep-float."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dfq_onnx import QuantConfig
+from dfq_onnx.cli import main
+from dfq_onnx.errors import DfqError
+from dfq_onnx.pipeline import run
+from dfq_onnx.sensitivity import EVAL_SAMPLES, module_sensitivity
+
+from helpers import CALIB, SHIPPED, run_ort
+
+MODULES = ["/stem/stem.0/Conv", "/block1/conv1/Conv", "/block1/conv2/Conv", "/down/down.0/Conv",
+           "/block2/conv1/Conv", "/block2/conv2/Conv", "/GlobalAveragePool", "/head/Gemm"]
+
+
+@pytest.fixture(scope="module")
+def sens4():
+    return module_sensitivity(SHIPPED, CALIB, QuantConfig(weight_bits=4))
+
+
+def test_sensitivity_lists_every_module_sorted(sens4):
+    rows = sens4["modules"]
+    assert sorted(r["name"] for r in rows) == sorted(MODULES)
+    sq = [r["sqnr_db"] for r in rows]
+    assert sq == sorted(sq) and all(np.isfinite(sq))
+    assert sens4["samples"] == EVAL_SAMPLES
+
+
+def test_sensitivity_equals_converting_with_every_other_module_float(sens4, calib_data):
+    """The figure for a module is what a plain conversion (no alignment, no bias correction) with
+    every other module kept float measures on the same samples."""
+    x = calib_data[:EVAL_SAMPLES]
+    ref = run_ort(SHIPPED, {"input": x})[0].astype(np.float64)
+    for row in (sens4["modules"][0], sens4["modules"][-1]):
+        others = tuple(m for m in MODULES if m != row["name"])
+        q = run(SHIPPED, CALIB, QuantConfig(weight_bits=4, keep_float=others, align=False,
+                                            bias_correction=False)).model
+        y = run_ort(q, {"input": x})[0].astype(np.float64)
+        sqnr = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2))
+        # same model; only the batching of the runs differs (float summation order)
+        assert sqnr == pytest.approx(row["sqnr_db"], abs=1e-3), row["name"]
+
+
+def test_keeping_the_most_sensitive_module_float_helps(sens4, test_data):
+    x, _ = test_data
+    ref = run_ort(SHIPPED, {"input": x})[0].astype(np.float64)
+
+    def sqnr(cfg):
+        y = run_ort(run(SHIPPED, CALIB, cfg).model, {"input": x})[0].astype(np.float64)
+        return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2))
+
+    worst = sens4["modules"][0]["name"]
+    assert sqnr(QuantConfig(weight_bits=4, keep_float=(worst,))) > sqnr(QuantConfig(weight_bits=4)) + 1.0
+
+
+def test_keep_float_leaves_the_module_in_float():
+    r = run(SHIPPED, CALIB, QuantConfig(keep_float=("/block1/conv1/Conv",)))
+    assert len(r.modules) == 7 and r.float_ops.get("Conv") == 1
+    conv = next(n for n in r.model.graph.node if n.name == "/block1/conv1/Conv")
+    weights = {i.name for i in r.model.graph.initializer if i.data_type == 1}  # float initializers
+    assert conv.input[1] in weights
+
+
+def test_keep_float_unknown_module_is_a_clear_error():
+    with pytest.raises(DfqError, match="no unified module named /nope"):
+        run(SHIPPED, CALIB, QuantConfig(keep_float=("/nope",)))
+
+
+def test_cli_sensitivity_json():
+    res = CliRunner().invoke(main, ["inspect", str(SHIPPED), "--sensitivity", "--calib", str(CALIB), "--json"])
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert len(r["modules"]) == len(MODULES)
+    res = CliRunner().invoke(main, ["inspect", str(SHIPPED), "--sensitivity"])
+    assert res.exit_code == 2 and "--calib" in res.stderr
