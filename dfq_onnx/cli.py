@@ -106,14 +106,21 @@ def main():
 @click.option("--keep-float", "keep_float", multiple=True, metavar="NAME",
               help="Leave this unified module (named by its Conv/Gemm/pool node; see inspect --sensitivity) "
                    "in float; repeatable. It is reported as a float island.")
+@click.option("--override", "overrides", multiple=True, metavar="NAME=wB",
+              help="Weight bits of one unified module, e.g. /conv1/Conv=w8 or =w4a8 (activations: 8 only); "
+                   "repeatable.")
+@click.option("--max-drop", type=float, metavar="X",
+              help="Raise the precision of the most sensitive modules (to 8-bit weights, or float when the "
+                   "weights are 8-bit already) until top-1 agreement with float on the calibration samples "
+                   "drops by at most X points.")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, fmt, layout, no_align, no_bias_correction, keep_float, float_only, as_json,
-            quiet):
+            weight_bits, act_bits, fmt, layout, no_align, no_bias_correction, keep_float, overrides, max_drop,
+            float_only, as_json, quiet):
     """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
     from .pipeline import fuse, run
@@ -132,14 +139,20 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
                          method=method, num_samples=num_samples, batch_size=batch_size, format=fmt,
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
-                         keep_float=tuple(keep_float))
+                         keep_float=tuple(keep_float), overrides=_parse_overrides(overrides))
     show = not quiet and err.is_terminal
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
         task = bar.add_task("calibrate", total=None)
-        result = run(input_model, calib, config, preprocess=preprocess,
-                     on_start=lambda n: bar.update(task, total=n),
-                     on_batch=lambda n: bar.advance(task, n))
+        if max_drop is None:
+            result = run(input_model, calib, config, preprocess=preprocess,
+                         on_start=lambda n: bar.update(task, total=n),
+                         on_batch=lambda n: bar.advance(task, n))
+        else:
+            from .mixed_precision import convert_max_drop
+
+            result, search = convert_max_drop(input_model, calib, config, max_drop, preprocess=preprocess)
+            result.facts["max_drop_search"] = search
     save_model(result.model, output_model, input_model)
     if "bn_derived" in result.facts:
         err.print("[bold yellow]warning:[/] data-free mode: activation ranges are estimated from BatchNorm "
@@ -153,13 +166,28 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         _print_summary(summary)
 
 
+def _parse_overrides(items) -> tuple:
+    """NAME=wB or NAME=wBa8 -> ((NAME, B), ...)."""
+    import re
+
+    out = []
+    for item in items:
+        m = re.fullmatch(r"(.+)=w(\d+)(?:a(\d+))?", item)
+        if m is None:
+            raise click.UsageError(f"--override {item!r}: expected NAME=wB or NAME=wBaA, e.g. /conv1/Conv=w4a8")
+        if m.group(3) is not None and m.group(3) != "8":
+            raise click.UsageError(f"--override {item!r}: only 8-bit activations are supported")
+        out.append((m.group(1), int(m.group(2))))
+    return tuple(out)
+
+
 def _summary(result, config, inp, outp) -> dict:
     mods = result.modules
     by_op = Counter(m["op"] for m in mods)
     return {
         "input": str(inp), "output": str(outp), "format": config.format,
         "weight_bits": config.weight_bits, "act_bits": config.act_bits,
-        "per_channel": config.per_channel, "method": config.method,
+        "per_channel": config.per_channel, "method": config.method, "overrides": dict(config.overrides),
         "modules": len(mods), "modules_by_op": dict(by_op),
         "residual_modules": sum(1 for m in mods if m["residual"]),
         "requant_points": result.requant_points, "requant_by_kind": result.requant_by_kind,
@@ -194,6 +222,14 @@ def _print_summary(s: dict) -> None:
                                  f"{f['random']} from random N(0, 1) inputs")
     else:
         t.add_row("calibration", f"{s['calibration_samples']} samples")
+    md = f.get("max_drop_search")
+    if md:
+        t.add_row("max drop", f"top-1 agreement {md['agreement_top1']:.1f} % on {md['samples']} calibration samples "
+                              f"(drop {100 - md['agreement_top1']:.1f} points, target {md['max_drop']:g}: "
+                              f"{'met' if md['met'] else 'NOT met'}); {len(md['raised'])} modules raised to "
+                              f"{md['raise_to']}" + (f": {', '.join(md['raised'])}" if md["raised"] else ""))
+    if s["overrides"]:
+        t.add_row("overrides", ", ".join(f"{n} W{b}" for n, b in s["overrides"].items()))
     t.add_row("range alignment", f"{s['facts'].get('aligned', 0)} tensors between convolutions")
     t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else f"{f.get('bias_corrected', 0)} modules")
     if s["facts"].get("bias_saturated"):

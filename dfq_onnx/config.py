@@ -22,6 +22,7 @@ class QuantConfig:
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
     keep_float: tuple = ()        # names of unified modules (their linear/pool node) left in float
+    overrides: tuple = ()         # (module name, weight bits) pairs: per-module weight precision
     layout: str = "ort"           # QDQ only. "ort": a residual Add gets its own requantization so that
     #                               onnxruntime can run QLinearConv (+ QLinearAdd); "unified": one requantization
     #                               per module, as in the integer graph (onnxruntime runs those convs in float)
@@ -41,8 +42,12 @@ class QuantConfig:
             raise DfqError("number of calibration samples must be at least 1")
         if self.batch_size < 1:
             raise DfqError("batch size must be at least 1")
+        for name, bits in self.overrides:
+            if not 2 <= int(bits) <= 8:
+                raise DfqError(f"override {name}: weight bits must be 2..8, got {bits}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["keep_float"] = list(self.keep_float)
+        d["overrides"] = {name: int(bits) for name, bits in self.overrides}
         return d

@@ -69,12 +69,15 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
-    unknown = sorted(set(config.keep_float) - {m.name for m in modules})
-    if unknown:
-        raise DfqError(f"--keep-float: no unified module named {', '.join(unknown)} (module names: "
-                       f"{', '.join(m.name for m in modules[:6])}{', ...' if len(modules) > 6 else ''}; "
-                       "`dfq-onnx inspect --sensitivity` lists them all)")
+    for option, names in (("--keep-float", config.keep_float), ("--override", [n for n, _ in config.overrides])):
+        unknown = sorted(set(names) - {m.name for m in modules})
+        if unknown:
+            raise DfqError(f"{option}: no unified module named {', '.join(unknown)} (module names: "
+                           f"{', '.join(m.name for m in modules[:6])}{', ...' if len(modules) > 6 else ''}; "
+                           "`dfq-onnx inspect --sensitivity` lists them all)")
     quantized = [m for m in modules if m.name not in config.keep_float]  # the others run as float ops
+    if not quantized:
+        raise DfqError("--keep-float names every module: nothing left to quantize")
     plan = plan_quantization(graph, quantized, residual_requant=config.format == "qdq" and config.layout == "ort")
     seen = [0]
 
@@ -96,15 +99,14 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                            per_channel=config.per_channel, method=config.method)
+                            per_channel=config.per_channel, method=config.method,
+                            module_weight_bits=dict(config.overrides))
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data
-        simulated = emit_qdq(graph, plan, exps, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                             per_channel=config.per_channel)[0]
+        simulated = emit_qdq(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)[0]
         graph, bias_facts = correct_biases(graph, plan, simulated, kept)
     emit = emit_int if config.format == "int" else emit_qdq
-    graph, facts, int_params = emit(graph, plan, exps, weight_bits=config.weight_bits,
-                                    act_bits=config.act_bits, per_channel=config.per_channel)
+    graph, facts, int_params = emit(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)
 
     out = to_model(graph, original)
     if config.format == "int":

@@ -28,14 +28,26 @@ from .passes.form_modules import find_modules, plan_quantization
 EVAL_SAMPLES = 64  # calibration samples each single-module model runs on
 
 
-def _outputs(model_bytes: bytes, batches: list[dict]) -> np.ndarray:
+def model_outputs(model_bytes: bytes, batches: list[dict]) -> np.ndarray:
+    """The first output of a model on the batches, concatenated, as float64."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise DfqError(f"onnxruntime cannot run a single-module model: {str(e).splitlines()[0]}") from None
+        raise DfqError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
     return np.concatenate([sess.run(None, b)[0] for b in batches]).astype(np.float64)
+
+
+def eval_batches(data: DataSource, batch_size: int, samples: int) -> list[dict]:
+    """The first batches of data, up to at least `samples` samples (or all)."""
+    batches, n = [], 0
+    for b in data.batches(batch_size):
+        batches.append(b)
+        n += len(next(iter(b.values())))
+        if n >= samples:
+            break
+    return batches
 
 
 def module_sensitivity(model, calib, config: QuantConfig | None = None, *, preprocess: str | None = None,
@@ -54,21 +66,15 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
     tensors = list(dict.fromkeys(t for p in plans for t in p.requant))
     step(f"calibrating {len(tensors)} tensors")
     stats = calibrate(graph, tensors, data, config.batch_size)
-    batches, n = [], 0
-    for b in data.batches(config.batch_size):
-        batches.append(b)
-        n += len(next(iter(b.values())))
-        if n >= EVAL_SAMPLES:
-            break
-    ref = _outputs(to_model(graph, original).SerializeToString(), batches)
+    batches = eval_batches(data, config.batch_size, EVAL_SAMPLES)
+    ref = model_outputs(to_model(graph, original).SerializeToString(), batches)
     rows = []
     for i, (m, plan) in enumerate(zip(modules, plans)):
         step(f"module {i + 1}/{len(modules)}: {m.name}")
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method)
-        q = emit_qdq(graph, plan, exps, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                     per_channel=config.per_channel)[0]
-        y = _outputs(to_model(q, original).SerializeToString(), batches)
+        q = emit_qdq(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)[0]
+        y = model_outputs(to_model(q, original).SerializeToString(), batches)
         noise = float(np.sum((ref - y) ** 2))
         sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
         agree = float(100.0 * np.mean(ref.reshape(len(ref), -1).argmax(1) == y.reshape(len(y), -1).argmax(1)))

@@ -77,3 +77,48 @@ def test_cli_sensitivity_json():
     assert len(r["modules"]) == len(MODULES)
     res = CliRunner().invoke(main, ["inspect", str(SHIPPED), "--sensitivity"])
     assert res.exit_code == 2 and "--calib" in res.stderr
+
+
+def test_override_sets_one_modules_weight_bits():
+    r = run(SHIPPED, CALIB, QuantConfig(weight_bits=4, overrides=(("/stem/stem.0/Conv", 8),)))
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in r.model.graph.initializer}
+    dq_of = {n.output[0]: n for n in r.model.graph.node if n.op_type == "DequantizeLinear"}
+    spans = {}
+    for n in r.model.graph.node:
+        if n.op_type in ("Conv", "Gemm") and n.input[1] in dq_of:
+            spans[n.name] = int(np.abs(consts[dq_of[n.input[1]].input[0]].astype(np.int64)).max())
+    assert spans["/stem/stem.0/Conv"] > 7           # 8-bit codes use more than the 4-bit range
+    assert all(v <= 8 for k, v in spans.items() if k != "/stem/stem.0/Conv")  # 4-bit codes: -8..7
+
+
+def test_override_rejects_bad_bits_and_names():
+    with pytest.raises(DfqError, match="weight bits must be 2..8"):
+        QuantConfig(overrides=(("/stem/stem.0/Conv", 9),))
+    with pytest.raises(DfqError, match="--override: no unified module named /x"):
+        run(SHIPPED, CALIB, QuantConfig(overrides=(("/x", 8),)))
+    res = CliRunner().invoke(main, ["convert", str(SHIPPED), "o.onnx", "--calib", str(CALIB), "--override", "a=w8a16"])
+    assert res.exit_code == 2 and "only 8-bit activations" in res.stderr
+
+
+def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
+    from dfq_onnx.mixed_precision import convert_max_drop
+
+    cfg = QuantConfig(weight_bits=3)
+    x = calib_data[:cfg.num_samples]
+    ref = run_ort(SHIPPED, {"input": x})[0].argmax(1)
+    plain = 100 * np.mean(run_ort(run(SHIPPED, CALIB, cfg).model, {"input": x})[0].argmax(1) == ref)
+    assert plain < 99.0  # W3 alone loses agreement, so the search has work to do
+    result, facts = convert_max_drop(SHIPPED, CALIB, cfg, 1.0)
+    got = 100 * np.mean(run_ort(result.model, {"input": x})[0].argmax(1) == ref)
+    assert facts["met"] and got >= 99.0 and got == pytest.approx(facts["agreement_top1"])
+    assert 0 < len(facts["raised"]) < len(MODULES)
+    raised = set(facts["raised"])
+    assert json.loads(next(p.value for p in result.model.metadata_props if p.key == "dfq.settings"))["overrides"] == \
+        {n: 8 for n in raised}
+
+
+def test_keeping_every_module_float_is_a_clear_error():
+    with pytest.raises(DfqError, match="nothing left to quantize"):
+        run(SHIPPED, CALIB, QuantConfig(keep_float=tuple(MODULES)))

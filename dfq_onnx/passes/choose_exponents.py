@@ -2,7 +2,7 @@
 tensor group."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -18,14 +18,17 @@ class Exponents:
     act: dict[str, int]          # requantized tensor -> fraction (pass-through tensors: see act_of)
     weight: dict[str, np.ndarray]  # linear module name -> fraction per output channel (or 1)
     plan: Plan
+    weight_bits: dict[str, int] = field(default_factory=dict)  # linear module name -> weight bits
 
     def act_of(self, tensor: str) -> int:
         return self.act[self.plan.source(tensor)]
 
 
 def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats], *, weight_bits: int,
-                     act_bits: int, per_channel: bool, method: str) -> Exponents:
-    """Fractions for every requantized tensor and every linear weight.
+                     act_bits: int, per_channel: bool, method: str,
+                     module_weight_bits: dict[str, int] | None = None) -> Exponents:
+    """Fractions for every requantized tensor and every linear weight, and each linear module's
+    weight bits (module_weight_bits[name], else weight_bits).
 
     Guarantees: tensors of one group (Concat inputs, a pooling op's input and output) get the same
     fraction, chosen from their merged statistics; an unsigned tensor's range is [0, 2^b - 1];
@@ -40,11 +43,12 @@ def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats],
         s = groups[plan.group(t)]
         act[t] = activation_fraction(s.hist, s.max_abs, act_bits, t in plan.unsigned, method)
     nodes = {n.name: n for n in graph.nodes}
-    weight = {}
+    weight, bits = {}, {}
     for m in plan.modules:
         if m.kind != "linear":
             continue
         node = nodes[m.name]
         w = np.asarray(node.inputs[1].values)
-        weight[m.name] = weight_fractions(w, out_channel_axis(node) if per_channel else None, weight_bits, method)
-    return Exponents(act, weight, plan)
+        bits[m.name] = (module_weight_bits or {}).get(m.name, weight_bits)
+        weight[m.name] = weight_fractions(w, out_channel_axis(node) if per_channel else None, bits[m.name], method)
+    return Exponents(act, weight, plan, bits)

@@ -54,7 +54,7 @@ def rounding_functions(opset: int = 13) -> list[onnx.FunctionProto]:
             for name in (SHIFT_OP, DIVIDE_OP)]
 
 
-def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, act_bits: int,
+def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, act_bits: int,
              per_channel: bool) -> tuple[gs.Graph, dict, list[dict]]:
     """Return an integer-only copy of the graph, facts for the report, and the integer parameters
     of every module (for the numpy reference in fixedpoint.py).
@@ -134,8 +134,8 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
             if m.kind == "pool":
                 qt[m.output] = _emit_pool(m, nodes, tmap, qt, add, const, requantize, params)
             else:
-                y = _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weight_bits,
-                                 per_channel, tmap[m.output] if m.output in plan.float_outputs else None)
+                y = _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, per_channel,
+                                 tmap[m.output] if m.output in plan.float_outputs else None)
                 if y is not None:
                     qt[m.output] = y
             removed.update(m.nodes)
@@ -145,7 +145,7 @@ def emit_int(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
         if m is not None:  # a module with no integer form: float, on dequantized inputs
             facts["float_modules"][m.op] = facts["float_modules"].get(m.op, 0) + 1
             if m.kind == "linear":
-                _dequantize_weight(node, exps, weight_bits, per_channel, m)
+                _dequantize_weight(node, exps, per_channel, m)
         out = node.outputs[0].name if node.outputs else None
         if out in plan.passthrough and all(t.name in qt for t in node.inputs
                                            if not isinstance(t, gs.Constant) and t.name):
@@ -205,8 +205,7 @@ def _channel_shape(node: gs.Node) -> tuple:
     return (-1,)
 
 
-def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weight_bits, per_channel,
-                 float_out=None):
+def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, per_channel, float_out=None):
     """One linear module in integers; returns its int8/uint8 output, or None when it writes the
     float tensor float_out (a graph output: the int32 accumulator dequantized, no requantization)."""
     node = nodes[m.name]
@@ -215,7 +214,7 @@ def _emit_linear(m, nodes, exps, qt, add, const, requantize, params, facts, weig
     channels = w.shape[axis]
     fw = np.broadcast_to(exps.weight[m.name], (channels,)) if per_channel else \
         np.full(channels, exps.weight[m.name][0])
-    wq = quantize(w, fw, weight_bits, axis=axis).astype(np.int8)
+    wq = quantize(w, fw, exps.weight_bits[m.name], axis=axis).astype(np.int8)
     fx = exps.act_of(m.input)
     f_acc = fx + fw
     cshape = _channel_shape(node)
@@ -318,10 +317,10 @@ def _emit_pool(m, nodes, tmap, qt, add, const, requantize, params):
     return y
 
 
-def _dequantize_weight(node: gs.Node, exps, weight_bits, per_channel, m) -> None:
+def _dequantize_weight(node: gs.Node, exps, per_channel, m) -> None:
     """A float module still uses the quantized weight values, so results match the QDQ graph."""
     w = np.asarray(node.inputs[1].values)
     axis = out_channel_axis(node) if per_channel else None
     fw = exps.weight[m.name] if per_channel else exps.weight[m.name][0]
-    q = quantize(w, fw, weight_bits, axis=axis)
+    q = quantize(w, fw, exps.weight_bits[m.name], axis=axis)
     node.inputs[1] = gs.Constant(node.inputs[1].name + "_qdq", dequantize(q, fw, axis).astype(np.float32))

@@ -12,8 +12,7 @@ from .form_modules import Plan
 INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
-def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, act_bits: int,
-             per_channel: bool) -> tuple[gs.Graph, dict, list]:
+def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, act_bits: int, per_channel: bool) -> tuple[gs.Graph, dict, list]:
     """Return a copy with QuantizeLinear/DequantizeLinear inserted, facts for the report, and an
     empty list (the integer emitter returns module parameters there).
 
@@ -60,7 +59,7 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, weight_bits: int, 
         fw = exps.weight[m.name]
         axis = out_channel_axis(node) if per_channel else None
         fw_arg = fw if per_channel else fw[0]
-        wq = quantize(w, fw_arg, weight_bits, axis=axis).astype(np.int8)
+        wq = quantize(w, fw_arg, exps.weight_bits[m.name], axis=axis).astype(np.int8)
         node.inputs[1] = dq_weight(node.inputs[1].name, wq, pow2_scale(fw_arg), axis)
         fx = exps.act_of(m.input)
         b = bias_of(node)
