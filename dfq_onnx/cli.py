@@ -86,8 +86,14 @@ def main():
 @click.option("--per-tensor", is_flag=True, help="One weight exponent per tensor (default: per output channel).")
 @click.option("--weight-bits", default=8, show_default=True, type=click.IntRange(2, 8), help="Weight bits.")
 @click.option("--act-bits", default=8, show_default=True, type=click.Choice(["8"]), help="Activation bits.")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default="qdq", show_default=True,
-              help="qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
+@click.option("--target", type=click.Choice(["ort-x86-vnni", "ort-x86", "ort-arm", "hw"]), default="ort-x86-vnni",
+              show_default=True,
+              help="Where the model will run. ort-x86-vnni, ort-arm: onnxruntime, no limits. ort-x86: "
+                   "onnxruntime on x86 without VNNI (AVX2), whose u8 x s8 kernels sum pairs of products in "
+                   "int16: modules whose weight codes could saturate that get 7-bit codes (|w| <= 64). hw: "
+                   "integer hardware, the integer-only graph (--format int).")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default=None,
+              help="[default: qdq; int for --target hw] qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
                    "int: integer-only graph (ConvInteger/MatMulInteger, int32 bias, one dfq.RoundingShift "
                    "per module), float input and output.")
 @click.option("--layout", type=click.Choice(["ort", "unified"]), default="ort", show_default=True,
@@ -119,7 +125,7 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, fmt, layout, no_align, no_bias_correction, keep_float, overrides, max_drop,
+            weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, keep_float, overrides, max_drop,
             float_only, as_json, quiet):
     """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
@@ -136,8 +142,9 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         raise click.UsageError("calibration data is required: pass --calib DATA (a .npz keyed by input "
                                "name, a folder of .npy files or of images), --calib none (data-free), "
                                "or --float-only")
+    fmt = fmt or ("int" if target == "hw" else "qdq")
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
-                         method=method, num_samples=num_samples, batch_size=batch_size, format=fmt,
+                         method=method, num_samples=num_samples, batch_size=batch_size, format=fmt, target=target,
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
                          keep_float=tuple(keep_float), overrides=_parse_overrides(overrides))
     show = not quiet and err.is_terminal
@@ -230,6 +237,9 @@ def _print_summary(s: dict) -> None:
                               f"{md['raise_to']}" + (f": {', '.join(md['raised'])}" if md["raised"] else ""))
     if s["overrides"]:
         t.add_row("overrides", ", ".join(f"{n} W{b}" for n, b in s["overrides"].items()))
+    if f.get("saturation_guarded"):
+        t.add_row("target ort-x86", f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that "
+                                    "int16 pair sums cannot saturate")
     t.add_row("range alignment", f"{s['facts'].get('aligned', 0)} tensors between convolutions")
     t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else f"{f.get('bias_corrected', 0)} modules")
     if s["facts"].get("bias_saturated"):

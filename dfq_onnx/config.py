@@ -8,6 +8,8 @@ from .errors import DfqError
 METHODS = ("mse", "max")
 FORMATS = ("qdq", "int")
 LAYOUTS = ("ort", "unified")
+TARGETS = ("ort-x86-vnni", "ort-x86", "ort-arm", "hw")
+U8S8_SAFE_CODE = 64  # x86 without VNNI: u8 x s8 pairs summed in int16: 2 * 255 * 64 <= 32767
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class QuantConfig:
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
+    target: str = "ort-x86-vnni"  # deployment: ort-x86-vnni | ort-arm (no limit), ort-x86 (no VNNI: weight
+    #                               codes kept within +-64 where they could saturate int16 pair sums), hw
     keep_float: tuple = ()        # names of unified modules (their linear/pool node) left in float
     overrides: tuple = ()         # (module name, weight bits) pairs: per-module weight precision
     layout: str = "ort"           # QDQ only. "ort": a residual Add gets its own requantization so that
@@ -38,6 +42,10 @@ class QuantConfig:
             raise DfqError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.layout not in LAYOUTS:
             raise DfqError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.target not in TARGETS:
+            raise DfqError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.target == "hw" and self.format != "int":
+            raise DfqError("target hw is integer hardware: it needs the integer-only format (--format int)")
         if self.num_samples < 1:
             raise DfqError("number of calibration samples must be at least 1")
         if self.batch_size < 1:

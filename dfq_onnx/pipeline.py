@@ -16,7 +16,7 @@ from .model_io import load_model, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
-from .passes.choose_exponents import choose_exponents
+from .passes.choose_exponents import choose_exponents, saturation_risks
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import emit_qdq
 from .passes.align_ranges import align_ranges
@@ -101,6 +101,11 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                             per_channel=config.per_channel, method=config.method,
                             module_weight_bits=dict(config.overrides))
+    guarded = saturation_risks(graph, exps, config.per_channel) if config.target == "ort-x86" else []
+    if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
+        exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                                per_channel=config.per_channel, method=config.method,
+                                module_weight_bits={**dict(config.overrides), **{n: 7 for n in guarded}})
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data
         simulated = emit_qdq(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)[0]
@@ -117,7 +122,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], {**facts, **align_facts, **bias_facts, **free_facts}, int_params)
+                           seen[0], {**facts, **align_facts, **bias_facts, **free_facts,
+                                     "saturation_guarded": len(guarded)}, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result

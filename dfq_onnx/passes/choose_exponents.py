@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..fixedpoint import activation_fraction, weight_fractions
+from ..config import U8S8_SAFE_CODE
+from ..fixedpoint import activation_fraction, quantize, weight_fractions
 from ..graph_utils import out_channel_axis
 from .calibrate import TensorStats
 from .form_modules import Plan
@@ -52,3 +53,19 @@ def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats],
         bits[m.name] = (module_weight_bits or {}).get(m.name, weight_bits)
         weight[m.name] = weight_fractions(w, out_channel_axis(node) if per_channel else None, bits[m.name], method)
     return Exponents(act, weight, plan, bits)
+
+
+def saturation_risks(graph: gs.Graph, exps: Exponents, per_channel: bool) -> list[str]:
+    """Linear modules whose weight codes could saturate the int16 sum of a u8 x s8 pair in
+    onnxruntime's x86 kernels without VNNI (vpmaddubsw): some |code| above U8S8_SAFE_CODE, so that
+    two adjacent products with 8-bit activation codes (up to 255, signed ones are shifted to u8)
+    can exceed 32767. 7-bit codes (|w| <= 64) cannot."""
+    nodes = {n.name: n for n in graph.nodes}
+    risky = []
+    for name, fw in exps.weight.items():
+        node = nodes[name]
+        axis = out_channel_axis(node) if per_channel else None
+        q = quantize(np.asarray(node.inputs[1].values), fw if per_channel else fw[0], exps.weight_bits[name], axis=axis)
+        if np.abs(q).max() > U8S8_SAFE_CODE:
+            risky.append(name)
+    return risky

@@ -1,4 +1,4 @@
-"""Per-module sensitivity and --keep-float."""
+"""Per-module precision: sensitivity, --keep-float, --override, --max-drop, --target."""
 import json
 
 import numpy as np
@@ -122,3 +122,33 @@ def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
 def test_keeping_every_module_float_is_a_clear_error():
     with pytest.raises(DfqError, match="nothing left to quantize"):
         run(SHIPPED, CALIB, QuantConfig(keep_float=tuple(MODULES)))
+
+
+def _weight_codes(model):
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq_of = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: consts[dq_of[n.input[1]].input[0]].astype(np.int64)
+            for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dq_of}
+
+
+def test_target_ort_x86_keeps_int16_pair_sums_from_saturating(test_data):
+    """Without VNNI, onnxruntime's u8 x s8 kernels add two products in int16: with activation
+    codes up to 255, every weight code must satisfy 2 * 255 * |w| <= 32767."""
+    default = run(SHIPPED, CALIB).model
+    assert max(np.abs(w).max() for w in _weight_codes(default).values()) > 64  # the risk exists
+    r = run(SHIPPED, CALIB, QuantConfig(target="ort-x86"))
+    codes = _weight_codes(r.model)
+    assert all(2 * 255 * np.abs(w).max() <= 32767 for w in codes.values())
+    assert r.facts["saturation_guarded"] == len(codes)
+    x, y = test_data
+    assert 100 * np.mean(run_ort(r.model, {"input": x})[0].argmax(1) == y) >= 97.7  # float: 98.2
+
+
+def test_target_checks():
+    with pytest.raises(DfqError, match="target must be one of"):
+        QuantConfig(target="gpu")
+    with pytest.raises(DfqError, match="needs the integer-only format"):
+        QuantConfig(target="hw")
+    assert QuantConfig(target="hw", format="int").format == "int"
