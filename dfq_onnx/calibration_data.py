@@ -305,6 +305,18 @@ class DataSource:
             raise DfqError(f"{self.where}: no samples")
 
 
+def first_samples(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    """The leading batches holding the first n samples (the last one cut to size)."""
+    out, have = [], 0
+    for b in batches:
+        if have >= n:
+            break
+        k = min(_rows(b), n - have)
+        out.append({name: v[:k] for name, v in b.items()})
+        have += k
+    return out
+
+
 def _rows(batch: dict[str, np.ndarray]) -> int:
     return len(next(iter(batch.values()))) if batch else 0
 

@@ -109,6 +109,10 @@ def main():
               help="Do not correct biases: by default the mean error each module adds by quantization "
                    "(measured per output channel on 16 calibration samples, simulated) is folded into "
                    "its bias.")
+@click.option("--search-exponents", is_flag=True,
+              help="After the histogram rule, try each activation group's neighbouring fractions in the "
+                   "simulated model and keep those that raise the output SQNR on 64 calibration samples "
+                   "(slower: one onnxruntime run per trial).")
 @click.option("--keep-float", "keep_float", multiple=True, metavar="NAME",
               help="Leave this unified module (named by its Conv/Gemm/pool node; see inspect --sensitivity) "
                    "in float; repeatable. It is reported as a float island.")
@@ -125,7 +129,7 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, keep_float, overrides, max_drop,
+            weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, search_exponents, keep_float, overrides, max_drop,
             float_only, as_json, quiet):
     """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
@@ -146,7 +150,8 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
                          method=method, num_samples=num_samples, batch_size=batch_size, format=fmt, target=target,
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
-                         keep_float=tuple(keep_float), overrides=_parse_overrides(overrides))
+                         keep_float=tuple(keep_float), overrides=_parse_overrides(overrides),
+                         search_exponents=search_exponents)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
@@ -240,6 +245,10 @@ def _print_summary(s: dict) -> None:
     if f.get("saturation_guarded"):
         t.add_row("target ort-x86", f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that "
                                     "int16 pair sums cannot saturate")
+    if "exponents_moved" in f:
+        a, b = f["search_sqnr_db"]
+        t.add_row("exponent search", f"{f['exponents_moved']} activation fractions moved (output SQNR on the search "
+                                     f"samples {a:.2f} -> {b:.2f} dB)")
     t.add_row("range alignment", f"{s['facts'].get('aligned', 0)} tensors between convolutions")
     t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else f"{f.get('bias_corrected', 0)} modules")
     if s["facts"].get("bias_saturated"):

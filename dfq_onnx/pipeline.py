@@ -9,7 +9,7 @@ from typing import Callable
 import onnx
 
 from . import __version__
-from .calibration_data import DataSource, input_specs
+from .calibration_data import DataSource, first_samples, input_specs
 from .config import QuantConfig
 from .errors import DfqError
 from .model_io import load_model, to_graph, to_model
@@ -19,6 +19,7 @@ from .passes.data_free import batchnorm_moments, data_free_stats
 from .passes.choose_exponents import choose_exponents, saturation_risks
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import emit_qdq
+from .passes.search_exponents import SAMPLES as SEARCH_SAMPLES, search_exponents
 from .passes.align_ranges import align_ranges
 from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
@@ -94,7 +95,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_start is not None:
             on_start(len(data))
         stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                          BIAS_SAMPLES if config.bias_correction else 0)
+                          SEARCH_SAMPLES if config.search_exponents else BIAS_SAMPLES if config.bias_correction else 0)
     align_facts = {"aligned": 0}
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
@@ -106,10 +107,13 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method,
                                 module_weight_bits={**dict(config.overrides), **{n: 7 for n in guarded}})
+    search_facts = {}
+    if config.search_exponents and kept:  # data-free mode has no samples to search on
+        exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel)
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data
         simulated = emit_qdq(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)[0]
-        graph, bias_facts = correct_biases(graph, plan, simulated, kept)
+        graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES))
     emit = emit_int if config.format == "int" else emit_qdq
     graph, facts, int_params = emit(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)
 
@@ -122,7 +126,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], {**facts, **align_facts, **bias_facts, **free_facts,
+                           seen[0], {**facts, **align_facts, **bias_facts, **free_facts, **search_facts,
                                      "saturation_guarded": len(guarded)}, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
