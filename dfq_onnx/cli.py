@@ -85,7 +85,9 @@ def main():
                    "fractional lengths; max = no clipping.")
 @click.option("--per-tensor", is_flag=True, help="One weight exponent per tensor (default: per output channel).")
 @click.option("--weight-bits", default=8, show_default=True, type=click.IntRange(2, 8), help="Weight bits.")
-@click.option("--act-bits", default=8, show_default=True, type=click.Choice(["8"]), help="Activation bits.")
+@click.option("--act-bits", default="8", show_default=True, type=click.Choice(["8", "16"]),
+              help="Activation bits (16: int16/uint16 QuantizeLinear, opset 21, QDQ only; onnxruntime then runs "
+                   "those layers in float between the Q/DQ pairs).")
 @click.option("--target", type=click.Choice(["ort-x86-vnni", "ort-x86", "ort-arm", "hw"]), default="ort-x86-vnni",
               show_default=True,
               help="Where the model will run. ort-x86-vnni, ort-arm: onnxruntime, no limits. ort-x86: "
@@ -116,13 +118,12 @@ def main():
 @click.option("--keep-float", "keep_float", multiple=True, metavar="NAME",
               help="Leave this unified module (named by its Conv/Gemm/pool node; see inspect --sensitivity) "
                    "in float; repeatable. It is reported as a float island.")
-@click.option("--override", "overrides", multiple=True, metavar="NAME=wB",
-              help="Weight bits of one unified module, e.g. /conv1/Conv=w8 or =w4a8 (activations: 8 only); "
-                   "repeatable.")
+@click.option("--override", "overrides", multiple=True, metavar="NAME=wB[aA]",
+              help="Precision of one unified module: weight bits B (2..8) and optionally the bits A (8 or 16) "
+                   "of its output, e.g. /conv1/Conv=w8a16; repeatable.")
 @click.option("--max-drop", type=float, metavar="X",
-              help="Raise the precision of the most sensitive modules (to 8-bit weights, or float when the "
-                   "weights are 8-bit already) until top-1 agreement with float on the calibration samples "
-                   "drops by at most X points.")
+              help="Raise the most sensitive modules to 8-bit weights and 16-bit outputs until top-1 agreement "
+                   "with float on the calibration samples drops by at most X points (QDQ only).")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -150,7 +151,8 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
                          method=method, num_samples=num_samples, batch_size=batch_size, format=fmt, target=target,
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
-                         keep_float=tuple(keep_float), overrides=_parse_overrides(overrides),
+                         keep_float=tuple(keep_float), overrides=_parse_overrides(overrides)[0],
+                         act_overrides=_parse_overrides(overrides)[1],
                          search_exponents=search_exponents)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -178,19 +180,21 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         _print_summary(summary)
 
 
-def _parse_overrides(items) -> tuple:
-    """NAME=wB or NAME=wBa8 -> ((NAME, B), ...)."""
+def _parse_overrides(items) -> tuple[tuple, tuple]:
+    """NAME=wB or NAME=wBaA -> (((NAME, B), ...), ((NAME, A), ...))."""
     import re
 
-    out = []
+    weights, acts = [], []
     for item in items:
         m = re.fullmatch(r"(.+)=w(\d+)(?:a(\d+))?", item)
         if m is None:
             raise click.UsageError(f"--override {item!r}: expected NAME=wB or NAME=wBaA, e.g. /conv1/Conv=w4a8")
-        if m.group(3) is not None and m.group(3) != "8":
-            raise click.UsageError(f"--override {item!r}: only 8-bit activations are supported")
-        out.append((m.group(1), int(m.group(2))))
-    return tuple(out)
+        if m.group(3) is not None and m.group(3) not in ("8", "16"):
+            raise click.UsageError(f"--override {item!r}: activation bits must be 8 or 16")
+        weights.append((m.group(1), int(m.group(2))))
+        if m.group(3) is not None:
+            acts.append((m.group(1), int(m.group(3))))
+    return tuple(weights), tuple(acts)
 
 
 def _summary(result, config, inp, outp) -> dict:
@@ -199,7 +203,9 @@ def _summary(result, config, inp, outp) -> dict:
     return {
         "input": str(inp), "output": str(outp), "format": config.format,
         "weight_bits": config.weight_bits, "act_bits": config.act_bits,
-        "per_channel": config.per_channel, "method": config.method, "overrides": dict(config.overrides),
+        "per_channel": config.per_channel, "method": config.method,
+        "overrides": {n: f"W{b}" + "".join(f"A{a}" for m, a in config.act_overrides if m == n)
+                      for n, b in config.overrides},
         "modules": len(mods), "modules_by_op": dict(by_op),
         "residual_modules": sum(1 for m in mods if m["residual"]),
         "requant_points": result.requant_points, "requant_by_kind": result.requant_by_kind,
@@ -241,7 +247,7 @@ def _print_summary(s: dict) -> None:
                               f"{'met' if md['met'] else 'NOT met'}); {len(md['raised'])} modules raised to "
                               f"{md['raise_to']}" + (f": {', '.join(md['raised'])}" if md["raised"] else ""))
     if s["overrides"]:
-        t.add_row("overrides", ", ".join(f"{n} W{b}" for n, b in s["overrides"].items()))
+        t.add_row("overrides", ", ".join(f"{n} {p}" for n, p in s["overrides"].items()))
     if f.get("saturation_guarded"):
         t.add_row("target ort-x86", f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that "
                                     "int16 pair sums cannot saturate")

@@ -15,7 +15,7 @@ U8S8_SAFE_CODE = 64  # x86 without VNNI: u8 x s8 pairs summed in int16: 2 * 255 
 @dataclass(frozen=True)
 class QuantConfig:
     weight_bits: int = 8          # 2..8, stored as int8
-    act_bits: int = 8             # 8 (int8, or uint8 for provably non-negative tensors)
+    act_bits: int = 8             # 8 or 16 (int8/int16, or uint8/uint16 for provably non-negative tensors)
     per_channel: bool = True      # weight fraction per output channel (else per tensor)
     method: str = "mse"           # "mse": least expected squared error; "max": no clipping
     bias_correction: bool = True  # empirical bias correction on the simulated graph (passes/bias_correction.py)
@@ -28,6 +28,7 @@ class QuantConfig:
     #                               codes kept within +-64 where they could saturate int16 pair sums), hw
     keep_float: tuple = ()        # names of unified modules (their linear/pool node) left in float
     overrides: tuple = ()         # (module name, weight bits) pairs: per-module weight precision
+    act_overrides: tuple = ()     # (module name, activation bits) pairs: bits of that module's output
     layout: str = "ort"           # QDQ only. "ort": a residual Add gets its own requantization so that
     #                               onnxruntime can run QLinearConv (+ QLinearAdd); "unified": one requantization
     #                               per module, as in the integer graph (onnxruntime runs those convs in float)
@@ -35,8 +36,13 @@ class QuantConfig:
     def __post_init__(self):
         if not 2 <= self.weight_bits <= 8:
             raise DfqError(f"weight bits must be 2..8, got {self.weight_bits}")
-        if self.act_bits != 8:
-            raise DfqError(f"activation bits must be 8, got {self.act_bits}")
+        if self.act_bits not in (8, 16):
+            raise DfqError(f"activation bits must be 8 or 16, got {self.act_bits}")
+        for name, bits in self.act_overrides:
+            if int(bits) not in (8, 16):
+                raise DfqError(f"override {name}: activation bits must be 8 or 16, got {bits}")
+        if self.uses_16bit_activations and self.format == "int":
+            raise DfqError("16-bit activations need --format qdq: the integer graph's ConvInteger takes 8-bit inputs")
         if self.method not in METHODS:
             raise DfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.format not in FORMATS:
@@ -55,8 +61,13 @@ class QuantConfig:
             if not 2 <= int(bits) <= 8:
                 raise DfqError(f"override {name}: weight bits must be 2..8, got {bits}")
 
+    @property
+    def uses_16bit_activations(self) -> bool:
+        return self.act_bits == 16 or any(int(b) == 16 for _, b in self.act_overrides)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["keep_float"] = list(self.keep_float)
         d["overrides"] = {name: int(bits) for name, bits in self.overrides}
+        d["act_overrides"] = {name: int(bits) for name, bits in self.act_overrides}
         return d

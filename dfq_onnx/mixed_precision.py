@@ -2,8 +2,8 @@
 top-1 agreement with float, on the calibration samples, drops by at most X points.
 
 Order: `inspect --sensitivity`'s (each module quantized alone, lowest output SQNR first).
-Raising a module: 8-bit weights when the conversion uses fewer; with 8-bit weights already, the
-module stays float (then at least one module stays quantized). The number k of raised modules is found by bisection (agreement is taken as
+Raising a module: 8-bit weights and a 16-bit output (int16/uint16 QuantizeLinear, opset 21), so
+it stays quantized; QDQ format only. The number k of raised modules is found by bisection (agreement is taken as
 non-increasing in the modules left low; every candidate is measured, and the one returned is
 one that was measured to meet X, or all modules raised if none does).
 """
@@ -24,19 +24,20 @@ from .sensitivity import eval_batches, model_outputs, module_sensitivity
 
 
 def raised_config(config: QuantConfig, names: list[str], pools: set[str]) -> QuantConfig:
-    """config with `names` raised: 8-bit weights if config's are narrower (pooling modules have
-    no weights and stay as they are), else kept float."""
-    if config.weight_bits < 8:
-        over = dict(config.overrides)
-        over.update({n: 8 for n in names if n not in pools})
-        return replace(config, overrides=tuple(sorted(over.items())))
-    return replace(config, keep_float=tuple(dict.fromkeys(config.keep_float + tuple(names))))
+    """config with `names` raised to 8-bit weights (pooling modules have none) and a 16-bit output."""
+    weights = dict(config.overrides)
+    weights.update({n: max(8, weights.get(n, config.weight_bits)) for n in names if n not in pools})
+    acts = dict(config.act_overrides)
+    acts.update({n: 16 for n in names})
+    return replace(config, overrides=tuple(sorted(weights.items())), act_overrides=tuple(sorted(acts.items())))
 
 
 def convert_max_drop(model, calib, config: QuantConfig, max_drop: float, *, preprocess: str | None = None,
                      on_step: Callable[[str], None] | None = None) -> tuple[ConvertResult, dict]:
     """The conversion meeting --max-drop (see the module docstring) and facts: agreement of each
     candidate measured, the raised modules, whether the target was met."""
+    if config.format == "int":
+        raise DfqError("--max-drop raises modules to 16-bit outputs: it needs --format qdq")
     if not 0 <= max_drop <= 100:
         raise DfqError(f"--max-drop must be between 0 and 100 points, got {max_drop}")
     step = on_step or (lambda _: None)
@@ -63,10 +64,8 @@ def convert_max_drop(model, calib, config: QuantConfig, max_drop: float, *, prep
         step("measuring per-module sensitivity")
         rows = module_sensitivity(original, calib, config, preprocess=preprocess)["modules"]
         pools = {r["name"] for r in rows if r["op"] in ("GlobalAveragePool", "AveragePool")}
-        order = [r["name"] for r in rows if not (config.weight_bits < 8 and r["name"] in pools)]
-        # drop(lo) > max_drop; find the least k with drop(k) <= max_drop. Raised to float, all
-        # modules would leave nothing quantized, so at most all but one are raised then.
-        lo, hi = 0, len(order) if config.weight_bits < 8 else len(order) - 1
+        order = [r["name"] for r in rows]
+        lo, hi = 0, len(order)  # drop(lo) > max_drop; find the least k with drop(k) <= max_drop
         if measure(hi, order, pools) > max_drop:
             k = hi
         else:
@@ -80,6 +79,6 @@ def convert_max_drop(model, calib, config: QuantConfig, max_drop: float, *, prep
     agreement, result = tried[k]
     result.seconds = time.perf_counter() - t0  # the whole search
     facts = {"max_drop": max_drop, "samples": len(ref), "agreement_top1": agreement, "met": 100.0 - agreement <= max_drop,
-             "raised": order[:k], "raise_to": "8-bit weights" if config.weight_bits < 8 else "float",
+             "raised": order[:k], "raise_to": "W8A16",
              "candidates": {str(n): a for n, (a, _) in sorted(tried.items())}}
     return result, facts

@@ -48,8 +48,9 @@ def read_model(src, external_data: bool = True) -> onnx.ModelProto:
     return model
 
 
-def load_model(src) -> onnx.ModelProto:
-    """Read (or take) a model, check it, upgrade it to opset >= 13 and infer shapes."""
+def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Read (or take) a model, check it, upgrade it to opset >= min_opset (13 by default; 21 for
+    16-bit QuantizeLinear) and infer shapes."""
     where = "model" if isinstance(src, onnx.ModelProto) else str(src)
     model = onnx.ModelProto()
     model.CopyFrom(read_model(src))
@@ -58,11 +59,12 @@ def load_model(src) -> onnx.ModelProto:
     except Exception as e:
         raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
     opset = default_opset(model)
-    if opset < MIN_OPSET:
+    if opset < min_opset:
         try:
-            model = version_converter.convert_version(model, MIN_OPSET)
+            model = version_converter.convert_version(model, min_opset)
+            onnx.checker.check_model(model)
         except Exception as e:
-            raise DfqError(f"{where}: cannot convert opset {opset} to {MIN_OPSET}: {_first_line(e)}") from None
+            raise DfqError(f"{where}: cannot convert opset {opset} to {min_opset}: {_first_line(e)}") from None
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:

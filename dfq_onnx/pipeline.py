@@ -12,13 +12,13 @@ from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
 from .config import QuantConfig
 from .errors import DfqError
-from .model_io import load_model, to_graph, to_model
+from .model_io import MIN_OPSET, load_model, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
 from .passes.choose_exponents import choose_exponents, saturation_risks
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
-from .passes.emit_qdq import emit_qdq
+from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.search_exponents import SAMPLES as SEARCH_SAMPLES, search_exponents
 from .passes.align_ranges import align_ranges
 from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
@@ -55,7 +55,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction)."""
     config = config or QuantConfig()
     t0 = time.perf_counter()
-    original = load_model(model)
+    original = load_model(model, INT16_QDQ_OPSET if config.uses_16bit_activations else MIN_OPSET)
     if calib is None:
         raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
                        "a folder of .npy files or of images), or --calib none for data-free mode")
@@ -70,7 +70,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
-    for option, names in (("--keep-float", config.keep_float), ("--override", [n for n, _ in config.overrides])):
+    for option, names in (("--keep-float", config.keep_float),
+                          ("--override", [n for n, _ in config.overrides + config.act_overrides])):
         unknown = sorted(set(names) - {m.name for m in modules})
         if unknown:
             raise DfqError(f"{option}: no unified module named {', '.join(unknown)} (module names: "
@@ -99,23 +100,27 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     align_facts = {"aligned": 0}
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
+    act_bits_of = {m.output: int(b) for m in quantized for n, b in config.act_overrides if n == m.name}
     exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                             per_channel=config.per_channel, method=config.method,
-                            module_weight_bits=dict(config.overrides))
+                            module_weight_bits=dict(config.overrides), module_act_bits=act_bits_of)
     guarded = saturation_risks(graph, exps, config.per_channel) if config.target == "ort-x86" else []
     if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method,
-                                module_weight_bits={**dict(config.overrides), **{n: 7 for n in guarded}})
+                                module_weight_bits={**dict(config.overrides), **{n: 7 for n in guarded}},
+                                module_act_bits=act_bits_of)
     search_facts = {}
     if config.search_exponents and kept:  # data-free mode has no samples to search on
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel)
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data
-        simulated = emit_qdq(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)[0]
+        simulated = emit_qdq(graph, plan, exps, per_channel=config.per_channel)[0]
         graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES))
-    emit = emit_int if config.format == "int" else emit_qdq
-    graph, facts, int_params = emit(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)
+    if config.format == "int":
+        graph, facts, int_params = emit_int(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)
+    else:
+        graph, facts, int_params = emit_qdq(graph, plan, exps, per_channel=config.per_channel)
 
     out = to_model(graph, original)
     if config.format == "int":

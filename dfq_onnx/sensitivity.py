@@ -73,7 +73,7 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
         step(f"module {i + 1}/{len(modules)}: {m.name}")
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method)
-        q = emit_qdq(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)[0]
+        q = emit_qdq(graph, plan, exps, per_channel=config.per_channel)[0]
         y = model_outputs(to_model(q, original).SerializeToString(), batches)
         noise = float(np.sum((ref - y) ** 2))
         sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))

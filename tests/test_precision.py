@@ -98,8 +98,8 @@ def test_override_rejects_bad_bits_and_names():
         QuantConfig(overrides=(("/stem/stem.0/Conv", 9),))
     with pytest.raises(DfqError, match="--override: no unified module named /x"):
         run(SHIPPED, CALIB, QuantConfig(overrides=(("/x", 8),)))
-    res = CliRunner().invoke(main, ["convert", str(SHIPPED), "o.onnx", "--calib", str(CALIB), "--override", "a=w8a16"])
-    assert res.exit_code == 2 and "only 8-bit activations" in res.stderr
+    res = CliRunner().invoke(main, ["convert", str(SHIPPED), "o.onnx", "--calib", str(CALIB), "--override", "a=w8a12"])
+    assert res.exit_code == 2 and "activation bits must be 8 or 16" in res.stderr
 
 
 def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
@@ -114,9 +114,9 @@ def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
     got = 100 * np.mean(run_ort(result.model, {"input": x})[0].argmax(1) == ref)
     assert facts["met"] and got >= 99.0 and got == pytest.approx(facts["agreement_top1"])
     assert 0 < len(facts["raised"]) < len(MODULES)
-    raised = set(facts["raised"])
-    assert json.loads(next(p.value for p in result.model.metadata_props if p.key == "dfq.settings"))["overrides"] == \
-        {n: 8 for n in raised}
+    settings = json.loads(next(p.value for p in result.model.metadata_props if p.key == "dfq.settings"))
+    assert settings["act_overrides"] == {n: 16 for n in facts["raised"]}
+    assert settings["overrides"] == {n: 8 for n in facts["raised"] if n != "/GlobalAveragePool"}
 
 
 def test_keeping_every_module_float_is_a_clear_error():
@@ -171,3 +171,31 @@ def test_exponent_search_improves_held_out_w4(calib_data, test_data):
     no_bc = run(SHIPPED, CALIB, QuantConfig(weight_bits=4, bias_correction=False)).model
     assert sqnr(no_bc, c, run_ort(SHIPPED, {"input": c})[0].astype(np.float64)) == pytest.approx(before, abs=0.05)
     assert sqnr(searched.model, x) > sqnr(run(SHIPPED, CALIB, QuantConfig(weight_bits=4)).model, x) + 0.5
+
+
+def _zero_point_dtypes(model):
+    """Element type of the zero point of every activation QuantizeLinear, by quantized tensor."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: consts[n.input[2]].dtype for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in consts}
+
+
+def test_16_bit_activations(test_data):
+    x, _ = test_data
+    ref = run_ort(SHIPPED, {"input": x})[0].astype(np.float64)
+
+    def sqnr(model):
+        y = run_ort(model, {"input": x})[0].astype(np.float64)
+        return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2))
+
+    a8, a16 = run(SHIPPED, CALIB).model, run(SHIPPED, CALIB, QuantConfig(act_bits=16)).model
+    assert next(o.version for o in a16.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    assert {d.itemsize for d in _zero_point_dtypes(a16).values()} == {2}
+    assert sqnr(a16) > sqnr(a8) + 6.0
+    one = run(SHIPPED, CALIB, QuantConfig(act_overrides=(("/block1/conv1/Conv", 16),))).model
+    wide = [t for t, d in _zero_point_dtypes(one).items() if d.itemsize == 2]
+    assert wide == ["/block1/Relu_output_0"]  # that module's output only
+    with pytest.raises(DfqError, match="need --format qdq"):
+        QuantConfig(act_bits=16, format="int")

@@ -56,7 +56,12 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         diff = _new(probe, "Sub", [ref, q_node.outputs[0]])
         rank = len(q_node.outputs[0].shape) if q_node.outputs[0].shape is not None else (4 if node.op == "Conv" else 2)
         axes = [0] + list(range(2, rank)) if node.op == "Conv" else list(range(rank - 1))
-        diffs.append(_new(probe, "ReduceMean", [diff], {"axes": axes, "keepdims": 0}))  # per channel, in onnxruntime
+        if probe.opset >= 18:  # ReduceMean takes its axes as an input from opset 18
+            mean = _new(probe, "ReduceMean", [diff, gs.Constant(new_name(probe, "axes"), np.asarray(axes, np.int64))],
+                        {"keepdims": 0})
+        else:
+            mean = _new(probe, "ReduceMean", [diff], {"axes": axes, "keepdims": 0})
+        diffs.append(mean)  # per channel, in onnxruntime
         names.append(m.name)
     if not names:
         return g, {"bias_corrected": 0}

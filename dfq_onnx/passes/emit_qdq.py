@@ -12,7 +12,11 @@ from .form_modules import Plan
 INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
-def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, act_bits: int, per_channel: bool) -> tuple[gs.Graph, dict, list]:
+CODE_DTYPES = {(8, False): np.int8, (8, True): np.uint8, (16, False): np.int16, (16, True): np.uint16}
+INT16_QDQ_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16 codes
+
+
+def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, per_channel: bool) -> tuple[gs.Graph, dict, list]:
     """Return a copy with QuantizeLinear/DequantizeLinear inserted, facts for the report, and an
     empty list (the integer emitter returns module parameters there).
 
@@ -97,16 +101,15 @@ def emit_qdq(graph: gs.Graph, plan: Plan, exps: Exponents, *, act_bits: int, per
         t = tmap[name]
         f = exps.act_of(name)
         unsigned = plan.source(name) in plan.unsigned
-        zp_dtype = np.uint8 if unsigned else np.int8
-        if act_bits != 8:
-            raise ValueError("only 8-bit activations are supported in QDQ output")
+        act_bits = exps.bits_of(name)
+        zp_dtype = CODE_DTYPES[(act_bits, unsigned)]
         scale = const("act_scale", pow2_scale(f).reshape(()))
         zp = const("act_zero_point", np.zeros((), dtype=zp_dtype))
         readers = list(t.outputs)
         q_in = t
         act = module_act.get(name) if name in plan.requant else None
         code_clip = None
-        if act is not None and (act.op == "Clip" or unsigned):
+        if act is not None and act_bits == 8 and (act.op == "Clip" or unsigned):  # 16-bit: it stays float
             q_in = act.inputs[0]
             if act.op == "Clip":
                 code_clip = code_bounds(*clip_limits(act), f, act_bits, unsigned)

@@ -18,6 +18,7 @@ from ..fixedpoint import dequantize, pow2_scale, quantize
 from ..graph_utils import out_channel_axis
 from ..model_io import analysis_session
 from .choose_exponents import Exponents
+from .emit_qdq import CODE_DTYPES
 from .form_modules import Plan
 
 MIN_GAIN_DB = 0.01
@@ -43,9 +44,9 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
             node.inputs[1] = gs.Constant(node.inputs[1].name + "_search", dequantize(q, fw, axis).astype(np.float32))
     for t in plan.requant:
         src = tmap[t]
-        unsigned = t in plan.unsigned
-        zp = gs.Constant(f"{t}_search_zp", np.zeros((), np.uint8 if unsigned else np.int8))
-        q = gs.Variable(f"{t}_search_q", dtype=np.uint8 if unsigned else np.int8)
+        dtype = CODE_DTYPES[(exps.bits_of(t), t in plan.unsigned)]
+        zp = gs.Constant(f"{t}_search_zp", np.zeros((), dtype))
+        q = gs.Variable(f"{t}_search_q", dtype=dtype)
         dq = gs.Variable(f"{t}_search_dq", dtype=np.float32, shape=src.shape)
         readers = [n for n in g.nodes if any(i is src for i in n.inputs)]
         s = scale_in[plan.group(t)]
@@ -87,5 +88,5 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
             moved += 1
     for t in plan.requant:
         act[t] = frac[plan.group(t)]
-    return Exponents(act, exps.weight, plan, exps.weight_bits), {"exponents_moved": moved,
+    return Exponents(act, exps.weight, plan, exps.weight_bits, exps.act_bits), {"exponents_moved": moved,
                                                                  "search_sqnr_db": [start, best]}
