@@ -300,11 +300,12 @@ def _techniques(t: dict) -> list[str]:
     for name, rows in t["models"].items():
         n = next(iter(rows.values()))["samples"]
         L += [f"**{name}** ({n} crops)", "",
-              "| setting | agreement deployed (%) | agreement simulated (%) | SQNR deployed (dB) | SQNR simulated (dB) |",
-              "|---|---|---|---|---|"]
+              "| setting | agreement deployed (%) | agreement simulated (%) | SQNR deployed (dB) | SQNR simulated (dB) "
+              "| conversion (s) |",
+              "|---|---|---|---|---|---|"]
         for label, r in rows.items():
             L.append(f"| {label} | {r['agreement_top1']:.1f} | {r['simulated_agreement_top1']:.1f} | "
-                     f"{r['sqnr_db']:.1f} | {r['simulated_sqnr_db']:.1f} |")
+                     f"{r['sqnr_db']:.1f} | {r['simulated_sqnr_db']:.1f} | {_f(r.get('seconds'), '{:.0f}')} |")
         L.append("")
     return L
 

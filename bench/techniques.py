@@ -2,10 +2,9 @@
 
   python bench/techniques.py          # after bench/run.py (models and data in bench/cache)
 
-Converts in-process with dfq_onnx.pipeline.run on the benchmark's 128 calibration samples:
-W8A8 plain (no range alignment, no bias correction), alignment only, bias correction only, both
-(the default), and data-free (--calib none); W4A8 MobileNetV2 plain, alignment only, bias
-correction only, both. Each result runs under dfq_onnx.validate on the 320 evaluation crops:
+Converts in-process with dfq_onnx.pipeline.run on the benchmark's 128 calibration samples, with
+the SETTINGS below (each a QuantConfig; W4A8 on MobileNetV2 only). Each result runs under
+dfq_onnx.validate on the 320 evaluation crops:
 top-1 agreement with float deployed (default onnxruntime optimizations) and simulated (none), and
 output SQNR. Results go to bench/cache/techniques.json; BENCHMARKS.md is re-rendered.
 """
@@ -24,22 +23,27 @@ import data as bench_data  # noqa: E402
 import run as bench_run  # noqa: E402
 import zoo  # noqa: E402
 
-SETTINGS = {  # label -> (weight bits, align, bias correction, data-free)
-    "plain": (8, False, False, False),
-    "alignment": (8, True, False, False),
-    "bias correction": (8, False, True, False),
-    "alignment + bias correction (default)": (8, True, True, False),
-    "data-free (--calib none)": (8, True, False, True),
-    "W4A8 plain": (4, False, False, False),
-    "W4A8 alignment": (4, True, False, False),
-    "W4A8 bias correction": (4, False, True, False),
-    "W4A8 alignment + bias correction": (4, True, True, False),
+SETTINGS = {  # label -> QuantConfig fields (num_samples added), plus "calib": "none" for data-free
+    "plain": dict(align=False, bias_correction=False),
+    "alignment": dict(bias_correction=False),
+    "bias correction": dict(align=False),
+    "alignment + bias correction (default)": dict(),
+    "default + exponent search (--search-exponents)": dict(search_exponents=True),
+    "default, --max-drop 5 (raises modules to W8A16)": dict(max_drop=5.0),
+    "W8A16 (--act-bits 16)": dict(act_bits=16),
+    "data-free (--calib none)": dict(calib="none"),
+    "W4A8 plain": dict(weight_bits=4, align=False, bias_correction=False),
+    "W4A8 alignment": dict(weight_bits=4, bias_correction=False),
+    "W4A8 bias correction": dict(weight_bits=4, align=False),
+    "W4A8 alignment + bias correction": dict(weight_bits=4),
+    "W4A8 alignment + bias correction + exponent search": dict(weight_bits=4, search_exponents=True),
 }
 MODELS = {"mobilenet_v2": list(SETTINGS), "efficientnet_lite0": [k for k in SETTINGS if not k.startswith("W4")]}
 
 
 def main() -> int:
     from dfq_onnx import QuantConfig
+    from dfq_onnx.mixed_precision import convert_max_drop
     from dfq_onnx.pipeline import run
     from dfq_onnx.validate import validate
 
@@ -51,12 +55,18 @@ def main() -> int:
         model = str(entry.path(cache))
         rows = {}
         for label in labels:
-            bits, align, bc, free = SETTINGS[label]
+            opts = dict(SETTINGS[label])
+            calib = opts.pop("calib", str(paths["calib"]))
+            max_drop = opts.pop("max_drop", None)
             t0 = time.perf_counter()
-            cfg = QuantConfig(weight_bits=bits, align=align, bias_correction=bc, num_samples=bench_run.CALIB)
-            q = run(model, "none" if free else str(paths["calib"]), cfg, preprocess=entry.preprocess).model
+            cfg = QuantConfig(num_samples=bench_run.CALIB, **opts)
+            if max_drop is None:
+                q = run(model, calib, cfg, preprocess=entry.preprocess).model
+            else:
+                q = convert_max_drop(model, calib, cfg, max_drop, preprocess=entry.preprocess)[0].model
+            seconds = time.perf_counter() - t0
             v = validate(model, q, str(paths["eval"]), preprocess=entry.preprocess, threads=bench_run.THREADS, runs=1)
-            rows[label] = {"agreement_top1": v["agreement_top1"], "sqnr_db": min(v["sqnr_db"].values()),
+            rows[label] = {"seconds": seconds, "agreement_top1": v["agreement_top1"], "sqnr_db": min(v["sqnr_db"].values()),
                            "simulated_agreement_top1": v["simulated"]["agreement_top1"],
                            "simulated_sqnr_db": min(v["simulated"]["sqnr_db"].values()), "samples": v["samples"]}
             print(f"{name} {label}: {rows[label]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
