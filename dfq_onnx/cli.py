@@ -132,7 +132,7 @@ def main():
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
             weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, search_exponents, keep_float, overrides, max_drop,
             float_only, as_json, quiet):
-    """Quantize IN.onnx to a power-of-two W8A8 model OUT.onnx (QDQ or integer-only)."""
+    """Quantize IN.onnx to a power-of-two model OUT.onnx (W8A8 by default; QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
     from .pipeline import fuse, run
 
@@ -155,17 +155,21 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                          act_overrides=_parse_overrides(overrides)[1],
                          search_exponents=search_exponents)
     show = not quiet and err.is_terminal
-    with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
-        task = bar.add_task("calibrate", total=None)
+        task = bar.add_task("calibrating", total=None)
+
+        def searching(i: int, n: int) -> None:
+            bar.update(task, description="searching exponents", completed=i, total=n)
         if max_drop is None:
             result = run(input_model, calib, config, preprocess=preprocess,
                          on_start=lambda n: bar.update(task, total=n),
-                         on_batch=lambda n: bar.advance(task, n))
+                         on_batch=lambda n: bar.advance(task, n), on_search=searching)
         else:
             from .mixed_precision import convert_max_drop
 
-            result, search = convert_max_drop(input_model, calib, config, max_drop, preprocess=preprocess)
+            result, search = convert_max_drop(input_model, calib, config, max_drop, preprocess=preprocess,
+                                              on_step=lambda msg: bar.update(task, description=msg))
             result.facts["max_drop_search"] = search
     save_model(result.model, output_model, input_model)
     if "bn_derived" in result.facts:

@@ -50,7 +50,8 @@ def fuse(model) -> onnx.ModelProto:
 
 def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | None = None,
         on_start: Callable[[int], None] | None = None,
-        on_batch: Callable[[int], None] | None = None) -> ConvertResult:
+        on_batch: Callable[[int], None] | None = None,
+        on_search: Callable[[int, int], None] | None = None) -> ConvertResult:
     """Convert a float model to a power-of-two quantized model (QDQ or integer-only). calib: the
     calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction)."""
     config = config or QuantConfig()
@@ -112,7 +113,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                                 module_act_bits=act_bits_of)
     search_facts = {}
     if config.search_exponents and kept:  # data-free mode has no samples to search on
-        exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel)
+        exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
+                                              on_group=on_search)
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data
         simulated = emit_qdq(graph, plan, exps, per_channel=config.per_channel)[0]

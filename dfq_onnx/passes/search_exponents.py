@@ -11,6 +11,8 @@ choose_exponents decided; biases stay float there (their int32 rounding is negli
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -27,7 +29,7 @@ MAX_FRACTION_STEP = 1
 
 
 def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict], *,
-                     per_channel: bool) -> tuple[Exponents, dict]:
+                     per_channel: bool, on_group: Callable[[int, int], None] | None = None) -> tuple[Exponents, dict]:
     """Return exponents with some activation fractions moved by one, and facts
     {"exponents_moved": n, "search_sqnr_db": [before, after]}. Guarantees: weight fractions and
     group structure are unchanged; the output SQNR on `batches` does not decrease."""
@@ -75,7 +77,9 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
 
     start = best = sqnr(frac)
     moved = 0
-    for grp in groups:
+    for i, grp in enumerate(groups):
+        if on_group is not None:
+            on_group(i, len(groups))
         base = frac[grp]
         choice = base
         for d in range(1, MAX_FRACTION_STEP + 1):
