@@ -41,7 +41,12 @@ SETTINGS = {  # label -> QuantConfig fields (num_samples added), plus "calib": "
 MODELS = {"mobilenet_v2": list(SETTINGS), "efficientnet_lite0": [k for k in SETTINGS if not k.startswith("W4")]}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="re-run only the settings whose label contains this text; keep the others")
+    args = ap.parse_args(argv)
     from dfq_onnx import QuantConfig
     from dfq_onnx.mixed_precision import convert_max_drop
     from dfq_onnx.pipeline import run
@@ -49,12 +54,16 @@ def main() -> int:
 
     cache = zoo.DEFAULT_CACHE
     paths = bench_data.build_data(cache)
+    old = json.loads((cache / "techniques.json").read_text()) if args.only and (cache / "techniques.json").exists() else None
     out = {"machine": bench_run.machine(), "models": {}}
     for name, labels in MODELS.items():
         entry = zoo.ZOO[name]
         model = str(entry.path(cache))
         rows = {}
         for label in labels:
+            if old is not None and args.only not in label and label in old["models"].get(name, {}):
+                rows[label] = old["models"][name][label]
+                continue
             opts = dict(SETTINGS[label])
             calib = opts.pop("calib", str(paths["calib"]))
             max_drop = opts.pop("max_drop", None)

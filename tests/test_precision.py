@@ -169,7 +169,8 @@ def test_exponent_search_improves_held_out_w4(calib_data, test_data):
     assert after >= before and searched.facts["exponents_moved"] >= 1
     c = calib_data[:64]
     no_bc = run(SHIPPED, CALIB, QuantConfig(weight_bits=4, bias_correction=False)).model
-    assert sqnr(no_bc, c, run_ort(SHIPPED, {"input": c})[0].astype(np.float64)) == pytest.approx(before, abs=0.05)
+    # the search graph keeps biases in float: within 0.2 dB of the int32-bias model
+    assert sqnr(no_bc, c, run_ort(SHIPPED, {"input": c})[0].astype(np.float64)) == pytest.approx(before, abs=0.2)
     assert sqnr(searched.model, x) > sqnr(run(SHIPPED, CALIB, QuantConfig(weight_bits=4)).model, x) + 0.5
 
 

@@ -65,7 +65,7 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
     g.inputs = list(g.inputs) + list(scale_in.values())
     g.outputs = g.outputs[:1]
     g.cleanup().toposort()
-    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", basic=True)
+    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", optimize=False)
     act = dict(exps.act)
     frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
 
