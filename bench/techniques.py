@@ -29,6 +29,9 @@ SETTINGS = {  # label -> QuantConfig fields (num_samples added), plus "calib": "
     "bias correction": dict(align=False),
     "alignment + bias correction (default)": dict(),
     "default + exponent search (--search-exponents)": dict(search_exponents=True),
+    "default + equalization (--equalize)": dict(equalize=True),
+    "per-tensor weights, default": dict(per_channel=False),
+    "per-tensor weights + equalization": dict(per_channel=False, equalize=True),
     "default, --max-drop 5 (raises modules to W8A16)": dict(max_drop=5.0),
     "W8A16 (--act-bits 16)": dict(act_bits=16),
     "data-free (--calib none)": dict(calib="none"),
@@ -37,6 +40,7 @@ SETTINGS = {  # label -> QuantConfig fields (num_samples added), plus "calib": "
     "W4A8 bias correction": dict(weight_bits=4, align=False),
     "W4A8 alignment + bias correction": dict(weight_bits=4),
     "W4A8 alignment + bias correction + exponent search": dict(weight_bits=4, search_exponents=True),
+    "W4A8 equalization + alignment + bias correction": dict(weight_bits=4, equalize=True),
 }
 MODELS = {"mobilenet_v2": list(SETTINGS), "efficientnet_lite0": [k for k in SETTINGS if not k.startswith("W4")]}
 

@@ -111,6 +111,9 @@ def main():
               help="Do not correct biases: by default the mean error each module adds by quantization "
                    "(measured per output channel on 16 calibration samples, simulated) is folded into "
                    "its bias.")
+@click.option("--equalize", is_flag=True,
+              help="Cross-layer equalization of Conv -> Relu/LeakyRelu/none -> Conv pairs (per-channel factors "
+                   "moved between the two weights; Relu6 pairs are left alone). Mostly useful with --per-tensor.")
 @click.option("--search-exponents", is_flag=True,
               help="After the histogram rule, try each activation group's neighbouring fractions in the "
                    "simulated model and keep those that raise the output SQNR on 64 calibration samples "
@@ -130,7 +133,8 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
-            weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, search_exponents, keep_float, overrides, max_drop,
+            weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, equalize, search_exponents,
+            keep_float, overrides, max_drop,
             float_only, as_json, quiet):
     """Quantize IN.onnx to a power-of-two model OUT.onnx (W8A8 by default; QDQ or integer-only)."""
     from .model_io import check_output_path, save_model
@@ -153,7 +157,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
                          keep_float=tuple(keep_float), overrides=_parse_overrides(overrides)[0],
                          act_overrides=_parse_overrides(overrides)[1],
-                         search_exponents=search_exponents)
+                         search_exponents=search_exponents, equalize=equalize)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
@@ -255,6 +259,9 @@ def _print_summary(s: dict) -> None:
     if f.get("saturation_guarded"):
         t.add_row("target ort-x86", f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that "
                                     "int16 pair sums cannot saturate")
+    if "equalized" in f:
+        t.add_row("equalization", f"{f['equalized']} convolution pairs ({f['equalize_skipped']} left alone: Relu6/Clip "
+                                  "between them)")
     if "exponents_moved" in f:
         a, b = f["search_sqnr_db"]
         t.add_row("exponent search", f"{f['exponents_moved']} activation fractions moved (output SQNR on the search "

@@ -20,6 +20,7 @@ class QuantConfig:
     method: str = "mse"           # "mse": least expected squared error; "max": no clipping
     bias_correction: bool = True  # empirical bias correction on the simulated graph (passes/bias_correction.py)
     align: bool = True            # range alignment between consecutive convolutions (passes/align_ranges.py)
+    equalize: bool = False        # cross-layer equalization (passes/equalize.py)
     search_exponents: bool = False  # output-aware activation exponent search (passes/search_exponents.py)
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)

@@ -19,6 +19,7 @@ from .passes.data_free import batchnorm_moments, data_free_stats
 from .passes.choose_exponents import choose_exponents, saturation_risks
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
+from .passes.equalize import equalize
 from .passes.search_exponents import SAMPLES as SEARCH_SAMPLES, search_exponents
 from .passes.align_ranges import align_ranges
 from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
@@ -68,6 +69,13 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     graph = canonicalize(graph)
     bn_moments = batchnorm_moments(graph) if data_free else {}
     graph = fold_batchnorm(graph)
+    eq_facts = {}
+    if config.equalize:
+        graph, eq_facts, eq_scales = equalize(graph)
+        for t, s in eq_scales.items():  # the BatchNorm output now carries x / s per channel
+            if t in bn_moments:
+                mu, var = bn_moments[t]
+                bn_moments[t] = (mu / s, var / s ** 2)
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
@@ -133,7 +141,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = inspect_model(original)["per_layer_requant_points"]
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], {**facts, **align_facts, **bias_facts, **free_facts, **search_facts,
+                           seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts,
                                      "saturation_guarded": len(guarded)}, int_params)
     _stamp(out, result, config)
     onnx.checker.check_model(out)

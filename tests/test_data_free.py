@@ -76,3 +76,4 @@ def test_cli_data_free_warns(tmp_path):
     assert "warning: data-free mode" in res.stderr
     assert "from BatchNorm statistics" in res.stdout
     onnx.checker.check_model(onnx.load(str(tmp_path / "q.onnx")))
+

@@ -239,3 +239,28 @@ def test_zero_spatial_pad_folds_into_the_conv_and_other_pads_stay():
     f2 = fold(m2)
     assert ops(f2) == ["Pad", "Conv"]
     assert_same(m2, f2, x)
+
+
+def test_equalization_keeps_the_function_and_equalizes_ranges(test_data):
+    """Cross-layer equalization on the shipped model: the two Conv -> Relu -> Conv pairs whose
+    middle tensor only the second conv reads; the float outputs do not move, and each pair's
+    per-channel ranges become equal (max|W1[i]| = max|W2[:, i]|)."""
+    from dfq_onnx.passes.align_ranges import find_pairs
+    from dfq_onnx.passes.equalize import equalize
+
+    x, _ = test_data
+    original = load_model(SHIPPED)
+    g = fold_batchnorm(canonicalize(to_graph(original)))
+    eq, facts, scales = equalize(g)
+    assert facts == {"equalized": 2, "equalize_skipped": 0} and len(scales) == 2
+    a = run_ort(to_model(g, original), {"input": x[:200]})[0]
+    b = run_ort(to_model(eq, original), {"input": x[:200]})[0]
+    assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 1e-5
+    for n1, _, n2 in find_pairs(eq):
+        if n1.outputs[0].name not in scales:
+            continue
+        w1, w2 = np.asarray(n1.inputs[1].values), np.asarray(n2.inputs[1].values)
+        r1 = np.abs(w1).reshape(w1.shape[0], -1).max(1)
+        r2 = np.abs(w2).max(axis=(0, 2, 3))
+        np.testing.assert_allclose(r1, r2, rtol=1e-5)
+        assert not np.allclose(scales[n1.outputs[0].name], 1.0)
