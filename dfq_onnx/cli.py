@@ -152,11 +152,11 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                                "name, a folder of .npy files or of images), --calib none (data-free), "
                                "or --float-only")
     fmt = fmt or ("int" if target == "hw" else "qdq")
+    weight_overrides, act_overrides = _parse_overrides(overrides)
     config = QuantConfig(weight_bits=weight_bits, act_bits=int(act_bits), per_channel=not per_tensor,
                          method=method, num_samples=num_samples, batch_size=batch_size, format=fmt, target=target,
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
-                         keep_float=tuple(keep_float), overrides=_parse_overrides(overrides)[0],
-                         act_overrides=_parse_overrides(overrides)[1],
+                         keep_float=tuple(keep_float), overrides=weight_overrides, act_overrides=act_overrides,
                          search_exponents=search_exponents, equalize=equalize)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -86,7 +86,7 @@ module multiplier_requant (
     wire [31:0] thr = (mask >> 1) + x[31];
     wire signed [31:0] qx = x >>> s;
     wire signed [32:0] r = {{qx[31], qx}} + (rem > thr);
-""".replace("[32:0] r", f"[{a}:0] r") + sat
+""" + sat
     raise ValueError(f"unknown unit {unit!r}; choose from {UNITS}")
 
 
@@ -212,7 +212,7 @@ def count_toggles(vcd: Path) -> int:
     begins = np.concatenate([[start + 1], ends[:-1] + 1])      # each line's first character
     heads = buf[np.minimum(begins, len(buf) - 1)]
     scalar = np.isin(heads, np.frombuffer(b"01xzXZ", np.uint8))
-    toggles = _changes(begins[scalar], ends[scalar], buf, first_step, 1, 1)
+    toggles = _scalar_toggles(begins[scalar], ends[scalar], buf, first_step)
     vec = heads == ord("b")
     if np.any(vec):
         vals, ids, pos = [], [], []
@@ -230,18 +230,14 @@ def count_toggles(vcd: Path) -> int:
     return toggles
 
 
-def _changes(begins, ends, buf, first_step, value_len, ident_at) -> int:
-    """Toggles of scalar lines `<value><ident>`: the ident bytes packed into one integer key."""
+def _scalar_toggles(begins, ends, buf, first_step) -> int:
+    """Toggles of scalar lines `<value><ident>`: each ident's bytes (zero-padded) as one row key."""
     if len(begins) == 0:
         return 0
-    n = int((ends - begins).max()) - ident_at
-    key = np.zeros(len(begins), dtype=object if n > 8 else np.uint64)
-    for k in range(n):
-        idx = begins + ident_at + k
-        byte = np.where(idx < ends, buf[np.minimum(idx, len(buf) - 1)], 0).astype(np.uint64)
-        key = key * np.uint64(256) + byte if n <= 8 else key * 256 + byte.astype(object)
-    _, key = np.unique(key, return_inverse=True)
-    return _count(buf[begins].reshape(-1, value_len), key, begins > first_step)
+    idx = begins[:, None] + 1 + np.arange(int((ends - begins).max()) - 1)
+    ident = np.where(idx < ends[:, None], buf[np.minimum(idx, len(buf) - 1)], 0)
+    _, key = np.unique(ident, axis=0, return_inverse=True)
+    return _count(buf[begins].reshape(-1, 1), key.ravel(), begins > first_step)
 
 
 def _count(bits: np.ndarray, key: np.ndarray, later: np.ndarray) -> int:

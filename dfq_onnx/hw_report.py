@@ -34,7 +34,6 @@ from .calibration_data import DataSource, input_specs
 from .config import QuantConfig
 from .errors import DfqError
 from .fixedpoint import module_accumulator, multiply_requant, qrange, quantize_multiplier, rounding_shift
-from .model_io import load_model
 from .report import inspect_model, requant_nodes
 
 PAPER = {"area": 15.0, "energy": 9.0}  # Geng et al., 2019: shift vs multiplier requantizer
@@ -60,8 +59,8 @@ def _run(model: onnx.ModelProto, feeds: dict, names: list[str], optimize: bool) 
     return dict(zip([o.name for o in m.graph.output], outs))
 
 
-def _first_batch(model, calib, preprocess) -> tuple[dict, int]:
-    data = DataSource(calib, input_specs(load_model(model)), num_samples=RUN_SAMPLES, preprocess=preprocess)
+def _first_batch(model: onnx.ModelProto, calib, preprocess) -> tuple[dict, int]:
+    data = DataSource(calib, input_specs(model), num_samples=RUN_SAMPLES, preprocess=preprocess)
     batch = next(iter(data.batches(RUN_SAMPLES)), None)
     if batch is None:
         raise DfqError("calibration data is empty")
@@ -121,9 +120,9 @@ def characterize(st: dict[str, np.ndarray], on_step: Callable[[str], None] | Non
         raise DfqError("an accumulator does not fit in int32")
     if np.any(s >= 1 << hw.SHIFT_BITS) or np.any(s < 0):
         raise DfqError(f"a shift outside 0..{(1 << hw.SHIFT_BITS) - 1}: the shift unit does right shifts only")
-    ref = {"shift": np.where(uns, np.clip(rounding_shift(acc, s), 0, 255), np.clip(rounding_shift(acc, s), -128, 127)),
-           "multiplier": np.where(uns, np.clip(multiply_requant(acc, st["m"], st["ms"]), 0, 255),
-                                  np.clip(multiply_requant(acc, st["m"], st["ms"]), -128, 127))}
+    lo, hi = np.where(uns, 0, qrange(hw.OUT_BITS)[0]), np.where(uns, qrange(hw.OUT_BITS, True)[1], qrange(hw.OUT_BITS)[1])
+    ref = {"shift": np.clip(rounding_shift(acc, s), lo, hi),
+           "multiplier": np.clip(multiply_requant(acc, st["m"], st["ms"]), lo, hi)}
     units = {}
     for unit in hw.UNITS:
         if on_step:
@@ -211,7 +210,7 @@ def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | N
     step = on_step or (lambda _: None)
     step("converting to dfq-onnx's integer graph")
     result = run(model, calib, QuantConfig(format="int", num_samples=num_samples), preprocess=preprocess)
-    feeds, batch = _first_batch(model, calib, preprocess)
+    feeds, batch = _first_batch(result.model, calib, preprocess)  # same inputs as the float model
     step(f"capturing accumulators on {batch} calibration samples")
     names = [p[k] for p in result.int_params for k in ("int_input", "int_residual") if p[k]]
     vals = _run(result.model, feeds, names, optimize=True)

@@ -13,14 +13,13 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-import numpy as np
 
 from .calibration_data import DataSource, input_specs
 from .config import QuantConfig
 from .errors import DfqError
 from .model_io import load_model
 from .pipeline import ConvertResult, run
-from .sensitivity import eval_batches, model_outputs, module_sensitivity
+from .sensitivity import eval_batches, model_outputs, module_sensitivity, top1_agreement
 
 
 def raised_config(config: QuantConfig, names: list[str], pools: set[str]) -> QuantConfig:
@@ -53,7 +52,7 @@ def convert_max_drop(model, calib, config: QuantConfig, max_drop: float, *, prep
             step(f"converting with the {k} most sensitive modules raised")
             r = run(original, calib, raised_config(config, order[:k], pools), preprocess=preprocess)
             y = model_outputs(r.model.SerializeToString(), batches)
-            tried[k] = (float(100.0 * np.mean(ref.reshape(len(ref), -1).argmax(1) == y.reshape(len(y), -1).argmax(1))), r)
+            tried[k] = (top1_agreement(ref, y), r)
         return 100.0 - tried[k][0]
 
     step("converting")

@@ -16,7 +16,7 @@ from .model_io import MIN_OPSET, load_model, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
-from .passes.choose_exponents import choose_exponents, saturation_risks
+from .passes.choose_exponents import Exponents, choose_exponents, saturation_risks
 from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
@@ -110,15 +110,16 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     act_bits_of = {m.output: int(b) for m in quantized for n, b in config.act_overrides if n == m.name}
-    exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                            per_channel=config.per_channel, method=config.method,
-                            module_weight_bits=dict(config.overrides), module_act_bits=act_bits_of)
+
+    def exponents(weight_bits_of: dict) -> Exponents:
+        return choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                                per_channel=config.per_channel, method=config.method,
+                                module_weight_bits=weight_bits_of, module_act_bits=act_bits_of)
+
+    exps = exponents(dict(config.overrides))
     guarded = saturation_risks(graph, exps, config.per_channel) if config.target == "ort-x86" else []
     if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
-        exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                                per_channel=config.per_channel, method=config.method,
-                                module_weight_bits={**dict(config.overrides), **{n: 7 for n in guarded}},
-                                module_act_bits=act_bits_of)
+        exps = exponents({**dict(config.overrides), **{n: 7 for n in guarded}})
     search_facts = {}
     if config.search_exponents and kept:  # data-free mode has no samples to search on
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,

@@ -39,6 +39,11 @@ def model_outputs(model_bytes: bytes, batches: list[dict]) -> np.ndarray:
     return np.concatenate([sess.run(None, b)[0] for b in batches]).astype(np.float64)
 
 
+def top1_agreement(ref: np.ndarray, y: np.ndarray) -> float:
+    """Percent of samples whose top-1 class is the same in both outputs."""
+    return float(100.0 * np.mean(ref.reshape(len(ref), -1).argmax(1) == y.reshape(len(y), -1).argmax(1)))
+
+
 def eval_batches(data: DataSource, batch_size: int, samples: int) -> list[dict]:
     """The first batches of data, up to at least `samples` samples (or all)."""
     batches, n = [], 0
@@ -77,7 +82,6 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
         y = model_outputs(to_model(q, original).SerializeToString(), batches)
         noise = float(np.sum((ref - y) ** 2))
         sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
-        agree = float(100.0 * np.mean(ref.reshape(len(ref), -1).argmax(1) == y.reshape(len(y), -1).argmax(1)))
-        rows.append({"name": m.name, "op": m.op, "sqnr_db": sqnr, "agreement_top1": agree})
+        rows.append({"name": m.name, "op": m.op, "sqnr_db": sqnr, "agreement_top1": top1_agreement(ref, y)})
     rows.sort(key=lambda r: r["sqnr_db"])
     return {"samples": len(ref), "weight_bits": config.weight_bits, "modules": rows}

@@ -51,7 +51,7 @@ def data_free_stats(graph: gs.Graph, plan: Plan, moments: dict, specs: list[Inpu
     draws: dict[str, np.ndarray] = {}
 
     def known(t: str):
-        return moments.get(plan.source(t)) if plan.source(t) in moments else moments.get(t)
+        return moments.get(plan.source(t), moments.get(t))
 
     for m in plan.modules:
         if m.kind == "pool":

@@ -50,7 +50,7 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
         zp = gs.Constant(f"{t}_search_zp", np.zeros((), dtype))
         q = gs.Variable(f"{t}_search_q", dtype=dtype)
         dq = gs.Variable(f"{t}_search_dq", dtype=np.float32, shape=src.shape)
-        readers = [n for n in g.nodes if any(i is src for i in n.inputs)]
+        readers = list(src.outputs)
         s = scale_in[plan.group(t)]
         g.nodes.append(gs.Node("QuantizeLinear", f"{t}_search_Q", inputs=[src, s, zp], outputs=[q]))
         g.nodes.append(gs.Node("DequantizeLinear", f"{t}_search_DQ", inputs=[q, s, zp], outputs=[dq]))
