@@ -268,8 +268,12 @@ def _print_summary(s: dict) -> None:
                                      f"samples {a:.2f} -> {b:.2f} dB)")
     t.add_row("range alignment", f"{s['facts'].get('aligned', 0)} tensors between convolutions")
     t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else f"{f.get('bias_corrected', 0)} modules")
-    if s["facts"].get("bias_saturated"):
-        t.add_row("warning", f"{s['facts']['bias_saturated']} bias values saturated to int32")
+    if f.get("narrowed"):
+        t.add_row("int32 range", f"weight fractions lowered in {sum(f['narrowed'].values())} channels of "
+                                 f"{len(f['narrowed'])} modules so that no accumulator can overflow int32")
+    if f.get("residual_rounded"):
+        t.add_row("int32 range", f"{f['residual_rounded']} residual channels rounded to the accumulator's fraction "
+                                 "(the exact alignment could overflow int32)")
     t.add_row("time", f"{s['seconds']:.2f} s")
     t.add_row("output", s["output"])
     out.print(t)

@@ -168,14 +168,16 @@ def rescale_histogram(hist: np.ndarray, c: float) -> np.ndarray:
 
 # --- integer arithmetic ----------------------------------------------------------------------
 def rounding_shift(acc: np.ndarray, s, bits: int | None = None, unsigned: bool = False) -> np.ndarray:
-    """Requantize: y = (acc + 2^(s-1)) >> s (arithmetic, round half up) for s > 0,
-    acc << -s for s < 0, acc for s = 0; then saturate to a b-bit code if `bits` is given.
-    `s` is a scalar or broadcasts against acc (per-channel shifts)."""
+    """Requantize: acc / 2^s rounded to nearest, ties to even (as QuantizeLinear rounds), for
+    s > 0; acc << -s for s < 0; acc for s = 0; then saturate to a b-bit code if `bits` is given.
+    `s` is a scalar or broadcasts against acc (per-channel shifts). In integers:
+    floor((acc + 2^(s-1) - 1 + bit_s(acc)) / 2^s), bit_s(acc) = floor(acc / 2^s) mod 2."""
     acc = np.asarray(acc, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64)
     right = np.maximum(s, 0)
     left = np.maximum(-s, 0)
-    rnd = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    odd = np.bitwise_and(np.right_shift(acc, right), 1)
+    rnd = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)) - 1 + odd, 0)
     y = np.right_shift(acc + rnd, right)
     y = np.left_shift(y, left)
     if bits is not None:
@@ -184,17 +186,12 @@ def rounding_shift(acc: np.ndarray, s, bits: int | None = None, unsigned: bool =
     return y
 
 
-def shift_constants(s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H, D, L) such that rounding_shift(x, s) == floor((x + H) / D) * L, elementwise in s."""
-    s = np.asarray(s, dtype=np.int64)
-    right = np.maximum(s, 0)
-    half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0).astype(np.int64)
-    return half, np.left_shift(np.int64(1), right).astype(np.int64), np.left_shift(np.int64(1), np.maximum(-s, 0)).astype(np.int64)
-
-
 def rounding_divide(acc: np.ndarray, n: int, bits: int | None = None, unsigned: bool = False) -> np.ndarray:
-    """floor((acc + n // 2) / n): round to nearest, ties up; then saturate if `bits` is given."""
-    y = np.floor_divide(np.asarray(acc, dtype=np.int64) + n // 2, n)
+    """acc / n rounded to nearest, ties to even; then saturate if `bits` is given."""
+    acc = np.asarray(acc, dtype=np.int64)
+    q = np.floor_divide(acc, n)
+    r2 = 2 * (acc - q * n)
+    y = q + ((r2 > n) | ((r2 == n) & (np.bitwise_and(q, 1) == 1)))
     if bits is not None:
         y = np.clip(y, *qrange(bits, unsigned))
     return y
@@ -236,6 +233,25 @@ def multiply_requant(acc: np.ndarray, m, s, bits: int | None = None, unsigned: b
     return y
 
 
+def resolve_pads(auto_pad: str, pads, spatial, kernel, strides, dilations) -> list[int]:
+    """Explicit [begin..., end...] pads of a Conv/pool over input spatial dims `spatial`:
+    SAME_UPPER/SAME_LOWER pad to ceil(in / stride) outputs (the odd pixel at the end or the
+    begin), VALID pads nothing, NOTSET keeps `pads`."""
+    nd = len(spatial)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(nd):
+            out = -(-spatial[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - spatial[i])
+            small, big = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else big)
+            end.append(big if auto_pad == "SAME_UPPER" else small)
+        return begin + end
+    if auto_pad == "VALID":
+        return [0] * 2 * nd
+    return list(pads) if pads else [0] * 2 * nd
+
+
 def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int) -> np.ndarray:
     """Integer N-d convolution (NCHW...), exact in int64. pads = [begin..., end...]."""
     x = np.asarray(x, dtype=np.int64)
@@ -260,34 +276,66 @@ def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int)
     return y
 
 
+# --- executor of the quantized IR (quantized.py): one module at a time, in int64 ----------------
+# It reads the IR's fields (duck-typed: no import of the ONNX-side package) and is the bit-exact
+# oracle the integer graph is checked against.
 POOL_MODULES = ("GlobalAveragePool", "AveragePool")
 
 
-def module_accumulator(p: dict, x: np.ndarray, residual: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """A module up to its requantization: the accumulator (int64; int32 in the graph) and its
-    shift. Linear: the accumulator after bias and residual, and the per-channel shift,
-    broadcastable against it. Pooling: the integer window sum and log2(window), or None when the
-    window is not a power of two (that module divides)."""
-    if p["op"] in POOL_MODULES:
-        if p["op"] == "GlobalAveragePool":
-            acc = np.asarray(x, dtype=np.int64).sum(axis=(2, 3), keepdims=True)
-        else:
-            acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
-        n = p["window"]
-        return acc, (np.asarray(n.bit_length() - 1) if n & (n - 1) == 0 else None)
-    if p["op"] == "Conv":
-        acc = conv_int(x, p["weight"], p["strides"], p["pads"], p["dilations"], p["group"])
+def _window_sum(mod, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.int64)
+    if mod.op == "GlobalAveragePool":
+        return x.sum(axis=tuple(range(2, x.ndim)), keepdims=True)
+    a = mod.attrs
+    k = a["kernel_shape"]
+    pads = resolve_pads(a["auto_pad"], a["pads"], x.shape[2:], k, a["strides"], [1] * len(k))
+    ones = np.ones((x.shape[1], 1, *k), dtype=np.int64)
+    return conv_int(x, ones, a["strides"], pads, [1] * len(k), x.shape[1])
+
+
+def module_accumulator(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """A module up to its requantization: the integer sum it rounds (int64; int32 in the graph,
+    which the IR's bound guarantees). Linear: weights, bias, the accumulator's left shift and the
+    aligned residual; pooling: the window sum."""
+    if mod.op in POOL_MODULES:
+        return _window_sum(mod, x)
+    x = np.asarray(x, dtype=np.int64)
+    if mod.op == "Conv":
+        a = mod.attrs
+        pads = resolve_pads(a["auto_pad"], a["pads"], x.shape[2:], a["kernel_shape"], a["strides"], a["dilations"])
+        acc = conv_int(x, mod.weight, a["strides"], pads, a["dilations"], a["group"])
         cshape = (1, -1) + (1,) * (acc.ndim - 2)
-    else:
-        acc = np.matmul(np.asarray(x, dtype=np.int64), np.asarray(p["weight"], dtype=np.int64))
+    elif mod.op in ("Gemm", "MatMul"):
+        w = mod.weight.T if mod.attrs.get("transB") else mod.weight
+        acc = np.matmul(x, np.asarray(w, dtype=np.int64))
         cshape = (-1,)
-    if "bias" in p:
-        acc = acc + np.asarray(p["bias"], dtype=np.int64).reshape(cshape)
-    if "residual" in p:
-        k = np.asarray(p["residual_shift"]).reshape(cshape)
-        r = np.asarray(residual, dtype=np.int64)
-        acc = acc + (np.left_shift(r, np.maximum(k, 0)) if np.all(k >= 0) else rounding_shift(r, -k))
-    return acc, np.asarray(p.get("shift", 0)).reshape(cshape)
+    else:
+        raise ValueError(f"{mod.op} has no integer form")
+    if mod.bias is not None:
+        acc = acc + np.asarray(mod.bias, dtype=np.int64).reshape(cshape)
+    if mod.residual is not None:
+        acc = np.left_shift(acc, mod.acc_shift.reshape(cshape))
+        acc = acc + rounding_shift(residual, -mod.residual_shift.reshape(cshape))
+    return acc
+
+
+def channel_shape(mod, ndim: int) -> tuple:
+    """Shape that broadcasts a per-output-channel vector of `mod` against its ndim-D output."""
+    return (-1,) + (1,) * (ndim - 2) if mod.op in ("Conv", "ConvTranspose") else (-1,)
+
+
+def module_forward(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """One module of the quantized IR in integers: its accumulator, then ONE rounding (half to
+    even) and saturation to the output codes narrowed by the activation clamp. A linear module
+    writing a graph output returns its sum unrounded."""
+    acc = module_accumulator(mod, x, residual)
+    if mod.op in POOL_MODULES:
+        y = rounding_shift(acc, mod.shift) if mod.shift is not None else rounding_divide(acc, mod.window)
+        return np.clip(y, mod.code_min, mod.code_max)
+    if mod.output is None:
+        return acc
+    y = rounding_shift(acc, mod.shift.reshape(channel_shape(mod, acc.ndim)))
+    return np.clip(y, mod.code_min, mod.code_max)
 
 
 def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned: bool) -> tuple[int, int]:
@@ -300,17 +348,3 @@ def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned:
     return clo, chi
 
 
-def module_forward(p: dict, x: np.ndarray, residual: np.ndarray | None = None, bits: int = 8) -> np.ndarray:
-    """One unified module in integers, from its parameters (as recorded by the integer emitter):
-    accumulate in int64 (int32 in the graph), add the bias, add the residual shifted to the
-    accumulator's fraction, then ONE rounding shift and saturation to the code range narrowed by the
-    activation (Relu: unsigned codes; Clip(lo, hi): code_min/code_max)."""
-    acc, shift = module_accumulator(p, x, residual)
-    if p["op"] in POOL_MODULES:
-        if shift is None:
-            return rounding_divide(acc, p["window"], bits, p["unsigned"])
-        return rounding_shift(acc, shift, bits, p["unsigned"])
-    if p.get("float_output"):  # a graph output: the accumulator leaves as it is (then dequantized)
-        return acc
-    y = rounding_shift(acc, shift, bits, p["unsigned"])
-    return np.clip(y, p["code_min"], p["code_max"]) if "code_min" in p else y

@@ -1,8 +1,10 @@
 """What requantization costs in silicon: two requantizer circuits, synthesized and simulated.
 
 The two units (combinational; int32 accumulator in, int8 code out, or uint8 when `uns` is set):
-- shift: dfq-onnx's RoundingShift, y = sat(floor(acc / 2^s) + bit s-1 of acc), which is
-  floor((acc + 2^(s-1)) / 2^s), round half up (fixedpoint.rounding_shift). Per-channel shift s.
+- shift: dfq-onnx's RoundingShift, y = sat(floor(acc / 2^s) + round), round = bit s-1 of acc and
+  (any lower bit, or bit s: the quotient is odd): acc / 2^s rounded to nearest, ties to even, as
+  ONNX QuantizeLinear rounds (fixedpoint.rounding_shift). Per-channel shift s. Ties to even costs
+  an OR tree over the bits below the half bit and two gates over round half up.
 - multiplier: the requantizer of integer-only inference with float scales (gemmlowp/TFLite
   MultiplyByQuantizedMultiplier, right-shift case): saturating rounding doubling high multiply by
   a Q31 multiplier m, rounding divide by 2^s, saturate (fixedpoint.multiply_requant).
@@ -52,7 +54,7 @@ def verilog(unit: str, acc_bits: int = ACC_BITS, out_bits: int = OUT_BITS, shift
     a, o, sb = acc_bits, out_bits, shift_bits
     sat = _SATURATE.format(A=a, O=o)
     if unit == "shift":
-        return f"""// dfq-onnx rounding-shift requantizer: y = sat(floor(acc / 2^s) + acc[s-1])
+        return f"""// dfq-onnx rounding-shift requantizer: y = sat(round_half_to_even(acc / 2^s))
 module shift_requant (
     input  wire signed [{a - 1}:0] acc,
     input  wire [{sb - 1}:0] s,
@@ -60,7 +62,9 @@ module shift_requant (
     output wire [{o - 1}:0] y
 );
     wire signed [{a - 1}:0] q = acc >>> s;
-    wire round_bit = (s != 0) & acc[s - 1'b1];
+    wire [{a - 1}:0] low = (({a}'d1 << s) >> 1) - 1;          // the bits below the half bit
+    wire sticky = |(acc & low);
+    wire round_bit = (s != 0) & acc[s - 1'b1] & (sticky | q[0]);
     wire signed [{a}:0] r = {{q[{a - 1}], q}} + round_bit;
 """ + sat
     if unit == "multiplier":

@@ -33,7 +33,7 @@ from .baseline import ort_quantize
 from .calibration_data import DataSource, input_specs
 from .config import QuantConfig
 from .errors import DfqError
-from .fixedpoint import module_accumulator, multiply_requant, qrange, quantize_multiplier, rounding_shift
+from .fixedpoint import channel_shape, module_accumulator, multiply_requant, qrange, quantize_multiplier, rounding_shift
 from .report import inspect_model, requant_nodes
 
 PAPER = {"area": 15.0, "energy": 9.0}  # Geng et al., 2019: shift vs multiplier requantizer
@@ -67,19 +67,23 @@ def _first_batch(model: onnx.ModelProto, calib, preprocess) -> tuple[dict, int]:
     return batch, len(next(iter(batch.values())))
 
 
-def dfq_requantizers(params: list[dict], vals: dict, batch: int) -> list[dict]:
-    """Each requantization of dfq-onnx's integer graph: unit ("shift" or "divide"), accumulators
-    of the captured batch, per-element shift, output signedness, elements per inference, channels."""
+def dfq_requantizers(qm, vals: dict, symbols: dict, batch: int) -> list[dict]:
+    """Each requantization of dfq-onnx's integer graph (the quantized IR's integer modules): unit
+    ("shift" or "divide"), accumulators of the captured batch (the IR executed in numpy on the
+    integer graph's own module inputs), per-element shift, output signedness, elements per
+    inference, channels."""
     out = []
-    for p in params:
-        if p.get("float_output"):
-            continue  # a graph output: its int32 accumulator leaves unrounded
-        acc, s = module_accumulator(p, vals[p["int_input"]], vals[p["int_residual"]] if p["int_residual"] else None)
-        unit = "divide" if s is None else "shift"
-        out.append({"name": p["name"], "unit": unit, "acc": acc,
+    for m in qm.modules:
+        if not m.integer or m.output is None:
+            continue  # a float island, or a graph output: its int32 sum leaves unrounded
+        res = getattr(m, "residual", None)
+        acc = module_accumulator(m, vals[symbols[m.input.name]], vals[symbols[res.name]] if res else None)
+        s = None if m.shift is None else np.asarray(m.shift).reshape(
+            () if np.ndim(m.shift) == 0 else channel_shape(m, acc.ndim))
+        out.append({"name": m.name, "unit": "divide" if s is None else "shift", "acc": acc,
                     "shift": None if s is None else np.broadcast_to(s, acc.shape),
-                    "unsigned": bool(p["unsigned"]), "elements": acc.size // batch,
-                    "channels": 1 if s is None else int(np.asarray(p.get("shift", 0)).size)})
+                    "unsigned": bool(m.output.unsigned), "elements": acc.size // batch,
+                    "channels": 1 if s is None else int(np.asarray(m.shift).size)})
     return out
 
 
@@ -212,9 +216,10 @@ def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | N
     result = run(model, calib, QuantConfig(format="int", num_samples=num_samples), preprocess=preprocess)
     feeds, batch = _first_batch(result.model, calib, preprocess)  # same inputs as the float model
     step(f"capturing accumulators on {batch} calibration samples")
-    names = [p[k] for p in result.int_params for k in ("int_input", "int_residual") if p[k]]
+    qm, sym = result.quantized, result.symbols
+    names = [sym[t.name] for m in qm.modules if m.integer for t in (m.input, getattr(m, "residual", None)) if t]
     vals = _run(result.model, feeds, names, optimize=True)
-    dfq = dfq_requantizers(result.int_params, vals, batch)
+    dfq = dfq_requantizers(qm, vals, sym, batch)
     units = characterize(stream(dfq, values), step)
     step("quantizing with onnxruntime's quantizer")
     ort_model = ort_quantize(model, calib, num_samples=num_samples, preprocess=preprocess)

@@ -17,7 +17,7 @@ from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
 from .passes.choose_exponents import Exponents, choose_exponents, saturation_risks
-from .passes.emit_int import DOMAIN as INT_DOMAIN, emit_int, rounding_functions
+from .passes.emit_int import DOMAIN as INT_DOMAIN, INT_OPSET, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
 from .passes.search_exponents import SAMPLES as SEARCH_SAMPLES, search_exponents
@@ -25,6 +25,7 @@ from .passes.align_ranges import align_ranges
 from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
+from .quantized import QuantizedModel, build as build_quantized
 from .report import inspect_model
 
 
@@ -39,7 +40,8 @@ class ConvertResult:
     seconds: float = 0.0
     samples: int = 0
     facts: dict = field(default_factory=dict)
-    int_params: list = field(default_factory=list)  # integer module parameters (format "int")
+    quantized: QuantizedModel | None = None  # the quantized IR every format renders
+    symbols: dict = field(default_factory=dict)  # format "int": float tensor name -> its integer tensor
 
 
 def fuse(model) -> onnx.ModelProto:
@@ -57,7 +59,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction)."""
     config = config or QuantConfig()
     t0 = time.perf_counter()
-    original = load_model(model, INT16_QDQ_OPSET if config.uses_16bit_activations else MIN_OPSET)
+    original = load_model(model, INT16_QDQ_OPSET if config.uses_16bit_activations else
+                          INT_OPSET if config.format == "int" else MIN_OPSET)
     if calib is None:
         raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
                        "a folder of .npy files or of images), or --calib none for data-free mode")
@@ -124,14 +127,20 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.search_exponents and kept:  # data-free mode has no samples to search on
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
                                               on_group=on_search)
+
+    def quantized_model() -> QuantizedModel:
+        return build_quantized(graph, plan, exps, per_channel=config.per_channel, integer_graph=config.format == "int")
+
     bias_facts = {"bias_corrected": 0}
-    if config.bias_correction and not data_free:  # it measures errors on data
-        simulated = emit_qdq(graph, plan, exps, per_channel=config.per_channel)[0]
+    if config.bias_correction and not data_free:  # it measures errors on data, in QDQ (same rounding as int)
+        simulated = emit_qdq(graph, quantized_model())[0]
         graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES))
+    qm = quantized_model()
+    symbols = {}
     if config.format == "int":
-        graph, facts, int_params = emit_int(graph, plan, exps, act_bits=config.act_bits, per_channel=config.per_channel)
+        graph, facts, symbols = emit_int(graph, qm)
     else:
-        graph, facts, int_params = emit_qdq(graph, plan, exps, per_channel=config.per_channel)
+        graph, facts = emit_qdq(graph, qm)
 
     out = to_model(graph, original)
     if config.format == "int":
@@ -143,7 +152,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
                            seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts,
-                                     "saturation_guarded": len(guarded)}, int_params)
+                                     "narrowed": qm.facts["narrowed"], "residual_rounded": qm.facts["residual_rounded"],
+                                     "max_accumulator_bits": qm.facts["max_accumulator_bits"],
+                                     "saturation_guarded": len(guarded)}, qm, symbols)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result

@@ -22,6 +22,7 @@ from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.choose_exponents import choose_exponents
 from .passes.emit_qdq import emit_qdq
+from .quantized import build as build_quantized
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
 
@@ -78,7 +79,7 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
         step(f"module {i + 1}/{len(modules)}: {m.name}")
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method)
-        q = emit_qdq(graph, plan, exps, per_channel=config.per_channel)[0]
+        q = emit_qdq(graph, build_quantized(graph, plan, exps, per_channel=config.per_channel))[0]
         y = model_outputs(to_model(q, original).SerializeToString(), batches)
         noise = float(np.sum((ref - y) ** 2))
         sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))

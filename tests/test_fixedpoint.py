@@ -1,18 +1,21 @@
 """The numerical core against plain Python integer arithmetic."""
+from fractions import Fraction
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfq_onnx.fixedpoint import (activation_fraction, abs_histogram, is_pow2, max_fraction, pow2_scale,
-                                 qrange, quantize, rounding_shift, weight_fractions)
+                                 qrange, quantize, rounding_divide, rounding_shift, weight_fractions)
 
 INT32 = st.integers(-(2 ** 31), 2 ** 31 - 1)
 
 
 def ref_shift(a: int, s: int) -> int:
-    """Round half up, by Python's exact integer floor division."""
+    """a / 2^s rounded to nearest, ties to even, by Python's exact rationals (round() of a
+    Fraction rounds half to even)."""
     if s > 0:
-        return (a + (1 << (s - 1))) // (1 << s)
+        return round(Fraction(a, 1 << s))
     return a * (1 << -s)
 
 
@@ -36,11 +39,18 @@ def test_rounding_shift_saturates_to_the_code_range(a, s, unsigned):
     assert y == min(max(ref_shift(a, s), lo), hi)
 
 
-def test_rounding_shift_s_zero_is_identity_and_ties_round_up():
+def test_rounding_shift_s_zero_is_identity_and_ties_round_to_even():
     a = np.array([-(2 ** 31), -3, -2, -1, 0, 1, 2, 3, 2 ** 31 - 1])
     assert np.array_equal(rounding_shift(a, 0), a)
-    # ties: -1.5 -> -1, -0.5 -> 0, 0.5 -> 1, 1.5 -> 2
-    assert rounding_shift(np.array([-3, -1, 1, 3]), 1).tolist() == [-1, 0, 1, 2]
+    # ties: -2.5 -> -2, -1.5 -> -2, -0.5 -> 0, 0.5 -> 0, 1.5 -> 2, 2.5 -> 2 (as QuantizeLinear rounds)
+    assert rounding_shift(np.array([-5, -3, -1, 1, 3, 5]), 1).tolist() == [-2, -2, 0, 0, 2, 2]
+    assert rounding_shift(np.array([-5, -3, -1, 1, 3, 5]), 1).tolist() == np.rint([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]).tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(INT32, st.integers(1, 5000))
+def test_rounding_divide_matches_integer_reference(a, n):
+    assert int(rounding_divide(np.array([a]), n)[0]) == round(Fraction(a, n))
 
 
 def test_per_channel_shift_vector():

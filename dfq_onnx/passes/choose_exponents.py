@@ -8,8 +8,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..config import U8S8_SAFE_CODE
-from ..fixedpoint import activation_fraction, quantize, weight_fractions
+from ..fixedpoint import activation_fraction, weight_fractions
 from ..graph_utils import out_channel_axis
+from ..quantized import node_weight_codes
 from .calibrate import TensorStats
 from .form_modules import Plan
 
@@ -75,9 +76,7 @@ def saturation_risks(graph: gs.Graph, exps: Exponents, per_channel: bool) -> lis
     nodes = {n.name: n for n in graph.nodes}
     risky = []
     for name, fw in exps.weight.items():
-        node = nodes[name]
-        axis = out_channel_axis(node) if per_channel else None
-        q = quantize(np.asarray(node.inputs[1].values), fw if per_channel else fw[0], exps.weight_bits[name], axis=axis)
-        if np.abs(q).max() > U8S8_SAFE_CODE:
+        codes = node_weight_codes(nodes[name], fw, exps.weight_bits[name], per_channel)[0]
+        if np.abs(codes.astype(np.int64)).max() > U8S8_SAFE_CODE:
             risky.append(name)
     return risky

@@ -77,6 +77,9 @@ class Plan:
         if ra != rb:
             self.groups[rb] = ra
 
+    def module(self, name: str) -> Module:
+        return next(m for m in self.modules if m.name == name)
+
     def quantized(self, t: str) -> bool:
         return t in self.passthrough or t in self.requant
 

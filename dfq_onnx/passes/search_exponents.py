@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..fixedpoint import dequantize, pow2_scale, quantize
-from ..graph_utils import out_channel_axis
+from ..fixedpoint import pow2_scale
+from ..quantized import quantized_weight
 from ..model_io import analysis_session
 from .choose_exponents import Exponents
 from .emit_qdq import CODE_DTYPES
@@ -39,11 +39,8 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
     scale_in = {grp: gs.Variable(f"dfq_search_scale_{i}", dtype=np.float32, shape=[]) for i, grp in enumerate(groups)}
     for node in g.nodes:  # weights as the quantized graph has them
         if node.name in exps.weight:
-            w = np.asarray(node.inputs[1].values)
-            axis = out_channel_axis(node) if per_channel else None
-            fw = exps.weight[node.name] if per_channel else exps.weight[node.name][0]
-            q = quantize(w, fw, exps.weight_bits[node.name], axis=axis)
-            node.inputs[1] = gs.Constant(node.inputs[1].name + "_search", dequantize(q, fw, axis).astype(np.float32))
+            node.inputs[1] = gs.Constant(node.inputs[1].name + "_search",
+                                         quantized_weight(node, exps.weight[node.name], exps.weight_bits[node.name], per_channel))
     for t in plan.requant:
         src = tmap[t]
         dtype = CODE_DTYPES[(exps.bits_of(t), t in plan.unsigned)]

@@ -1,0 +1,314 @@
+"""The quantized model: every number that any rendering prints, computed once and range-checked.
+
+Built from the float graph, the quantization plan and the chosen exponents (`build`). Renderers
+(passes/emit_qdq.py, passes/emit_int.py, the numpy executor in fixedpoint.py, hw_report.py) only
+print or execute it; none of them quantizes a weight or a bias itself. Weight and bias
+quantization live here and nowhere else (`weight_codes`, `bias_codes`).
+
+A linear module computes, per output channel c, in integers:
+
+    acc[c] = sum(w_q * x_q) + bias_q[c]                      at fraction acc_frac[c] = f_x + f_w[c]
+    sum[c] = acc[c] << acc_shift[c]  +  align(r_q, residual_shift[c])   at fraction sum_frac[c]
+    y      = clamp(round_half_even(sum[c] / 2^shift[c]), code_min, code_max)
+
+where align(r, k) is r << k for k >= 0 and a rounding right shift by -k for k < 0 (only where the
+exact form could overflow int32; `Facts.residual_rounded` counts those channels). The worst case
+|sum| + 2^(shift-1) is proven below 2^31 for every channel: where it is not, that channel's weight
+fraction is lowered (`Facts.narrowed`) until it is. A graph output of a linear module leaves as
+its int32 sum (no rounding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .errors import DfqError
+from .fixedpoint import code_bounds, qrange, quantize
+from .graph_utils import attr_str, bias_of, clip_limits, out_channel_axis
+
+INT32_MAX = (1 << 31) - 1
+INTEGER_LINEAR = ("Conv", "Gemm", "MatMul")      # ops with an integer kernel (ConvInteger, MatMulInteger)
+INTEGER_ACTIVATIONS = (None, "Relu", "Relu6", "Clip")  # a clamp of the codes
+MAX_NARROWING = 64                                # weight-fraction steps tried before giving up
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A tensor held as b-bit codes q with value q * 2^-frac."""
+    name: str
+    frac: int
+    bits: int
+    unsigned: bool
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return qrange(self.bits, self.unsigned)
+
+    @property
+    def max_abs_code(self) -> int:
+        lo, hi = self.code_range
+        return max(-lo, hi)
+
+
+@dataclass(frozen=True, eq=False)
+class LinearModule:
+    """Conv, ConvTranspose, Gemm or MatMul + bias + optional residual + optional activation."""
+    name: str
+    op: str
+    input: QTensor
+    output: QTensor | None         # None: a graph output, left as the dequantized int32 sum
+    output_name: str               # the module's output tensor in the float graph
+    attrs: Mapping                 # Conv: strides, pads, dilations, group, kernel_shape, auto_pad; Gemm: transB
+    axis: int                      # axis of `weight` that indexes output channels
+    weight: np.ndarray             # int8 codes, the float weight's layout
+    weight_frac: np.ndarray        # (C,) int64; equal entries when weights are per tensor
+    per_channel: bool
+    weight_bits: int
+    bias: np.ndarray | None        # (C,) int32 at acc_frac, or None
+    acc_frac: np.ndarray           # (C,) f_x + f_w[c]
+    acc_shift: np.ndarray          # (C,) >= 0: left shift of acc before the residual is added
+    residual: QTensor | None
+    residual_shift: np.ndarray | None  # (C,) left shift of the residual codes (< 0: rounding right shift)
+    sum_frac: np.ndarray           # (C,) fraction of the sum that is requantized
+    shift: np.ndarray              # (C,) sum_frac - output frac: right shift (< 0: left shift)
+    code_min: int                  # activation clamp on the output codes (within the code range)
+    code_max: int
+    activation: str | None         # Relu, Relu6, Clip, LeakyRelu
+    act_limits: tuple              # (lo, hi) float limits of a Relu/Relu6/Clip, None where unbounded
+    pre_add: QTensor | None        # QDQ "ort" layout: the linear result requantized before the residual Add
+    acc_bound: int                 # proven max over channels of |sum| (+ rounding half)
+    integer: bool                  # has an integer-only form (else a float island in the integer graph)
+
+    @property
+    def channels(self) -> int:
+        return int(self.weight.shape[self.axis])
+
+    def weight_scale_frac(self):
+        """Fraction(s) of the weight codes: a vector per channel, or one value per tensor."""
+        return self.weight_frac if self.per_channel else self.weight_frac[:1].reshape(())
+
+    def dequantized_weight(self) -> np.ndarray:
+        return np.ldexp(self.weight.astype(np.float64), -_along(self.weight_frac, self.weight.ndim, self.axis))
+
+
+@dataclass(frozen=True, eq=False)
+class PoolModule:
+    """GlobalAveragePool or AveragePool: integer window sum, then one rounding at the same fraction."""
+    name: str
+    op: str
+    input: QTensor
+    output: QTensor
+    output_name: str
+    attrs: Mapping                 # kernel_shape, strides, pads, auto_pad (AveragePool)
+    window: int                    # elements per window (one divisor for every window)
+    shift: int | None              # log2(window) when a power of two, else None (a rounding division)
+    code_min: int
+    code_max: int
+    acc_bound: int
+    integer: bool
+
+
+@dataclass
+class QuantizedModel:
+    """The quantized IR. `tensors` holds every requantized tensor of the plan; pass-through outputs
+    carry their source's QTensor (`tensor()`)."""
+    plan: object                   # passes.form_modules.Plan
+    tensors: dict[str, QTensor]
+    modules: list                  # LinearModule | PoolModule, in graph order
+    facts: dict = field(default_factory=dict)
+
+    def tensor(self, name: str) -> QTensor:
+        """The QTensor of `name`: its own, or (a pass-through output) its source's codes under its name."""
+        src = self.tensors[self.plan.source(name)]
+        return src if src.name == name else replace(src, name=name)
+
+    def module(self, name: str):
+        return next(m for m in self.modules if m.name == name)
+
+
+# --- the quantization arithmetic of weights and biases -------------------------------------------
+def weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int8 codes of a float weight at a fraction per slice along `axis` (round half to even)."""
+    return quantize(np.asarray(w), _along(frac, np.ndim(w), axis), bits).astype(np.int8)
+
+
+def bias_codes(b: np.ndarray, acc_frac: np.ndarray) -> np.ndarray:
+    """A float bias per output channel at the accumulator's fraction, as int64 (the caller
+    proves the int32 range)."""
+    return np.rint(np.ldexp(np.asarray(b, dtype=np.float64), np.asarray(acc_frac, dtype=np.int64))).astype(np.int64)
+
+
+def node_weight_codes(node: gs.Node, frac, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(codes, fraction per output channel, channel axis) of a linear node's weight at `frac`
+    (per channel, or its first entry for the whole tensor)."""
+    w = np.asarray(node.inputs[1].values)
+    axis = out_channel_axis(node)
+    fr = np.broadcast_to(np.asarray(frac, np.int64), (w.shape[axis],)).copy() if per_channel else \
+        np.full(w.shape[axis], int(np.asarray(frac).reshape(-1)[0]), np.int64)
+    return weight_codes(w, fr, bits, axis), fr, axis
+
+
+def quantized_weight(node: gs.Node, frac, bits: int, per_channel: bool) -> np.ndarray:
+    """The float values of a node's weight after quantization: what every simulation uses."""
+    q, fr, axis = node_weight_codes(node, frac, bits, per_channel)
+    return np.ldexp(q.astype(np.float64), -_along(fr, q.ndim, axis)).astype(np.float32)
+
+
+def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(v, dtype=np.int64).reshape(shape)
+
+
+def _sum_abs_per_channel(q: np.ndarray, axis: int) -> np.ndarray:
+    return np.abs(q.astype(np.int64)).sum(axis=tuple(i for i in range(q.ndim) if i != axis))
+
+
+# --- construction --------------------------------------------------------------------------------
+def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool = False) -> QuantizedModel:
+    """The quantized model of `graph` under `plan` and `exps` (passes/choose_exponents.py).
+
+    Guarantees: every module's worst-case accumulator (sum |w_q| * max|x_q| + |bias_q| + aligned
+    residual, plus the rounding half) is below 2^31 in every channel, so no rendering can wrap;
+    biases are int32 at exactly f_x + f_w[c]; activation clamps are code bounds inside the output's
+    code range (a Relu clamps at code 0 even when its output shares a signed fraction group).
+    integer_graph: the plan is the integer graph's (unified modules), so a residual is never
+    requantized before its Add.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    tmap = graph.tensors()
+    tensors = {t: QTensor(t, int(exps.act[t]), int(exps.act_bits.get(t, 8)), t in plan.unsigned) for t in plan.requant}
+    facts = {"narrowed": {}, "residual_rounded": 0, "max_accumulator_bits": 0}
+    qm = QuantizedModel(plan, tensors, [], facts)
+    for m in plan.modules:
+        if m.kind == "pool":
+            mod = _pool(m, nodes[m.name], tmap, qm)
+        else:
+            mod = _linear(m, nodes, qm, exps, per_channel, integer_graph)
+        qm.modules.append(mod)
+        if mod.acc_bound > 0:
+            facts["max_accumulator_bits"] = max(facts["max_accumulator_bits"], int(mod.acc_bound).bit_length() + 1)
+    return qm
+
+
+def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph: bool) -> LinearModule:
+    node = nodes[m.name]
+    plan = qm.plan
+    w = np.asarray(node.inputs[1].values)
+    bits = exps.weight_bits[m.name]
+    _, frac, axis = node_weight_codes(node, exps.weight[m.name], bits, per_channel)
+    channels = w.shape[axis]
+    x = qm.tensor(m.input)
+    out = None if m.output in plan.float_outputs else qm.tensor(m.output)
+    res = qm.tensor(m.residual_input) if m.residual_input else None
+    pre_add = None
+    if m.residual and not integer_graph:
+        pre = next((t for t in plan.requant if plan.requant_kind.get(t) == "residual"
+                    and t in {i.name for i in nodes[m.residual].inputs}), None)
+        pre_add = qm.tensors.get(pre) if pre else None
+    b = bias_of(node)
+    if b is None and m.bias_add is not None:
+        add = nodes[m.bias_add]
+        b = add.inputs[1] if isinstance(add.inputs[1], gs.Constant) else add.inputs[0]
+    bias_f = None if b is None else np.broadcast_to(np.asarray(b.values, np.float64).reshape(-1), (channels,))
+    act_node = nodes[m.nodes[-1]] if m.activation else None
+    attrs = _linear_attrs(node)
+    integer = node.op in INTEGER_LINEAR and m.activation in INTEGER_ACTIVATIONS and pre_add is None
+
+    rounded = np.zeros(channels, bool)  # channels whose residual is right-shifted (the exact form overflows)
+    for _ in range(MAX_NARROWING):
+        q = weight_codes(w, frac, bits, axis)
+        acc_frac = x.frac + frac
+        bq = None if bias_f is None else bias_codes(bias_f, acc_frac)
+        bound = _sum_abs_per_channel(q, axis) * x.max_abs_code + (0 if bq is None else np.abs(bq))
+        if res is not None:
+            k = acc_frac - res.frac
+            acc_shift = np.where(rounded, 0, np.maximum(-k, 0))
+            sum_frac = acc_frac + acc_shift
+            rshift = sum_frac - res.frac
+            r_part = np.where(rshift >= 0, res.max_abs_code * np.ldexp(1.0, np.maximum(rshift, 0)),
+                              np.ceil(res.max_abs_code * np.ldexp(1.0, np.minimum(rshift, 0))))
+            total = bound * np.ldexp(1.0, acc_shift) + r_part
+        else:
+            acc_shift, sum_frac, rshift = np.zeros(channels, np.int64), acc_frac, None
+            total = bound.astype(np.float64)
+        shift = sum_frac - (out.frac if out is not None else sum_frac)
+        half = np.where(shift > 0, np.ldexp(1.0, np.maximum(shift - 1, 0)), 0.0)
+        over = total + half > INT32_MAX
+        if bq is not None:
+            over |= np.abs(bq) > INT32_MAX
+        if not over.any():
+            break
+        if res is not None and np.any(over & (acc_shift > 0)):
+            rounded |= over & (acc_shift > 0)  # keep the weights, round the residual instead
+            continue
+        step = over if per_channel else np.ones(channels, bool)
+        frac = frac - step.astype(np.int64)
+        narrowed = qm.facts["narrowed"]
+        narrowed[m.name] = narrowed.get(m.name, 0) + int(step.sum())
+    else:
+        raise DfqError(f"module {m.name}: no weight fraction keeps its accumulator within int32")
+    qm.facts["residual_rounded"] += int(rounded.sum())
+    lo, hi = clip_limits(act_node) if m.activation in ("Relu", "Relu6", "Clip") else (None, None)
+    if out is not None:
+        code_min, code_max = code_bounds(lo, hi, out.frac, out.bits, out.unsigned)
+    else:
+        code_min, code_max = -(1 << 31), INT32_MAX
+    q.setflags(write=False)
+    return LinearModule(
+        name=m.name, op=node.op, input=x, output=out, output_name=m.output, attrs=attrs, axis=axis,
+        weight=q, weight_frac=frac, per_channel=per_channel, weight_bits=bits,
+        bias=None if bq is None else bq.astype(np.int32), acc_frac=acc_frac, acc_shift=acc_shift.astype(np.int64),
+        residual=res, residual_shift=None if rshift is None else rshift.astype(np.int64),
+        sum_frac=sum_frac.astype(np.int64), shift=shift.astype(np.int64), code_min=code_min, code_max=code_max,
+        activation=m.activation, act_limits=(lo, hi), pre_add=pre_add, acc_bound=int(np.max(total + half)) if total.size else 0,
+        integer=integer)
+
+
+def _linear_attrs(node: gs.Node) -> dict:
+    if node.op in ("Conv", "ConvTranspose"):
+        nd = np.ndim(node.inputs[1].values) - 2
+        a = node.attrs
+        return {"strides": [int(v) for v in a.get("strides", [1] * nd)],
+                "pads": [int(v) for v in a.get("pads", [0] * 2 * nd)],
+                "dilations": [int(v) for v in a.get("dilations", [1] * nd)],
+                "group": int(a.get("group", 1)),
+                "kernel_shape": list(np.shape(node.inputs[1].values)[2:]),
+                "auto_pad": attr_str(node, "auto_pad", "NOTSET")}
+    if node.op == "Gemm":
+        return {"transB": int(node.attrs.get("transB", 0))}
+    return {}
+
+
+def _pool(m, node: gs.Node, tmap, qm: QuantizedModel) -> PoolModule:
+    x = qm.tensor(m.input)
+    out = qm.tensor(m.output)
+    shape = tmap[m.input].shape
+    attrs: dict = {}
+    integer = shape is not None and len(shape) == 4 and isinstance(shape[1], int)
+    if m.op == "GlobalAveragePool":
+        spatial = list(shape[2:]) if integer else []
+        integer = integer and all(isinstance(d, int) and d > 0 for d in spatial)
+        window = int(np.prod(spatial)) if integer else 1
+    else:
+        a = node.attrs
+        k = [int(v) for v in a["kernel_shape"]]
+        auto_pad = attr_str(node, "auto_pad", "NOTSET")
+        pads = [int(v) for v in a.get("pads", [0] * 2 * len(k))]
+        padded = any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER")
+        # one divisor for every window: no padding, or padding counted; ceil_mode windows may run past it
+        integer = integer and (not padded or int(a.get("count_include_pad", 0)) == 1) \
+            and not int(a.get("ceil_mode", 0)) and all(int(d) == 1 for d in a.get("dilations", [1] * len(k)))
+        window = int(np.prod(k))
+        attrs = {"kernel_shape": k, "strides": [int(v) for v in a.get("strides", [1] * len(k))], "pads": pads,
+                 "auto_pad": auto_pad}
+    bound = window * x.max_abs_code
+    shift = window.bit_length() - 1 if window & (window - 1) == 0 else None
+    bound += (1 << (shift - 1)) if shift else window // 2
+    if bound > INT32_MAX:
+        integer = False
+    code_min, code_max = out.code_range
+    return PoolModule(m.name, m.op, x, out, m.output, attrs, window, shift, code_min, code_max, bound, integer)
