@@ -24,3 +24,13 @@ def shipped_qdq():
     from dfq_onnx.pipeline import run
 
     return run(SHIPPED, CALIB)
+
+
+@pytest.fixture(scope="session")
+def shipped_int_unified_pair():
+    """The shipped model converted to the integer graph and to the unified-layout QDQ graph (the
+    same modules, one requantization each)."""
+    from dfq_onnx import QuantConfig
+    from dfq_onnx.pipeline import run
+
+    return run(SHIPPED, CALIB, QuantConfig(format="int")), run(SHIPPED, CALIB, QuantConfig(layout="unified"))

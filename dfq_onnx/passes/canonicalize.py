@@ -12,7 +12,9 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     """Return a copy in canonical form, computing the same function.
 
     Guarantees: no Constant, Identity or (inference-mode) Dropout nodes remain; a zero Pad of the
-    spatial axes read only by a Conv is folded into the Conv's pads; except an Identity
+    spatial axes read only by a Conv is folded into the Conv's pads; a Gemm has alpha = beta = 1,
+    transA = 0 and a C that is absent or a constant vector over its output columns (see
+    _canonical_gemm); except an Identity
     that connects a graph input straight to a graph output; a two-input Sum is an Add; every subexpression of constants is
     folded into an initializer and shapes are re-inferred from the folded values; nodes are topologically sorted and every node has a unique name.
     """
@@ -47,6 +49,8 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     g.cleanup()
     for node in list(g.nodes):
         _fold_pad_into_conv(g, node)
+        if node.op == "Gemm":
+            _canonical_gemm(g, node)
     g.cleanup()
     g = with_inferred_shapes(g)
     g.toposort()
@@ -59,6 +63,52 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
             node.name = new_name(g, node.name)
         seen.add(node.name)
     return g
+
+
+def _canonical_gemm(g: gs.Graph, gemm: gs.Node) -> None:
+    """Gemm(A, B, C; alpha, beta, transA) -> Transpose(A) when transA, alpha folded into a constant
+    B, beta into a constant C; a C that is computed, or a constant that is not one value per output
+    column, moves to an Add after the Gemm (a computed C scaled by a Mul when beta != 1), which
+    form_modules then treats as any other Add (a residual or a float op). Exactly the same
+    function, up to float rounding of the folded constants."""
+    a = gemm.attrs
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    b = gemm.inputs[1]
+    if int(a.get("transA", 0)):
+        t = gs.Variable(new_name(g, f"{gemm.name}_A_transposed"), dtype=gemm.inputs[0].dtype)
+        g.nodes.append(gs.Node("Transpose", new_name(g, f"{gemm.name}_transA"), {"perm": [1, 0]}, [gemm.inputs[0]], [t]))
+        gemm.inputs[0] = t
+        a["transA"] = 0
+    if alpha != 1.0 and isinstance(b, gs.Constant):
+        gemm.inputs[1] = gs.Constant(new_name(g, f"{b.name}_alpha"), (np.asarray(b.values) * alpha).astype(b.values.dtype))
+        a["alpha"] = alpha = 1.0
+    c = gemm.inputs[2] if len(gemm.inputs) > 2 and gemm.inputs[2].name else None
+    if c is None:
+        return
+    n = np.shape(b.values)[0 if int(a.get("transB", 0)) else 1] if isinstance(b, gs.Constant) else None
+    cv = const_value(c)
+    if cv is not None and n is not None and cv.size in (1, n) and cv.ndim <= 2 and (cv.ndim < 2 or cv.shape[0] == 1):
+        if beta != 1.0 or cv.size != n or cv.ndim != 1:
+            vec = np.broadcast_to(cv.reshape(-1) * beta, (n,)).astype(cv.dtype)
+            gemm.inputs[2] = gs.Constant(new_name(g, f"{c.name}_bias"), np.ascontiguousarray(vec))
+            a["beta"] = 1.0
+        return
+    if alpha != 1.0:
+        return  # a computed B and a computed C: nothing to canonicalize into a module
+    out = gemm.outputs[0]
+    mid = gs.Variable(new_name(g, f"{gemm.name}_product"), dtype=out.dtype)
+    gemm.outputs[0] = mid
+    del gemm.inputs[2]
+    a.pop("beta", None)
+    if beta != 1.0:
+        if cv is not None:
+            c = gs.Constant(new_name(g, f"{c.name}_beta"), (cv * beta).astype(cv.dtype))
+        else:
+            scaled = gs.Variable(new_name(g, f"{gemm.name}_C_scaled"), dtype=out.dtype)
+            g.nodes.append(gs.Node("Mul", new_name(g, f"{gemm.name}_beta"), {},
+                                   [c, gs.Constant(new_name(g, f"{gemm.name}_beta_value"), np.array(beta, np.float32))], [scaled]))
+            c = scaled
+    g.nodes.append(gs.Node("Add", new_name(g, f"{gemm.name}_C"), {}, [mid, c], [out]))
 
 
 def _fold_pad_into_conv(g: gs.Graph, pad: gs.Node) -> None:
