@@ -41,7 +41,7 @@ class ConvertResult:
     samples: int = 0
     facts: dict = field(default_factory=dict)
     quantized: QuantizedModel | None = None  # the quantized IR every format renders
-    symbols: dict = field(default_factory=dict)  # format "int": float tensor name -> its integer tensor
+    symbols: dict = field(default_factory=dict)  # float tensor name -> the tensor of its integer codes
 
 
 def fuse(model) -> onnx.ModelProto:
@@ -140,7 +140,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.format == "int":
         graph, facts, symbols = emit_int(graph, qm)
     else:
-        graph, facts = emit_qdq(graph, qm)
+        graph, facts, symbols = emit_qdq(graph, qm)
 
     out = to_model(graph, original)
     if config.format == "int":

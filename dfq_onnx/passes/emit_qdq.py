@@ -13,9 +13,10 @@ CODE_DTYPES = {(8, False): np.int8, (8, True): np.uint8, (16, False): np.int16, 
 INT16_QDQ_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16 codes
 
 
-def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict]:
+def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[str, str]]:
     """Return a copy of `graph` with the quantized model `qm` (quantized.py) written as
-    QuantizeLinear/DequantizeLinear pairs, and facts for the report.
+    QuantizeLinear/DequantizeLinear pairs, facts for the report, and a symbol table: requantized
+    or pass-through tensor name -> the tensor holding its integer codes (after a code Clip).
 
     Guarantees: every linear module's weight is its int8 codes behind a DequantizeLinear (per
     output channel with `axis`, or per tensor), its bias its int32 codes at exactly
@@ -35,6 +36,7 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict]:
     nodes = {n.name: n for n in g.nodes}
     tmap = g.tensors()
     facts = {"relu_dropped": 0, "clip_on_codes": 0}
+    symbols: dict[str, str] = {}
     consts: dict[tuple, gs.Constant] = {}
 
     def const(kind: str, value: np.ndarray) -> gs.Constant:
@@ -114,6 +116,7 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict]:
                                    [q_out, const("code_min", np.array(code_clip[0], dtype=zp_dtype)),
                                     const("code_max", np.array(code_clip[1], dtype=zp_dtype))], [clipped]))
             q_out = clipped
+        symbols[name] = q_out.name
         g.nodes.append(gs.Node("DequantizeLinear", new_name(g, f"{name}_DequantizeLinear"), {},
                                [q_out, scale, zp], [dq_out]))
         for r in readers:
@@ -127,5 +130,5 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict]:
             out_ids = {id(o) for o in g.outputs}
     g.cleanup()
     g.toposort()
-    return g, facts
+    return g, facts, symbols
 

@@ -46,8 +46,8 @@ class Plan:
     groups: tensor -> representative; tensors of one group share one fraction (Concat inputs,
         a pooling op's input and output).
     unsigned: tensors that are provably non-negative.
-    float_outputs: outputs of linear modules that are graph outputs: not requantized, they leave
-        at the accumulator's precision (dequantized int32).
+    float_outputs: outputs of linear modules that are graph outputs read by no node: not
+        requantized, they leave at the accumulator's precision (dequantized int32).
     float_nodes: names of nodes that stay float (float islands), by op type in `float_ops`.
     """
     modules: list[Module]
@@ -196,8 +196,8 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                 pre = next(t.name for t in nodes[m.residual].inputs if t.name != m.residual_input)
                 plan.requant.append(pre)
                 plan.requant_kind[pre] = "residual"
-            if m.kind == "linear" and m.output in graph_outputs:
-                plan.float_outputs.add(m.output)  # read by the user, not by a quantized op
+            if m.kind == "linear" and m.output in graph_outputs and not tensors[m.output].outputs:
+                plan.float_outputs.add(m.output)  # read by the user only, not by another op
                 continue
             plan.requant.append(m.output)
             plan.requant_kind[m.output] = "module"
