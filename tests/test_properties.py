@@ -37,22 +37,57 @@ def sqnr(ref: np.ndarray, y: np.ndarray) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
 
 
-def crest(t: np.ndarray, top: float | None = None) -> float:
-    """max|t| / rms(t); with `top`, the largest value of the tensor's fraction group instead."""
-    t = t.astype(np.float64)
-    rms = np.sqrt(np.mean(t ** 2))
-    return float((np.max(np.abs(t)) if top is None else top) / rms) if rms > 0 else 1.0
+def pow2_step(max_abs, bits: int):
+    """The rounding step of a b-bit signed code whose power-of-two scale just covers max_abs."""
+    return np.ldexp(1.0, np.ceil(np.log2(np.maximum(max_abs, 1e-30) / (2 ** (bits - 1) - 1))).astype(int))
 
 
-def sqnr_bound(crest_max: float, bits: int, roundings: int) -> float:
-    """A floor for the output SQNR of a b-bit power-of-two quantization with `roundings` rounding
-    stages (requantizations and weight quantizations), each at most as noisy as quantizing the
-    worst-shaped tensor: uniform noise of step 2 max|t| / 2^b has SQNR 6.02 b + 4.77 -
-    20 log10(crest) with crest = max|t| / rms(t) (the largest over the model's quantized tensors);
-    a power-of-two scale may waste one bit (6.02 dB); noise from `roundings` stages adds in power.
-    Another 6.02 dB cover the stages' noise gain through the layers (random He-scaled weights keep
-    the signal power)."""
-    return 6.02 * bits + 4.77 - 20 * np.log10(crest_max) - 6.02 - 10 * np.log10(roundings) - 6.02
+def noise_bound_sqnr(float_model, feeds: dict, tensors, bits: int, draws: int = 16) -> float:
+    """The output SQNR that the bit widths alone predict, measured on the float model: every
+    quantized tensor and every weight (per output channel) gets independent uniform noise of
+    its power-of-two step at b bits (the rounding noise of a quantizer that never clips), and
+    the output is compared with the clean one: signal power over the noise power averaged over
+    `draws` independent draws (its expectation). Nothing of dfq-onnx's choices enters but the list
+    of tensors it rounds."""
+    import onnx_graphsurgeon as gs
+    from dfq_onnx.graph_utils import out_channel_axis
+
+    rng = np.random.default_rng(0)
+    clean = values(float_model, feeds, tensors)
+    g = gs.import_onnx(float_model)
+    tmap = g.tensors()
+    noise = {}
+    for t in tensors:
+        v = tmap[t]
+        step = pow2_step(np.max(np.abs(clean[t])), bits)
+        n = gs.Variable(f"{t}_noise_in", dtype=np.float32, shape=list(clean[t].shape))
+        out = gs.Variable(f"{t}_noisy", dtype=np.float32)
+        readers = list(v.outputs)
+        g.nodes.append(gs.Node("Add", f"{t}_noise", inputs=[v, n], outputs=[out]))
+        for r in readers:
+            r.inputs = [out if i is v else i for i in r.inputs]
+        g.outputs = [out if o is v else o for o in g.outputs]
+        g.inputs.append(n)
+        noise[n.name] = (rng.uniform(-0.5, 0.5, (draws,) + clean[t].shape) * step).astype(np.float32)
+    weights = []
+    for node in g.nodes:
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and isinstance(node.inputs[1], gs.Constant):
+            w = np.asarray(node.inputs[1].values, np.float64)
+            ax = out_channel_axis(node)
+            m = np.max(np.abs(np.moveaxis(w, ax, 0).reshape(w.shape[ax], -1)), axis=1)
+            shape = [1] * w.ndim
+            shape[ax] = -1
+            weights.append((node, w, pow2_step(m, bits).reshape(shape)))
+    ref = run_ort(float_model, feeds)
+    signal = [np.sum(a.astype(np.float64) ** 2) for a in ref]
+    power = [0.0] * len(ref)
+    for d in range(draws):
+        for node, w, step in weights:
+            node.inputs[1] = gs.Constant(f"{node.name}_noisy_weight_{d}",
+                                         (w + rng.uniform(-0.5, 0.5, w.shape) * step).astype(np.float32))
+        y = run_ort(gs.export_onnx(g.copy().cleanup().toposort()), {**feeds, **{k: v[d] for k, v in noise.items()}})
+        power = [p + np.sum((a.astype(np.float64) - b) ** 2) / draws for p, a, b in zip(power, ref, y)]
+    return min(10 * np.log10(s / p) if p > 0 else np.inf for s, p in zip(signal, power) if s > 0)
 
 
 def values(model: onnx.ModelProto, feeds: dict, names) -> dict:
@@ -83,7 +118,11 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
         got = vi[ri.symbols[m.output_name]].astype(np.int64)
         np.testing.assert_array_equal(module_forward(m, vi[ri.symbols[m.input.name]], r), got, err_msg=m.name)
     outs = run_ort(ri.model, feeds)
-    if case.reference_ok and not ri.float_ops and not ri.facts["float_modules"]:  # float islands may round differently
+    # onnx.reference pads integer MaxPool inputs with NaN (it cannot); float islands may round differently
+    int_pool_pads = any(n.op_type == "MaxPool" and any((a.name == "pads" and any(a.ints)) or
+                                                       (a.name == "auto_pad" and a.s.startswith(b"SAME"))
+                                                       for a in n.attribute) for n in ri.model.graph.node)
+    if case.reference_ok and not int_pool_pads and not ri.float_ops and not ri.facts["float_modules"]:
         from onnx.reference import ReferenceEvaluator
         for a, b in zip(outs, ReferenceEvaluator(ri.model).run(None, feeds)):
             np.testing.assert_array_equal(a, b)
@@ -96,23 +135,8 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
         diff = np.abs(module_forward(m, vq[rq.symbols[m.input.name]], r) - vq[rq.symbols[m.output.name]].astype(np.int64))
         assert diff.max(initial=0) <= (0 if m.acc_bound < FLOAT32_EXACT else 1), (m.name, m.acc_bound, diff.max())
 
-    # 3. SQNR against float above the bit-width bound, for both renderings
-    ref = run_ort(case.model, feeds)
-    roundings = len(rq.quantized.tensors) + sum(1 for m in qm.modules if hasattr(m, "weight"))
-    inner = values(fuse(case.model), feeds, list(rq.quantized.tensors))
-    plan = qm.plan
-    top = {}
-    for t, v in inner.items():
-        top[plan.group(t)] = max(top.get(plan.group(t), 0.0), float(np.max(np.abs(v))))
-    worst = max([crest(v, top[plan.group(t)]) for t, v in inner.items()] + [crest(a) for a in ref])
-    for fmt, y in (("qdq", run_ort(rq.model, feeds)), ("int", outs)):
-        for k, (a, b) in enumerate(zip(ref, y)):
-            if np.sqrt(np.mean(a.astype(np.float64) ** 2)) == 0:
-                continue  # an all-zero output (a Relu of negatives): nothing to measure
-            bound = sqnr_bound(worst, 8, roundings)
-            assert sqnr(a, b) >= bound, (fmt, k, sqnr(a, b), bound)
-
     # 4. every node accounted for: module, pass-through or float island
+    plan = qm.plan
     in_modules = {n for m in plan.modules for n in m.nodes}
     passing = set(plan.passthrough)
     seen = set()
@@ -122,6 +146,18 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
         else:
             raise AssertionError(f"{node.op} {node.name} is neither quantized nor a float island")
     assert sum(plan.float_ops.values()) == len(plan.float_nodes)
+
+    # 3. SQNR against float at least the bit widths' prediction (noise_bound_sqnr), for both renderings, on the calibration samples (test samples beyond
+    #    the calibrated range are clipped: no bit-width bound holds there). Margin: 6 dB, a
+    #    deterministic rounding's noise may be 4x its expectation where few terms add up.
+    feeds = case.feeds_calib
+    ref = run_ort(case.model, feeds)
+    if all(not np.any(a) for a in ref):
+        return  # all-zero outputs (a Relu of negatives): nothing to measure
+    bound = noise_bound_sqnr(fuse(case.model), feeds, list(rq.quantized.tensors), 8) - 6.0
+    for fmt, y in (("qdq", run_ort(rq.model, feeds)), ("int", run_ort(ri.model, feeds))):
+        got = min(sqnr(a, b) for a, b in zip(ref, y) if np.any(a))
+        assert got >= bound, (fmt, got, bound)
 
 
 def _canonical_nodes(model):

@@ -46,8 +46,8 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         x = _pre_rounding_input(q_node)
         if x is None:
             continue
-        act = act_of.get(plan.source(m.input))
-        if act is not None and x.name != plan.source(m.input):  # its activation runs on the codes: apply it
+        act = act_of.get(m.input) if m.input in plan.requant else None  # not after a pass-through (a Concat
+        if act is not None and x.name != m.input:  # of other branches): its activation runs on the codes: apply it
             lo, hi = clip_limits(act)
             x = _new(probe, "Clip", [x, _c(probe, -3.4e38 if lo is None else lo), _c(probe, 3.4e38 if hi is None else hi)])
         ref = _new(probe, node.op, [x, gs.Constant(new_name(probe, f"{m.name}_float_w"), np.asarray(node.inputs[1].values)),
