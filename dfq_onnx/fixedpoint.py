@@ -341,7 +341,7 @@ def module_forward(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np
 def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned: bool) -> tuple[int, int]:
     """An activation clamp(x, lo, hi) applied after rounding to fraction f: bounds on the codes,
     intersected with the code range. Exact, because min/max commute with a monotone rounding
-    (ties aside: QuantizeLinear rounds half to even, the shift half up)."""
+    (QuantizeLinear and the rounding shift both round ties to even)."""
     qlo, qhi = qrange(bits, unsigned)
     clo = qlo if lo is None else int(np.clip(np.rint(np.ldexp(float(lo), f)), qlo, qhi))
     chi = qhi if hi is None else int(np.clip(np.rint(np.ldexp(float(hi), f)), qlo, qhi))
