@@ -162,6 +162,8 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
     if all(not np.any(a) for a in ref):
         return  # all-zero outputs (a Relu of negatives): nothing to measure
     bound = noise_bound_sqnr(fuse(case.model), feeds, list(rq.quantized.tensors), plan.group, 8) - 12.0
+    if not np.isfinite(bound):
+        return  # the noise never reaches the outputs (a Relu that is always off): no floor to test
     for fmt, y in (("qdq", run_ort(rq.model, feeds)), ("int", run_ort(ri.model, feeds))):
         got = min(sqnr(a, b) for a, b in zip(ref, y) if np.any(a))
         assert got >= bound, (fmt, got, bound)
