@@ -83,7 +83,7 @@ def inspect_model(model) -> dict:
     compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
                                                                                   "Shape", "Gather", "Cast")]
     inits = {i.name for i in g.initializer}
-    quantized = any(op in op_types for op in QDQ_OPS + SHIFT_OPS + INTEGER_LINEAR)
+    quantized = any(op in QDQ_OPS + INTEGER_LINEAR or op.startswith(SHIFT_OPS) for op in op_types)
     return {
         "opset": default_opset(m),
         "nodes": len(g.node),
@@ -104,7 +104,7 @@ def inspect_model(model) -> dict:
 def _requant_kind(n: onnx.NodeProto, producer, consts) -> str | None:
     """"requant" for a requantization point, "lossless" for a QuantizeLinear that rounds nothing
     (see the module docstring), None for any other node."""
-    if n.op_type in SHIFT_OPS:
+    if n.op_type.startswith(SHIFT_OPS):  # RoundingShift and its variants, RoundingDivide
         return "requant"
     if n.op_type != "QuantizeLinear" or n.input[0] in consts:
         return None

@@ -116,14 +116,15 @@ def test_one_requantization_per_module_plus_the_input(shipped_int):
     info = dfq_onnx.inspect(shipped_int.model)
     ops = info["op_types"]
     assert info["modules"] == 8
-    assert ops.get("RoundingShift", 0) + ops.get("RoundingDivide", 0) == info["modules"] - 1
+    assert sum(n for op, n in ops.items() if op.startswith(("RoundingShift", "RoundingDivide"))) == info["modules"] - 1
     assert info["requant_points"] == 8  # 7 modules + the graph input's QuantizeLinear
     assert "Conv" not in ops and "Gemm" not in ops and ops["ConvInteger"] == 6 and ops["MatMulInteger"] == 1
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
     assert info["scales"]["total"] == info["scales"]["power_of_two"]
 
 
-def requant_model(s: np.ndarray, lo: int, hi: int, dtype, divisor: int | None = None) -> onnx.ModelProto:
+def requant_model(s: np.ndarray, lo: int, hi: int, dtype, divisor: int | None = None,
+                  bound: int | None = None) -> onnx.ModelProto:
     """x (int32, [n, C]) -> the emitter's requantization nodes for per-channel shifts s (or a
     rounding division), as a model."""
     g = gs.Graph(opset=INT_OPSET)
@@ -140,7 +141,7 @@ def requant_model(s: np.ndarray, lo: int, hi: int, dtype, divisor: int | None = 
         return gs.Constant(f"c{len(made)}_{base}", np.asarray(value))
 
     y = (rounding_divide_node(add, const, x, divisor, lo, hi, dtype, "d") if divisor is not None else
-         rounding_shift_node(add, const, x, s, (-1,), lo, hi, dtype, "s"))
+         rounding_shift_node(add, const, x, s, (-1,), lo, hi, dtype, "s", bound=bound)[0])
     if y is x:  # nothing to do (s = 0, no clamp)
         y = add("Identity", [x], np.int32)
     g.nodes = made

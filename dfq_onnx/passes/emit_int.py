@@ -12,28 +12,63 @@ from ..graph_utils import bias_of, new_name
 from ..quantized import LinearModule, PoolModule, QuantizedModel
 
 DOMAIN = "dfq"
-SHIFT_OP = "RoundingShift"     # round(x / 2^s), ties to even, for s >= 0; int32 in, int32 out
+SHIFT_OP = "RoundingShift"     # requantizer: int32 -> clamp(round(x / 2^s), lo, hi) as int8/uint8 (+ variants)
+WIDE_SHIFT_OP = "RoundingShiftWide"  # round(x / 2^s), s >= 0, int32 -> int32 (a residual that must round)
 DIVIDE_OP = "RoundingDivide"   # round(x / n), ties to even; int32 in, int32 out
-INT_OPSET = 19                 # BitwiseAnd (18: the parity bit of ties-to-even); onnx.reference runs DequantizeLinear from 19
+INT_OPSET = 19                 # onnx.reference runs DequantizeLinear from 19 (the requantizer needs 12)
 BIAS = 1 << 31                 # int32 x as uint32 x + 2^31: order-preserving, so logical shifts floor
+SHIFT_RANGE = (-8, 30)         # shifts the requantizer takes; others use the wide form + Clip
+
+
+def _variant_name(left: bool, sub: bool) -> str:
+    return SHIFT_OP + ("" if left else "Right") + ("" if sub else "Narrow")
+
+
+def _requantizer_nodes(left: bool, sub: bool) -> list[onnx.NodeProto]:
+    """The body of RoundingShift[Right][Narrow](X, [L], B, P, S, LO, HI, [Z]) -> Y (see rounding_functions)."""
+    n = helper.make_node
+    nodes = [n("Cast", ["X"], ["xu"], to=TensorProto.UINT32)]
+    x = "xu"
+    if left:
+        nodes.append(n("Mul", ["xu", "L"], ["xl"]))
+        x = "xl"
+    nodes += [n("Add", [x, "B"], ["xb"]), n("Mul", ["xb", "P"], ["v"]), n("Sign", ["v"], ["nc"]),
+              n("Sub", ["xb", "nc"], ["t"]), n("BitShift", ["t", "S"], ["q"], direction="RIGHT"),
+              n("Max", ["q", "LO"], ["qa"]), n("Min", ["qa", "HI"], ["qb"])]
+    last = "qb"
+    if sub:
+        nodes.append(n("Sub", ["qb", "Z"], ["qc"]))
+        last = "qc"
+    cast = n("Cast", [last], ["Y"])
+    cast.attribute.append(onnx.AttributeProto(name="to", ref_attr_name="to", type=onnx.AttributeProto.INT))
+    return nodes + [cast]
 
 
 def rounding_functions(opset: int = INT_OPSET) -> list[onnx.FunctionProto]:
-    """Model-local functions for the requantizer (onnxruntime inlines them); `opset` is the
-    model's default-domain version (>= INT_OPSET), which a function must import too.
+    """Model-local functions for the requantizers (onnxruntime inlines them); `opset` is the
+    model's default-domain version, which a function must import too.
 
-    RoundingShift(X, A, S, M, B): X int32; per channel (broadcasting) uint32 constants
-    A = 2^31 + 2^(s-1) - 1, S = s, M = 1, B = 2^(31-s) for a shift s >= 1 (A = 2^31, M = 0 for s = 0):
-        t = uint32(X) + A                  (x + 2^31 + 2^(s-1) - 1: non-negative, fits by the IR's bound)
-        y = int32((t + (t >> S & M)) >> S) - B)
-    = floor((x + 2^(s-1) - 1 + bit_s) / 2^s) with bit_s the parity of floor(x / 2^s) (bit s of t
-    equals it wherever it matters): round half to even. uint32 arithmetic is modular, so the casts
-    are exact. RoundingDivide(X, N, H): floor((x + H) / N) for N > 0 via Mod (floor modulo) and an
-    exact Div, then the same tie fix: minus 1 where the remainder is 0, N is even and the result
-    is odd (H = N / 2: a tie rounded up to an odd value). No int64 anywhere.
+    RoundingShift(X, L, B, P, S, LO, HI, Z), attribute `to` (INT8/UINT8): X the int32 sum; per
+    channel (broadcasting) uint32 constants from requantizer_constants, for a shift s (S = max(s, 0),
+    h = 2^(S-1), 0 when S = 0) and code bounds lo..hi:
+        u  = uint32(X) * L                 L = 2^max(-s, 0): a left shift (modular, exact by the IR's bound)
+        xb = u + B                         B = 2^31 + h (+ a folded int32 bias): x + 2^31 + h, never wraps
+        nc = Sign(xb * P)                  P = 2^(31-S) (0 for S = 0): 0 exactly when xb = 0 mod 2^(S+1),
+                                           i.e. x is a tie (x mod 2^S = h) whose floor is odd
+        q  = (xb - nc) >> S                = round_half_even(x / 2^S) + 2^(31-S)
+        q  = Min(Max(q, LO), HI) - Z       the clamp in the biased domain (unsigned order = signed order);
+                                           Z = 2^(31-S)
+        Y  = Cast(q, to)                   modular narrowing
+    The variants drop the Mul (Right: no left shift) or the Sub (Narrow: every S <= 23, so 2^(31-S)
+    is 0 mod 256 and the narrowing Cast removes it). About 10 elementwise passes, no int64, no
+    Mod/Div, no float.
+    RoundingShiftWide(X, A, S, M, B): X int32 -> round(x / 2^s) int32 for s >= 0 (uint32 with
+    A = 2^31 + 2^(s-1) - 1, M = [s > 0], B = 2^(31-s): ((t + (t >> S & M)) >> S) - B, t = x + A).
+    RoundingDivide(X, N, H, Z, TWO, EVEN): floor((x + H) / N) via Mod (floor modulo) and an exact
+    Div, then minus 1 at a tie (remainder 0, N even) whose result is odd: ties to even.
     """
     u32, i32 = TensorProto.UINT32, TensorProto.INT32
-    shift = [
+    wide = [
         helper.make_node("Cast", ["X"], ["u"], to=u32),
         helper.make_node("Add", ["u", "A"], ["t"]),
         helper.make_node("BitShift", ["t", "S"], ["q0"], direction="RIGHT"),
@@ -57,32 +92,83 @@ def rounding_functions(opset: int = INT_OPSET) -> list[onnx.FunctionProto]:
         helper.make_node("Sub", ["q", "fix"], ["Y"]),
     ]
     imports = [helper.make_opsetid("", opset)]
-    return [helper.make_function(DOMAIN, SHIFT_OP, ["X", "A", "S", "M", "B"], ["Y"], shift, imports, []),
-            helper.make_function(DOMAIN, DIVIDE_OP, ["X", "N", "H", "Z", "TWO", "EVEN"], ["Y"], divide, imports, [])]
+    shifts = [helper.make_function(DOMAIN, _variant_name(left, sub),
+                                   ["X"] + (["L"] if left else []) + ["B", "P", "S", "LO", "HI"] + (["Z"] if sub else []),
+                                   ["Y"], _requantizer_nodes(left, sub), imports, ["to"])
+              for left in (True, False) for sub in (True, False)]
+    return shifts + [helper.make_function(DOMAIN, WIDE_SHIFT_OP, ["X", "A", "S", "M", "B"], ["Y"], wide, imports, []),
+                     helper.make_function(DOMAIN, DIVIDE_OP, ["X", "N", "H", "Z", "TWO", "EVEN"], ["Y"], divide, imports, [])]
 
 
-def shift_constants(s: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(A, S, M, B) of RoundingShift for right shifts s >= 0 (uint32, elementwise in s)."""
+def requantizer_fits(s, lo: int, hi: int) -> bool:
+    s = np.asarray(s)
+    return bool(s.size == 0 or (s.min() >= SHIFT_RANGE[0] and s.max() <= SHIFT_RANGE[1])) and -128 <= lo <= hi <= 255
+
+
+def requantizer_constants(s, lo: int, hi: int, bias=None) -> tuple[str, dict[str, np.ndarray]]:
+    """(function name, constants) of the RoundingShift variant for shifts s (-8..30) and bounds
+    lo..hi (-128..255); `bias` (int per channel, shaped like s) is folded into B."""
+    one = np.int64(1)
+    s = np.asarray(s, np.int64)
+    S = np.maximum(s, 0)
+    L = np.left_shift(one, np.maximum(-s, 0))
+    z = np.left_shift(one, 31 - S)
+    lo_b, hi_b = np.maximum(lo + z, 0), hi + z
+    below = hi_b < 0  # hi under every reachable value (S >= 24 only): the output is hi
+    lo_b, hi_b, z = np.where(below, 0, lo_b), np.where(below, 0, hi_b), np.where(below, -hi, z)
+    left, sub = bool((s < 0).any()), bool((S > 23).any() or below.any())
+    h = np.where(S > 0, np.left_shift(one, np.maximum(S - 1, 0)), 0)
+    b = 0 if bias is None else np.asarray(bias, np.int64).reshape(s.shape) * L
+    consts = {}
+    if left:
+        consts["L"] = L.astype(np.uint32)
+    consts.update(B=((BIAS + h + b) % (1 << 32)).astype(np.uint32),
+                  P=np.where(S > 0, np.left_shift(one, 31 - S), 0).astype(np.uint32), S=S.astype(np.uint32),
+                  LO=lo_b.astype(np.uint32), HI=hi_b.astype(np.uint32))
+    if sub:
+        consts["Z"] = (z % (1 << 32)).astype(np.uint32)
+    return _variant_name(left, sub), consts
+
+
+def wide_shift_constants(s: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(A, S, M, B) of RoundingShiftWide for right shifts s >= 0 (uint32, elementwise in s)."""
     s = np.asarray(s, dtype=np.int64)
     if np.any(s < 0) or np.any(s > 30):
-        raise ValueError(f"RoundingShift takes shifts 0..30, got {s.min()}..{s.max()}")
+        raise ValueError(f"RoundingShiftWide takes shifts 0..30, got {s.min()}..{s.max()}")
     half = np.where(s > 0, np.left_shift(1, np.maximum(s - 1, 0)) - 1, 0)
     return tuple(np.asarray(v, np.int64).astype(np.uint32) for v in
                  (BIAS + half, s, (s > 0).astype(np.int64), np.left_shift(1, 31 - s)))
 
 
-def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, dtype, name: str):
-    """Nodes computing clamp(rounding_shift(x, s), lo, hi) as `dtype` (fixedpoint.rounding_shift):
-    the RoundingShift function for the right shifts; where a channel shifts left (s < 0) the value
-    is first clamped to [floor(lo / 2^l), ceil(hi / 2^l)] (so the left shift cannot overflow and the
-    final clamp still sees every saturated value) and multiplied by 2^l."""
-    right = np.maximum(s, 0)
-    left = np.maximum(-s, 0)
+def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, dtype, name: str,
+                        bias=None, bound: int | None = None):
+    """Nodes computing clamp(rounding_shift(x + bias, s), lo, hi) as `dtype`
+    (fixedpoint.rounding_shift). Within the requantizer's domain (8-bit codes, s in -8..30) one
+    RoundingShift function with the bias folded in; `bound` (the IR's proven max |x + bias|) decides
+    whether a left shift could overflow, in which case x is clamped first (exact: those values
+    saturate anyway). Elsewhere (an int32 result, or shifts out of range): the wide rounding
+    shift, Max/Min and a multiplication for left shifts, Clip and Cast. Returns the output and
+    whether the bias was folded (else the caller adds it first)."""
     shape = cshape if np.ndim(s) else ()
+    left = np.maximum(-s, 0)
+    overflow = bound is None or int(bound) << int(left.max(initial=0)) > (1 << 31) - 1
+    if dtype != np.int32 and requantizer_fits(s, lo, hi):
+        folded = bias is not None and not (np.any(left > 0) and overflow)
+        if np.any(left > 0) and overflow:  # keep |x << l| in int32: clamp first (those values saturate)
+            top = np.right_shift((1 << 31) - 1, left).astype(np.int32).reshape(shape)
+            x = add("Max", [x, const(f"{name}_pre_lo", -top)], np.int32, name=f"{name}_pre_max")
+            x = add("Min", [x, const(f"{name}_pre_hi", top)], np.int32, name=f"{name}_pre_min")
+        op, consts = requantizer_constants(s, lo, hi, bias if folded else None)
+        to = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
+        return add(op, [x] + [const(f"{name}_{k}", v.reshape(shape)) for k, v in consts.items()], dtype,
+                   {"to": to}, domain=DOMAIN, name=f"{name}_{op}"), folded
+    if bias is not None:
+        return None, False
+    right = np.maximum(s, 0)
     y = x
     if np.any(right > 0):
-        y = add(SHIFT_OP, [y] + [const(f"{name}_{k}", v.reshape(shape)) for k, v in zip("ASMB", shift_constants(right))],
-                np.int32, domain=DOMAIN, name=f"{name}_{SHIFT_OP}")
+        y = add(WIDE_SHIFT_OP, [y] + [const(f"{name}_{k}", v.reshape(shape)) for k, v in zip("ASMB", wide_shift_constants(right))],
+                np.int32, domain=DOMAIN, name=f"{name}_{WIDE_SHIFT_OP}")
     if np.any(left > 0):
         top = np.iinfo(np.int32).max
         lo_l = np.maximum(np.floor_divide(lo, np.left_shift(1, left)), -top - 1)
@@ -97,7 +183,7 @@ def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, 
     if dtype != np.int32:
         y = add("Cast", [y], dtype, {"to": TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8},
                 name=f"{name}_cast")
-    return y
+    return y, False
 
 
 def rounding_divide_node(add, const, x, n: int, lo: int, hi: int, dtype, name: str):
@@ -168,8 +254,14 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
                                  name=f"{name}_DequantizeLinear", shape=tmap[name].shape)
         return dq_cache[name]
 
-    def shift(x, s, cshape, lo, hi, dtype, name):
-        return rounding_shift_node(add, const, x, np.asarray(s, np.int64), cshape, lo, hi, dtype, name)
+    def shift(x, s, cshape, lo, hi, dtype, name, bias=None, bound=None):
+        """The requantization nodes; with `bias`, the bias folded in where it can be, else added first."""
+        y, folded = rounding_shift_node(add, const, x, np.asarray(s, np.int64), cshape, lo, hi, dtype, name, bias, bound)
+        if y is None:
+            x = add("Add", [x, const(f"{name}_bias_int32", np.asarray(bias, np.int32).reshape(cshape))], np.int32,
+                    name=f"{name}_bias")
+            y, _ = rounding_shift_node(add, const, x, np.asarray(s, np.int64), cshape, lo, hi, dtype, name, None, bound)
+        return y
 
     for t in g.inputs:
         if t.name in plan.requant:
@@ -250,12 +342,14 @@ def _emit_linear(mod: LinearModule, qt, add, const, shift, float_out=None):
             attrs["pads"] = a["pads"]
         else:
             attrs["auto_pad"] = a["auto_pad"]
-        acc = add("ConvInteger", [x, const(f"{mod.name}_weight_int8", mod.weight)], np.int32, attrs,
-                  name=f"{mod.name}_ConvInteger")
+        acc = _integer_product(add, const, "ConvInteger", x, mod.weight, attrs, mod.name)
     else:
         w = np.ascontiguousarray(mod.weight.T if mod.attrs.get("transB") else mod.weight)
-        acc = add("MatMulInteger", [x, const(f"{mod.name}_weight_int8", w)], np.int32, name=f"{mod.name}_MatMulInteger")
-    if mod.bias is not None:
+        acc = _integer_product(add, const, "MatMulInteger", x, w, {}, mod.name)
+    bias = None  # folded into the requantizer (or added there) when the module is requantized
+    if mod.bias is not None and float_out is None:
+        bias = mod.bias.astype(np.int64) << (mod.acc_shift if mod.residual is not None else 0)
+    elif mod.bias is not None:
         acc = add("Add", [acc, const(f"{mod.name}_bias_int32", mod.bias.reshape(cshape))], np.int32, name=f"{mod.name}_bias")
     if mod.residual is not None:
         if np.any(mod.acc_shift > 0):
@@ -283,7 +377,29 @@ def _emit_linear(mod: LinearModule, qt, add, const, shift, float_out=None):
                 name=f"{mod.name}_Clip", out=float_out)
         return y
     return shift(acc, mod.shift, cshape, mod.code_min, mod.code_max,
-                 np.uint8 if mod.output.unsigned else np.int8, mod.output_name)
+                 np.uint8 if mod.output.unsigned else np.int8, mod.output_name, bias, mod.acc_bound)
+
+
+ZERO_POINT = 128  # int8 codes and weights enter the integer kernels as uint8 + 128
+
+
+def _integer_product(add, const, op, x, w: np.ndarray, attrs: dict, name: str):
+    """ConvInteger / MatMulInteger of codes x and int8 weight codes w into int32, both operands as
+    uint8 with zero points (int8 codes shifted by 128: a Cast and a BitwiseXor of the sign bit).
+    onnxruntime's u8 x u8 kernels widen to 16 bits before multiplying, so they are exact on every
+    CPU (its u8 x s8 kernels sum pairs in int16 and can saturate without VNNI), and they are
+    several times faster than its int8-weight path; the int32 result wraps modulo 2^32 inside the
+    kernel at most, and the IR proves the true sum fits."""
+    if x.dtype == np.uint8:
+        xz = const(f"{name}_x_zero_point", np.array(0, np.uint8))
+    else:
+        u = add("Cast", [x], np.uint8, {"to": TensorProto.UINT8}, name=f"{name}_x_as_uint8")
+        x = add("BitwiseXor", [u, const(f"{name}_sign_bit", np.array(ZERO_POINT, np.uint8))], np.uint8,
+                name=f"{name}_x_offset")
+        xz = const(f"{name}_x_zero_point", np.array(ZERO_POINT, np.uint8))
+    wu = (w.astype(np.int16) + ZERO_POINT).astype(np.uint8)
+    wz = const(f"{name}_w_zero_point", np.array(ZERO_POINT, np.uint8))
+    return add(op, [x, const(f"{name}_weight_uint8", wu), xz, wz], np.int32, attrs, name=f"{name}_{op}")
 
 
 def _emit_pool(mod: PoolModule, tmap, qt, add, const, shift):
@@ -303,8 +419,8 @@ def _emit_pool(mod: PoolModule, tmap, qt, add, const, shift):
             attrs["pads"] = a["pads"]
         else:
             attrs["auto_pad"] = a["auto_pad"]
-        acc = add("ConvInteger", [qt[mod.input.name], const(f"{mod.name}_ones", np.ones([c, 1] + k, dtype=np.int8))],
-                  np.int32, attrs, name=f"{mod.name}_window_sum")
+        acc = _integer_product(add, const, "ConvInteger", qt[mod.input.name], np.ones([c, 1] + k, dtype=np.int8),
+                               attrs, f"{mod.name}_window_sum")
     if mod.shift is not None:
         return shift(acc, mod.shift, (), mod.code_min, mod.code_max, dtype, mod.output_name)
     return rounding_divide_node(add, const, acc, mod.window, mod.code_min, mod.code_max, dtype, mod.output_name)
