@@ -96,8 +96,9 @@ def main():
                    "integer hardware, the integer-only graph (--format int).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default=None,
               help="[default: qdq; int for --target hw] qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
-                   "int: integer-only graph (ConvInteger/MatMulInteger, int32 bias, one dfq.RoundingShift "
-                   "per module), float input and output.")
+                   "int: integer-only graph at opset 19 (u8 x u8 ConvInteger/MatMulInteger into int32, int32 "
+                   "bias, one dfq.RoundingShift per module: round half to even like QuantizeLinear, so it "
+                   "equals the QDQ graph of --layout unified wherever float32 is exact), float input and output.")
 @click.option("--layout", type=click.Choice(["ort", "unified"]), default="ort", show_default=True,
               help="QDQ only. ort: the linear result entering a residual Add gets its own QuantizeLinear, "
                    "so onnxruntime can run that convolution as QLinearConv (and the Add as QLinearAdd "

@@ -9,12 +9,12 @@ A linear module computes, per output channel c, in integers:
 
     acc[c] = sum(w_q * x_q) + bias_q[c]                      at fraction acc_frac[c] = f_x + f_w[c]
     sum[c] = acc[c] << acc_shift[c]  +  align(r_q, residual_shift[c])   at fraction sum_frac[c]
-    y      = clamp(round_half_even(sum[c] / 2^shift[c]), code_min, code_max)
+    y      = clamp(round_half_even(sum[c] / 2^shift[c]), code_min, code_max)     shift[c] <= 30
 
 where align(r, k) is r << k for k >= 0 and a rounding right shift by -k for k < 0 (only where the
 exact form could overflow int32; `Facts.residual_rounded` counts those channels). The worst case
 |sum| + 2^(shift-1) is proven below 2^31 for every channel: where it is not, that channel's weight
-fraction is lowered (`Facts.narrowed`) until it is. A graph output of a linear module leaves as
+fraction is lowered (`Facts.narrowed`) until it is, and until its shift is at most 30 bits. A graph output of a linear module leaves as
 its int32 sum (no rounding).
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ INT32_MAX = (1 << 31) - 1
 INTEGER_LINEAR = ("Conv", "Gemm", "MatMul")      # ops with an integer kernel (ConvInteger, MatMulInteger)
 INTEGER_ACTIVATIONS = (None, "Relu", "Relu6", "Clip")  # a clamp of the codes
 MAX_NARROWING = 64                                # weight-fraction steps tried before giving up
+MAX_SHIFT = 30                                    # right shifts of the requantizer (int32 sums: 31 would round to 0 or +-1)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
             k = acc_frac - res.frac
             acc_shift = np.where(rounded, 0, np.maximum(-k, 0))
             sum_frac = acc_frac + acc_shift
-            rshift = sum_frac - res.frac
+            rshift = np.maximum(sum_frac - res.frac, -MAX_SHIFT)  # exact: |r| <= 255 rounds to 0 from 9 bits on
             r_part = np.where(rshift >= 0, res.max_abs_code * np.ldexp(1.0, np.maximum(rshift, 0)),
                               np.ceil(res.max_abs_code * np.ldexp(1.0, np.minimum(rshift, 0))))
             total = bound * np.ldexp(1.0, acc_shift) + r_part
@@ -237,7 +238,7 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
             total = bound.astype(np.float64)
         shift = sum_frac - (out.frac if out is not None else sum_frac)
         half = np.where(shift > 0, np.ldexp(1.0, np.maximum(shift - 1, 0)), 0.0)
-        over = total + half > INT32_MAX
+        over = (total + half > INT32_MAX) | (shift > MAX_SHIFT)
         if bq is not None:
             over |= np.abs(bq) > INT32_MAX
         if not over.any():

@@ -95,6 +95,22 @@ def test_3_no_accumulator_can_wrap_int32():
     assert r.facts["max_accumulator_bits"] <= 32
 
 
+def test_3b_a_shift_beyond_30_bits_narrows_the_weights():
+    """Weights far below the output's scale (open-nsfw has such channels) asked for a 31-bit
+    shift, which the integer requantizer cannot take ("takes shifts 0..30"): the weight fraction
+    is lowered instead, and the integer graph still matches the QDQ graph."""
+    m = model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+               helper.make_node("Relu", ["c"], ["r"]),
+               helper.make_node("Conv", ["r", "w2"], ["y"])],
+              {"w": conv_w(4, 3) * np.array([1e-12, 1e-3, 1, 1]).reshape(-1, 1, 1, 1), "b": np.array([0.0, 1.0, 0.1, 0.0]),
+               "w2": conv_w(3, 4, 1)}, ["n", 3, 8, 8])
+    x, t = RNG.normal(size=(64, 3, 8, 8)).astype(np.float32), RNG.normal(size=(32, 3, 8, 8)).astype(np.float32)
+    q, i, _, _ = both(m, x, t)
+    assert q > 25 and i > q - 1.0, (q, i)
+    r = run(m, {"x": x}, QuantConfig(format="int"))
+    assert max(int(np.max(mod.shift)) for mod in r.quantized.modules) <= 30 and r.facts["narrowed"]
+
+
 def test_4_average_pool_same_padding_keeps_its_shape():
     """AveragePool(auto_pad=SAME_UPPER, count_include_pad=1) gave 10x10 instead of 12x12."""
     m = model([helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
