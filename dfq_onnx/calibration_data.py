@@ -30,7 +30,7 @@ class InputSpec:
 
     @property
     def fixed_batch(self) -> int | None:
-        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+        return self.shape[0] if self.shape and isinstance(self.shape[0], int) and self.shape[0] > 0 else None
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -41,7 +41,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        # exporters write an unknown dim as a dim_param, nothing, or a dim_value of -1 (or 0)
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, dtype, dims))
     return specs
 

@@ -21,9 +21,9 @@ if not out.is_terminal:  # pipes and files: do not wrap at 80 columns
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, emoji=False)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def _maybe_json(obj: dict, as_json: bool) -> bool:
@@ -46,7 +46,7 @@ def handle_errors(fn):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            _fail("interrupted")
+            _fail("interrupted", 130)  # the shell's code for SIGINT
         except Exception as e:  # an internal error: still one line unless --debug
             if debug:
                 raise

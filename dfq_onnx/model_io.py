@@ -147,6 +147,7 @@ def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
         raise DfqError(f"{out.parent}: cannot write there ({e.strerror})") from None
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output follows the umask like any file
         large = model.ByteSize() > 1_900_000_000
         if large:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -161,6 +162,12 @@ def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
             raise DfqError(f"{out}: cannot write ({e.strerror or e})") from None
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_line(e: BaseException) -> str:

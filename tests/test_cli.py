@@ -156,3 +156,60 @@ def test_console_script_runs(tmp_path):
     res = subprocess.run(exe + ["convert", str(tmp_path / "none.onnx"), str(tmp_path / "o.onnx"),
                                 "--calib", str(CALIB)], capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_batch_dim_written_as_minus_one_converts_and_validates(tmp_path):
+    """An exporter's [-1, 3, ?, ?] input (dim_value -1 for the batch, unknown spatial dims)
+    stopped with "--batch-size must be at least 1"; both formats must convert and validate."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, None, None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4, None, None])
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["y"])], "t", [x], [y],
+                          [onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")])
+    src = tmp_path / "minus_one.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.normal(size=(20, 3, 16, 16)).astype(np.float32))
+    for fmt in ("qdq", "int"):
+        out = tmp_path / f"q_{fmt}.onnx"
+        res = invoke("convert", src, out, "--calib", data, "--format", fmt)
+        assert res.exit_code == 0, res.output
+        res = invoke("validate", src, out, "--data", data)
+        assert res.exit_code == 0, res.output
+
+
+def test_output_file_mode_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "q.onnx"
+    old = os.umask(0o022)
+    try:
+        assert invoke("convert", SHIPPED, out, "--calib", CALIB).exit_code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_output(tmp_path):
+    """SIGINT at any moment (while the imports load, or during the conversion) ends with status
+    130 and one line, never a traceback, and never a half-written output file."""
+    import signal
+    import time
+
+    codes = []
+    for delay in (0.05, 0.4, 0.8, 1.2, 1.6):
+        out = tmp_path / f"q{delay}.onnx"
+        p = subprocess.Popen(["dfq-onnx", "convert", str(SHIPPED), str(out), "--calib", str(CALIB)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=60)
+        codes.append(p.returncode)
+        assert p.returncode in (0, 130), (delay, p.returncode, stderr)
+        assert "Traceback" not in stderr, stderr
+        if p.returncode == 130:
+            assert len([ln for ln in stderr.splitlines() if ln.strip()]) == 1 and "interrupted" in stderr
+            assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(f".{out.name}")]
+    assert 130 in codes, codes
