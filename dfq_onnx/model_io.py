@@ -65,11 +65,36 @@ def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
             onnx.checker.check_model(model)
         except Exception as e:
             raise DfqError(f"{where}: cannot convert opset {opset} to {min_opset}: {_first_line(e)}") from None
+    return infer_shapes(model)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred shapes: onnx's shape inference, then, where a tensor's dims stay
+    unknown (dynamic spatial dims: onnx does not carry a symbol through a Conv), onnxruntime's
+    symbolic shape inference, which keeps them as expressions of the input's symbols (so the two
+    branches of a residual Add are seen to match). Each step that fails leaves the shapes it
+    found; shapes help the passes but are not required."""
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
-        pass  # shapes help but are not required
-    return model
+        pass
+    if not _unknown_dims(model):
+        return model
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:
+        return model
+
+
+def _unknown_dims(model: onnx.ModelProto) -> bool:
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and any(not d.HasField("dim_value") and not d.dim_param or
+                                       d.dim_param.startswith("unk__") for d in t.shape.dim):
+            return True
+    return False
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -80,7 +105,7 @@ def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
     """The graph re-imported after onnx shape inference (shapes computed from folded constants,
     such as Pad amounts, become known); the graph itself if inference fails."""
     try:
-        return gs.import_onnx(onnx.shape_inference.infer_shapes(to_model(graph)))
+        return gs.import_onnx(infer_shapes(to_model(graph)))
     except Exception:
         return graph
 
