@@ -294,9 +294,14 @@ def _print_summary(s: dict) -> None:
               help="onnxruntime intra-op threads for both models.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1, 100000),
               help="Timed batch-1 runs per model (median reported), after a warm-up.")
+@click.option("--threshold", default=0.5, show_default=True, type=float,
+              help="For a map output (probability, segmentation or detection map: two or more axes "
+                   "longer than 1), report the percentage of elements on the same side of this value "
+                   "in both models; top-1 figures are only given for class scores.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, as_json):
+def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, threshold,
+             as_json):
     """Run FLOAT and QUANT under onnxruntime on the same inputs and compare them.
 
     QUANT runs deployed (default optimizations: onnxruntime's int8 kernels) and simulated (no
@@ -305,7 +310,8 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
     from .validate import validate as run_validate
 
     r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
-                     batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess)
+                     batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
+                     threshold=threshold)
     if _maybe_json(r, as_json):
         return
     t = Table(title=f"{r['samples']} samples", title_justify="left")
@@ -318,9 +324,13 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
         return "n/a" if v is None else f"{v:.2f} %"
 
     sim = r["simulated"]
-    t.add_row("top-1 accuracy", pct(r["float"]["top1"]), pct(r["quant"]["top1"]), pct(sim["top1"]))
-    t.add_row("top-5 accuracy", pct(r["float"]["top5"]), pct(r["quant"]["top5"]), pct(sim["top5"]))
-    t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]), pct(sim["agreement_top1"]))
+    if r["output_kind"] == "classes":
+        t.add_row("top-1 accuracy", pct(r["float"]["top1"]), pct(r["quant"]["top1"]), pct(sim["top1"]))
+        t.add_row("top-5 accuracy", pct(r["float"]["top5"]), pct(r["quant"]["top5"]), pct(sim["top5"]))
+        t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]), pct(sim["agreement_top1"]))
+    elif r["output_kind"] == "map":
+        t.add_row(f"elements on the same side of {r['threshold']:g}", "", pct(r["map_agreement"]),
+                  pct(sim["map_agreement"]))
     for name, db in r["sqnr_db"].items():
         t.add_row(f"SQNR {name}", "", f"{db:.2f} dB", f"{sim['sqnr_db'][name]:.2f} dB")
         t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}", f"{sim['max_abs_error'][name]:.4g}")

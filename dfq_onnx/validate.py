@@ -54,9 +54,22 @@ def _load_labels(labels) -> np.ndarray | None:
         raise DfqError(f"{p}: cannot read labels ({e})") from None
 
 
+def output_kind(y: np.ndarray) -> str:
+    """What the first output holds, from its shape without the batch axis: "classes" (one axis
+    longer than 1: class scores), "map" (two or more: a probability, segmentation or detection
+    map) or "values" (one number per sample)."""
+    long_axes = sum(1 for d in y.shape[1:] if d > 1)
+    return "classes" if long_axes == 1 else "map" if long_axes > 1 else "values"
+
+
 def validate(float_model, quant_model, data, *, labels=None, num_samples: int | None = None,
-             batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None) -> dict:
+             batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
+             threshold: float = 0.5) -> dict:
     """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both.
+
+    Figures by the first output's kind (output_kind): top-1/top-5 accuracy and top-1 agreement
+    only for class scores (None otherwise); for a map, the percentage of elements on the same
+    side of `threshold` in both models; SQNR and max abs error for every output.
 
     The quantized model runs twice: deployed (default optimizations: onnxruntime's int8 kernels;
     the top-level figures) and simulated (no optimizations: the float arithmetic of the QDQ
@@ -101,19 +114,27 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     if labels is not None and len(labels) != n:
         raise DfqError(f"labels: {len(labels)} labels for {n} samples")
 
-    deployed, simulated = _compare(f_out, F, Q, labels), _compare(f_out, F, S, labels)
+    kind = output_kind(F[0])
+    if kind != "classes":
+        labels = None  # class labels mean nothing for a map or a value
+    deployed, simulated = _compare(f_out, F, Q, labels, kind, threshold), _compare(f_out, F, S, labels, kind, threshold)
     fi, qi = inspect_model(fm), inspect_model(qm)
     return {
         "samples": n,
+        "output_kind": kind,
+        "threshold": threshold if kind == "map" else None,
+        "map_agreement": deployed["map_agreement"],
         "float": deployed["float"],
         "quant": deployed["quant"],
         "agreement_top1": deployed["agreement_top1"],
         "sqnr_db": deployed["sqnr_db"],
         "max_abs_error": deployed["max_abs_error"],
         "simulated": {"top1": simulated["quant"]["top1"], "top5": simulated["quant"]["top5"],
-                      "agreement_top1": simulated["agreement_top1"], "sqnr_db": simulated["sqnr_db"],
+                      "agreement_top1": simulated["agreement_top1"], "map_agreement": simulated["map_agreement"],
+                      "sqnr_db": simulated["sqnr_db"],
                       "max_abs_error": simulated["max_abs_error"]},
-        "deployed_minus_simulated_agreement": deployed["agreement_top1"] - simulated["agreement_top1"],
+        "deployed_minus_simulated_agreement": None if kind != "classes" else
+        deployed["agreement_top1"] - simulated["agreement_top1"],
         "latency_ms": {"float": _latency(fsess, first, runs), "quant": _latency(qsess, first, runs)},
         "threads": threads,
         "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
@@ -122,8 +143,10 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     }
 
 
-def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels) -> dict:
-    """Accuracy of both, top-1 agreement, SQNR and max abs error per output of Q against F."""
+def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels, kind: str = "classes",
+             threshold: float = 0.5) -> dict:
+    """Accuracy of both and top-1 agreement (class scores), thresholded agreement (a map), SQNR
+    and max abs error per output of Q against F."""
     sqnr, max_err = {}, {}
     for name, f, q in zip(names, F, Q):
         if f.shape != q.shape:
@@ -132,6 +155,12 @@ def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels)
         noise = float(np.sum(e ** 2))
         sqnr[name] = float("inf") if noise == 0 else float(10 * np.log10(np.sum(f64 ** 2) / noise))
         max_err[name] = float(np.max(np.abs(e)))
+    common = {"sqnr_db": sqnr, "max_abs_error": max_err, "map_agreement": None}
+    if kind != "classes":
+        none = {"top1": None, "top5": None}
+        if kind == "map":
+            common["map_agreement"] = float(100.0 * np.mean((F[0] > threshold) == (Q[0] > threshold)))
+        return {"float": none, "quant": dict(none), "agreement_top1": None, **common}
     top_f, top_q = _topk(F[0], 5), _topk(Q[0], 5)
 
     def acc(top, k):
@@ -139,8 +168,7 @@ def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels)
 
     return {"float": {"top1": acc(top_f, 1), "top5": acc(top_f, 5)},
             "quant": {"top1": acc(top_q, 1), "top5": acc(top_q, 5)},
-            "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])),
-            "sqnr_db": sqnr, "max_abs_error": max_err}
+            "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])), **common}
 
 
 def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:

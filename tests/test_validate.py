@@ -99,3 +99,29 @@ def test_validate_bad_input(case, quant_path, tmp_path, test_data):
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert mention in res.stderr
+
+
+def test_a_probability_map_gets_thresholded_agreement_not_top1(tmp_path):
+    """A detector's probability map ([N, 1, H, W] after a Sigmoid) has no classes: validate reports
+    the elements on the same side of --threshold (checked against numpy on both models' outputs),
+    SQNR and max error, and no top-1 figures, not even with labels in the data."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dfq_onnx import QuantConfig, convert
+
+    rng = np.random.default_rng(5)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Sigmoid", ["c"], ["y"])], "t",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, 12, 12])],
+                          [numpy_helper.from_array(rng.normal(size=(1, 3, 3, 3)).astype(np.float32), "w")])
+    fm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.normal(size=(40, 3, 12, 12)).astype(np.float32)
+    qm = convert(fm, {"x": x}, QuantConfig())
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, labels=np.zeros(40, np.int64))
+    r = validate(fm, qm, str(data), threshold=0.3, runs=1)
+    f, q = run_ort(fm, {"x": x})[0], run_ort(qm, {"x": x})[0]
+    assert r["output_kind"] == "map" and r["agreement_top1"] is None and r["quant"]["top1"] is None
+    assert r["map_agreement"] == pytest.approx(100 * np.mean((f > 0.3) == (q > 0.3)))
+    assert r["sqnr_db"]["y"] > 20
