@@ -26,7 +26,7 @@ from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
 from .quantized import QuantizedModel, build as build_quantized
-from .report import inspect_model
+from .report import inspect_model, quantized_ops
 
 
 @dataclass
@@ -61,6 +61,10 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     t0 = time.perf_counter()
     original = load_model(model, INT16_QDQ_OPSET if config.uses_16bit_activations else
                           INT_OPSET if config.format == "int" else MIN_OPSET)
+    done = quantized_ops(original)
+    if done:
+        raise DfqError(f"the model is already quantized ({', '.join(done[:4])}{', ...' if len(done) > 4 else ''}); "
+                       "dfq-onnx quantizes float models: pass the float original")
     if calib is None:
         raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
                        "a folder of .npy files or of images), or --calib none for data-free mode")

@@ -83,7 +83,7 @@ def inspect_model(model) -> dict:
     compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
                                                                                   "Shape", "Gather", "Cast")]
     inits = {i.name for i in g.initializer}
-    quantized = any(op in QDQ_OPS + INTEGER_LINEAR or op.startswith(SHIFT_OPS) for op in op_types)
+    quantized = bool(quantized_ops(m))
     return {
         "opset": default_opset(m),
         "nodes": len(g.node),
@@ -99,6 +99,14 @@ def inspect_model(model) -> dict:
         sum(1 for i in g.input if i.name not in inits) + len(compute),
         "producer": meta.get("dfq.producer") or (m.producer_name or None),
     }
+
+
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The op types that show a model is already quantized (Q/DQ, integer and QLinear kernels,
+    dfq-onnx's requantizers), sorted."""
+    ops = {n.op_type for n in model.graph.node}
+    return sorted(op for op in ops if op in QDQ_OPS + INTEGER_LINEAR + ("DynamicQuantizeLinear",)
+                  or op.startswith(SHIFT_OPS + ("QLinear",)))
 
 
 def _requant_kind(n: onnx.NodeProto, producer, consts) -> str | None:

@@ -213,3 +213,14 @@ def test_ctrl_c_exits_130_with_one_line_and_no_output(tmp_path):
             assert len([ln for ln in stderr.splitlines() if ln.strip()]) == 1 and "interrupted" in stderr
             assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(f".{out.name}")]
     assert 130 in codes, codes
+
+
+def test_an_already_quantized_model_is_refused_with_the_reason(tmp_path, shipped_qdq):
+    """Converting a QDQ (or integer) model said "nothing to quantize"; it now says what it is."""
+    src = tmp_path / "q.onnx"
+    onnx.save(shipped_qdq.model, src)
+    before = digest(src)
+    out = tmp_path / "qq.onnx"
+    res = invoke("convert", src, out, "--calib", CALIB)
+    assert_clean_failure(res, 1, "already quantized", out)
+    assert "QuantizeLinear" in res.stderr and digest(src) == before
