@@ -1,0 +1,124 @@
+"""Exporter quirks, each a small generated model: converted to both formats, the integer graph must
+keep every Conv/Gemm an integer module, and both graphs must stay close to the float model."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import dfq_onnx
+from dfq_onnx import QuantConfig
+from dfq_onnx.pipeline import run
+
+from helpers import run_ort
+
+RNG = np.random.default_rng(21)
+
+
+def init(name, a):
+    return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+
+def model(nodes, inits, in_shape, out_shape, opset=13):
+    g = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def sqnr(ref, y):
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref.astype(np.float64) - y) ** 2)))
+
+
+def w(*shape):
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return RNG.normal(size=shape) * np.sqrt(2 / fan_in)
+
+
+def bn_inits(p, c):
+    return [init(f"{p}_s", RNG.uniform(0.5, 1.5, c)), init(f"{p}_b", RNG.normal(size=c) * 0.1),
+            init(f"{p}_m", RNG.normal(size=c) * 0.1), init(f"{p}_v", RNG.uniform(0.5, 1.5, c))]
+
+
+def bn(p, x, y):
+    return helper.make_node("BatchNormalization", [x, f"{p}_s", f"{p}_b", f"{p}_m", f"{p}_v"], [y])
+
+
+def weights_in_constant_nodes():
+    return model([helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w(6, 3, 3, 3).astype(np.float32))),
+                  helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(np.zeros(6, np.float32))),
+                  helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c"], ["r"]),
+                  helper.make_node("Conv", ["r", "w2"], ["y"])], [init("w2", w(4, 6, 1, 1))],
+                 ["n", 3, 8, 8], ["n", 4, 8, 8]), ["n", 3, 8, 8]
+
+
+def tf2onnx_nhwc_transposes():
+    """NHWC input; tf2onnx wraps each Conv in Transpose(NHWC->NCHW) ... Transpose(NCHW->NHWC)."""
+    return model([helper.make_node("Transpose", ["x"], ["t0"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Conv", ["t0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c1"], ["r1"]),
+                  helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Conv", ["t2", "w2"], ["c2"]),
+                  helper.make_node("Transpose", ["c2"], ["y"], perm=[0, 2, 3, 1])],
+                 [init("w1", w(6, 3, 3, 3)), init("b1", np.zeros(6)), init("w2", w(4, 6, 1, 1))],
+                 ["n", 8, 8, 3], ["n", 8, 8, 4]), ["n", 8, 8, 3]
+
+
+def batchnorm_after_no_linear_layer():
+    """A BatchNormalization right after the input and one after a MaxPool: nothing to fold into."""
+    return model([bn("bn0", "x", "n0"),
+                  helper.make_node("Conv", ["n0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c1"], ["r1"]),
+                  helper.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                  bn("bn1", "p", "n1"),
+                  helper.make_node("Conv", ["n1", "w2"], ["y"])],
+                 bn_inits("bn0", 3) + bn_inits("bn1", 6) + [init("w1", w(6, 3, 3, 3)), init("w2", w(4, 6, 1, 1))],
+                 ["n", 3, 8, 8], ["n", 4, 4, 4]), ["n", 3, 8, 8]
+
+
+def shared_weight():
+    """One weight tensor read by two Convs, each followed by its own BatchNormalization."""
+    return model([helper.make_node("Conv", ["x", "w"], ["c1"], pads=[1, 1, 1, 1]), bn("bn1", "c1", "n1"),
+                  helper.make_node("Relu", ["n1"], ["r1"]),
+                  helper.make_node("Conv", ["r1", "w"], ["c2"], pads=[1, 1, 1, 1]), bn("bn2", "c2", "y")],
+                 [init("w", w(4, 4, 3, 3))] + bn_inits("bn1", 4) + bn_inits("bn2", 4),
+                 ["n", 4, 8, 8], ["n", 4, 8, 8]), ["n", 4, 8, 8]
+
+
+def conv_without_bias():
+    return model([helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c1"], ["r1"]),
+                  helper.make_node("Conv", ["r1", "w2"], ["y"], group=2)],
+                 [init("w1", w(6, 3, 3, 3)), init("w2", w(4, 3, 1, 1))], ["n", 3, 9, 9], ["n", 4, 5, 5]), ["n", 3, 9, 9]
+
+
+def gemm_transposes():
+    return model([helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+                  helper.make_node("Gemm", ["xt", "w1", "b1"], ["h"], transA=1, transB=1),
+                  helper.make_node("Relu", ["h"], ["r"]),
+                  helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], alpha=0.5, beta=2.0)],
+                 [init("w1", w(8, 12)), init("b1", RNG.normal(size=8) * 0.1), init("w2", w(8, 5)),
+                  init("b2", RNG.normal(size=5) * 0.1)], ["n", 12], ["n", 5]), ["n", 12]
+
+
+QUIRKS = [weights_in_constant_nodes, tf2onnx_nhwc_transposes, batchnorm_after_no_linear_layer, shared_weight,
+          conv_without_bias, gemm_transposes]
+
+
+@pytest.mark.parametrize("build", QUIRKS, ids=lambda f: f.__name__)
+def test_exporter_quirk_converts_in_both_formats(build):
+    m, shape = build()
+    shape = [s if isinstance(s, int) else 48 for s in shape]
+    x = RNG.normal(size=shape).astype(np.float32)
+    cal, test = {"x": x[:32]}, {"x": x[32:]}
+    ref = run_ort(m, test)[0]
+    got = {}
+    for fmt in ("qdq", "int"):
+        r = run(m, cal, QuantConfig(format=fmt, layout="unified"))
+        got[fmt] = sqnr(ref, run_ort(r.model, test)[0])
+        if fmt == "int":
+            ops = dfq_onnx.inspect(r.model)["op_types"]
+            assert not {"Conv", "Gemm", "MatMul"} & set(ops), ops  # every linear layer in integers
+    assert got["qdq"] > 25 and got["int"] > got["qdq"] - 1.0, got
