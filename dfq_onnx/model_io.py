@@ -40,12 +40,53 @@ def read_model(src, external_data: bool = True) -> onnx.ModelProto:
     if not path.is_file():
         raise DfqError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path), load_external_data=external_data)
-    except Exception as e:  # protobuf DecodeError, missing external data, ...
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError, ...
         raise DfqError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     if not model.graph.node and not model.graph.input:
         raise DfqError(f"{path}: not an ONNX model (empty graph)")
+    if external_data:
+        _check_external_data(model, path)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as e:  # missing or short data file
+            raise DfqError(f"{path}: cannot read its external data ({_first_line(e)})") from None
     return model
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for n in graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(sub)
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations that leave the model's folder (absolute paths, `..`, a
+    symbolic link pointing out) and ranges that run past the end of their file."""
+    folder = path.resolve().parent
+    for t in _tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        target = (folder / loc).resolve()
+        if not loc or Path(loc).is_absolute() or (target != folder and folder not in target.parents):
+            raise DfqError(f"{path}: tensor {t.name!r} keeps its data at {loc!r}, outside the model's folder: refused")
+        if not target.is_file():
+            raise DfqError(f"{path}: tensor {t.name!r}: external data file {loc!r} not found")
+        try:
+            end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        except ValueError:
+            raise DfqError(f"{path}: tensor {t.name!r}: bad external data offset or length") from None
+        if end > target.stat().st_size:
+            raise DfqError(f"{path}: tensor {t.name!r} claims bytes up to {end} of {loc!r}, which has "
+                           f"{target.stat().st_size}: refused")
 
 
 def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ from .passes.align_ranges import align_ranges
 from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
-from .quantized import QuantizedModel, build as build_quantized
+from .quantized import QuantizedModel, build as build_quantized, check_finite
 from .report import inspect_model, quantized_ops
 
 
@@ -86,6 +86,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     modules = find_modules(graph)
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
+    check_finite(graph, modules)
     for option, names in (("--keep-float", config.keep_float),
                           ("--override", [n for n, _ in config.overrides + config.act_overrides])):
         unknown = sorted(set(names) - {m.name for m in modules})

@@ -168,6 +168,19 @@ def _sum_abs_per_channel(q: np.ndarray, axis: int) -> np.ndarray:
     return np.abs(q.astype(np.int64)).sum(axis=tuple(i for i in range(q.ndim) if i != axis))
 
 
+def check_finite(graph: gs.Graph, modules) -> None:
+    """Refuse a linear module whose weight or bias holds NaN or Inf: no fraction represents it."""
+    nodes = {n.name: n for n in graph.nodes}
+    for m in modules:
+        if m.kind != "linear":
+            continue
+        node = nodes[m.name]
+        for what, t in (("weight", node.inputs[1]), ("bias", bias_of(node))):
+            if t is not None and not np.all(np.isfinite(np.asarray(t.values, dtype=np.float64))):
+                raise DfqError(f"{m.op} {m.name}: its {what} {t.name!r} holds NaN or Inf values; "
+                               "no power-of-two fraction represents them")
+
+
 # --- construction --------------------------------------------------------------------------------
 def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool = False) -> QuantizedModel:
     """The quantized model of `graph` under `plan` and `exps` (passes/choose_exponents.py).

@@ -1,0 +1,125 @@
+"""Hostile input files: external data that escapes the model's folder, sizes that lie, mutated
+bytes. The CLI exits 0 with a valid model or 1 with one line, writes nothing else, and leaves its
+input as it was."""
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from dfq_onnx.cli import main
+
+from helpers import CALIB, SHIPPED
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def small_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "h",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 26, 26])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def with_external(tmp_path: Path, location: str, length: int | None = None) -> Path:
+    """A model whose weight's bytes are said to live at `location`."""
+    m = small_model()
+    w = m.graph.initializer[0]
+    raw = numpy_helper.to_array(w).tobytes()
+    w.ClearField("float_data")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", str(length or len(raw)))):
+        w.external_data.add(key=k, value=v)
+    p = tmp_path / "m" / "model.onnx"
+    p.parent.mkdir(exist_ok=True)
+    onnx.save(m, p)
+    return p
+
+
+def convert(src, out):
+    return CliRunner().invoke(main, ["convert", str(src), str(out), "--calib", str(CALIB)])
+
+
+def one_line_failure(res, out, mention=""):
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "Traceback" not in res.output, (res.exit_code, res.stderr)
+    assert mention.lower() in res.stderr.lower(), res.stderr
+    assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, where):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.zeros(36, np.float32).tobytes())
+    if where == "absolute":
+        p = with_external(tmp_path, str(secret))
+    elif where == "dotdot":
+        p = with_external(tmp_path, "../secret.bin")
+    else:
+        p = with_external(tmp_path, "link.bin")
+        os.symlink(secret, p.parent / "link.bin")
+    one_line_failure(convert(p, tmp_path / "out.onnx"), tmp_path / "out.onnx", "outside the model's folder")
+
+
+def test_external_data_that_claims_more_bytes_than_its_file_is_refused(tmp_path):
+    p = with_external(tmp_path, "w.bin", length=10 ** 12)
+    (p.parent / "w.bin").write_bytes(np.zeros(36, np.float32).tobytes())
+    one_line_failure(convert(p, tmp_path / "out.onnx"), tmp_path / "out.onnx", "claims bytes")
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    p = with_external(tmp_path, "w.bin")
+    (p.parent / "w.bin").write_bytes(numpy_helper.to_array(small_model().graph.initializer[0]).tobytes())
+    x = tmp_path / "calib.npz"
+    np.savez(x, x=np.random.default_rng(1).normal(size=(8, 1, 28, 28)).astype(np.float32))
+    res = CliRunner().invoke(main, ["convert", str(p), str(tmp_path / "out.onnx"), "--calib", str(x)])
+    assert res.exit_code == 0, res.output
+
+
+def test_corpus_of_inputs_that_once_failed(tmp_path):
+    """Every file in tests/corpus/ ends in one line and exit 1 (or a valid model)."""
+    files = sorted(CORPUS.glob("*.onnx"))
+    assert files
+    for f in files:
+        out = tmp_path / (f.stem + "_out.onnx")
+        res = convert(f, out)
+        if res.exit_code == 0:
+            onnx.checker.check_model(onnx.load(out))
+        else:
+            one_line_failure(res, out)
+
+
+SHIPPED_BYTES = Path(SHIPPED).read_bytes()
+
+
+@settings(max_examples=int(os.environ.get("DFQ_FUZZ", 60)), deadline=None,
+          suppress_health_check=list(HealthCheck), derandomize=os.environ.get("CI") == "true")
+@given(st.lists(st.tuples(st.integers(0, len(SHIPPED_BYTES) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.one_of(st.none(), st.integers(16, len(SHIPPED_BYTES))))
+def test_mutated_model_files_give_a_model_or_one_line(tmp_path_factory, flips, cut):
+    """Bytes of the shipped model overwritten (and maybe the file cut short)."""
+    d = tmp_path_factory.mktemp("fuzz")
+    data = bytearray(SHIPPED_BYTES)
+    for i, v in flips:
+        data[i] = v
+    src = d / "m.onnx"
+    src.write_bytes(bytes(data[:cut]))
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    out = d / "out.onnx"
+    res = convert(src, out)
+    assert "Traceback" not in res.output
+    if res.exit_code == 0:
+        onnx.checker.check_model(onnx.load(out))
+    else:
+        one_line_failure(res, out)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in d.iterdir()) == ["m.onnx"] + (["out.onnx"] if res.exit_code == 0 else [])
