@@ -88,12 +88,13 @@ def main():
 @click.option("--act-bits", default="8", show_default=True, type=click.Choice(["8", "16"]),
               help="Activation bits (16: int16/uint16 QuantizeLinear, opset 21, QDQ only; onnxruntime then runs "
                    "those layers in float between the Q/DQ pairs).")
-@click.option("--target", type=click.Choice(["ort-x86-vnni", "ort-x86", "ort-arm", "hw"]), default="ort-x86-vnni",
+@click.option("--target", type=click.Choice(["ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw"]), default="ort",
               show_default=True,
-              help="Where the model will run. ort-x86-vnni, ort-arm: onnxruntime, no limits. ort-x86: "
-                   "onnxruntime on x86 without VNNI (AVX2), whose u8 x s8 kernels sum pairs of products in "
-                   "int16: modules whose weight codes could saturate that get 7-bit codes (|w| <= 64). hw: "
-                   "integer hardware, the integer-only graph (--format int).")
+              help="Where the model will run. ort: onnxruntime on any CPU, safe everywhere: on x86 without "
+                   "VNNI (AVX2) its u8 x s8 kernels sum pairs of products in int16, so modules whose weight "
+                   "codes could saturate that get 7-bit codes (|w| <= 64); ort-x86 does the same. "
+                   "ort-x86-vnni, ort-arm: no limit (full 8-bit codes; wrong results on AVX2-only x86). hw: "
+                   "integer hardware, the integer-only graph (--format int, whose u8 x u8 kernels need no limit).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default=None,
               help="[default: qdq; int for --target hw] qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
                    "int: integer-only graph at opset 19 (u8 x u8 ConvInteger/MatMulInteger into int32, int32 "
@@ -210,7 +211,7 @@ def _summary(result, config, inp, outp) -> dict:
     mods = result.modules
     by_op = Counter(m["op"] for m in mods)
     return {
-        "input": str(inp), "output": str(outp), "format": config.format,
+        "input": str(inp), "output": str(outp), "format": config.format, "target": config.target,
         "weight_bits": config.weight_bits, "act_bits": config.act_bits,
         "per_channel": config.per_channel, "method": config.method,
         "overrides": {n: f"W{b}" + "".join(f"A{a}" for m, a in config.act_overrides if m == n)
@@ -258,8 +259,11 @@ def _print_summary(s: dict) -> None:
     if s["overrides"]:
         t.add_row("overrides", ", ".join(f"{n} {p}" for n, p in s["overrides"].items()))
     if f.get("saturation_guarded"):
-        t.add_row("target ort-x86", f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that "
-                                    "int16 pair sums cannot saturate")
+        names = f.get("saturation_guarded_modules", [])
+        t.add_row(f"target {s['target']}",
+                  f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that int16 pair sums "
+                  "cannot saturate on x86 without VNNI" + (f": {', '.join(names)}" if len(names) <= 6 else "") +
+                  "; --target ort-x86-vnni or ort-arm keeps 8 bits")
     if "equalized" in f:
         t.add_row("equalization", f"{f['equalized']} convolution pairs ({f['equalize_skipped']} left alone: Relu6/Clip "
                                   "between them)")

@@ -8,7 +8,8 @@ from .errors import DfqError
 METHODS = ("mse", "max")
 FORMATS = ("qdq", "int")
 LAYOUTS = ("ort", "unified")
-TARGETS = ("ort-x86-vnni", "ort-x86", "ort-arm", "hw")
+TARGETS = ("ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw")
+SATURATION_SAFE_TARGETS = ("ort", "ort-x86")  # 7-bit weight codes where int16 pair sums could saturate
 U8S8_SAFE_CODE = 64  # x86 without VNNI: u8 x s8 pairs summed in int16: 2 * 255 * 64 <= 32767
 
 
@@ -25,8 +26,9 @@ class QuantConfig:
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
-    target: str = "ort-x86-vnni"  # deployment: ort-x86-vnni | ort-arm (no limit), ort-x86 (no VNNI: weight
-    #                               codes kept within +-64 where they could saturate int16 pair sums), hw
+    target: str = "ort"           # deployment: ort (any onnxruntime CPU, the safe default) and ort-x86 (no VNNI):
+    #                               weight codes kept within +-64 where they could saturate int16 pair sums;
+    #                               ort-x86-vnni | ort-arm: no limit; hw: the integer-only graph
     keep_float: tuple = ()        # names of unified modules (their linear/pool node) left in float
     overrides: tuple = ()         # (module name, weight bits) pairs: per-module weight precision
     act_overrides: tuple = ()     # (module name, activation bits) pairs: bits of that module's output

@@ -197,6 +197,23 @@ def rounding_divide(acc: np.ndarray, n: int, bits: int | None = None, unsigned: 
     return y
 
 
+def u8s8_dot_avx2(x_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:
+    """Dot products along the last axis as onnxruntime's x86 u8 x s8 kernels compute them without
+    VNNI (vpmaddubsw, then vpmaddwd with ones): products of adjacent elements are added in pairs
+    and saturated to int16, the pair sums are added in int32. x_u8 [..., K] (0..255), w_s8
+    [C, K] (-128..127); returns [..., C]. Equals the exact dot product whenever every pair sum
+    fits int16."""
+    x = np.asarray(x_u8, np.int64)
+    w = np.asarray(w_s8, np.int64)
+    k = x.shape[-1]
+    if k % 2:
+        x = np.concatenate([x, np.zeros(x.shape[:-1] + (1,), np.int64)], axis=-1)
+        w = np.concatenate([w, np.zeros((w.shape[0], 1), np.int64)], axis=-1)
+    prod = x[..., None, :] * w                                   # [..., C, K]
+    pairs = np.clip(prod[..., 0::2] + prod[..., 1::2], -32768, 32767)
+    return pairs.sum(axis=-1)
+
+
 def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
     """A real multiplier in (0, 1) as (m, s): m a Q31 integer in [2^30, 2^31), s >= 0 a right shift,
     real ~= m * 2^-31 * 2^-s (TFLite QuantizeMultiplier, right-shift case). Elementwise."""

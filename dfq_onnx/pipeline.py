@@ -10,7 +10,7 @@ import onnx
 
 from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
-from .config import QuantConfig
+from .config import SATURATION_SAFE_TARGETS, QuantConfig
 from .errors import DfqError
 from .model_io import MIN_OPSET, load_model, to_graph, to_model
 from .passes.calibrate import calibrate
@@ -125,7 +125,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                                 module_weight_bits=weight_bits_of, module_act_bits=act_bits_of)
 
     exps = exponents(dict(config.overrides))
-    guarded = saturation_risks(graph, exps, config.per_channel) if config.target == "ort-x86" else []
+    guarded = saturation_risks(graph, exps, config.per_channel) if config.target in SATURATION_SAFE_TARGETS else []
     if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
         exps = exponents({**dict(config.overrides), **{n: 7 for n in guarded}})
     search_facts = {}
@@ -159,7 +159,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                            seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts,
                                      "narrowed": qm.facts["narrowed"], "residual_rounded": qm.facts["residual_rounded"],
                                      "max_accumulator_bits": qm.facts["max_accumulator_bits"],
-                                     "saturation_guarded": len(guarded)}, qm, symbols)
+                                     "saturation_guarded": len(guarded), "saturation_guarded_modules": guarded},
+                           qm, symbols)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result
