@@ -125,7 +125,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                                 module_weight_bits=weight_bits_of, module_act_bits=act_bits_of)
 
     exps = exponents(dict(config.overrides))
-    guarded = saturation_risks(graph, exps, config.per_channel) if config.target in SATURATION_SAFE_TARGETS else []
+    # the QDQ graph runs on onnxruntime's u8 x s8 kernels; the integer graph's u8 x u8 ones cannot saturate
+    guarded = saturation_risks(graph, exps, config.per_channel) \
+        if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq" else []
     if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
         exps = exponents({**dict(config.overrides), **{n: 7 for n in guarded}})
     search_facts = {}

@@ -62,3 +62,11 @@ def test_default_target_cannot_saturate_and_vnni_target_can():
     fast = run(SHIPPED, CALIB, QuantConfig(target="ort-x86-vnni"))
     assert fast.facts["saturation_guarded"] == 0
     assert worst_case_errors(weight_codes(fast.model)) > 0
+
+
+def test_the_integer_graph_keeps_8_bit_weights_by_default():
+    """The integer graph's ConvInteger/MatMulInteger run u8 x u8 (exact on every CPU): no 7-bit
+    guard, and its weight codes use the full range."""
+    r = run(SHIPPED, CALIB, QuantConfig(format="int"))
+    assert r.facts["saturation_guarded"] == 0
+    assert max(int(np.abs(m.weight).max()) for m in r.quantized.modules if hasattr(m, "weight")) > 64
