@@ -33,4 +33,4 @@ def shipped_int_unified_pair():
     from dfq_onnx import QuantConfig
     from dfq_onnx.pipeline import run
 
-    return run(SHIPPED, CALIB, QuantConfig(format="int")), run(SHIPPED, CALIB, QuantConfig(layout="unified"))
+    return run(SHIPPED, CALIB, QuantConfig(format="int")), run(SHIPPED, CALIB, QuantConfig(layout="unified", target="ort-x86-vnni"))

@@ -113,7 +113,7 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
     except DfqError as e:  # a graph of pools and reshapes only
         assert "nothing to quantize" in str(e)
         return
-    rq = run(case.model, case.feeds_calib, QuantConfig(layout="unified"))
+    rq = run(case.model, case.feeds_calib, QuantConfig(layout="unified", target="ort-x86-vnni"))  # the int IR
     qm = ri.quantized
     note(f"modules: {[(m.op, m.name, m.integer) for m in qm.modules]}; facts {ri.facts}")
 

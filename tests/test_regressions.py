@@ -34,7 +34,7 @@ def both(m: onnx.ModelProto, x: np.ndarray, test: np.ndarray, **cfg) -> tuple[fl
     ref = run_ort(m, {"x": test})[0]
     out = {}
     for fmt in ("qdq", "int"):
-        r = run(m, {"x": x}, QuantConfig(format=fmt, layout="unified", **cfg))
+        r = run(m, {"x": x}, QuantConfig(format=fmt, layout="unified", target="ort-x86-vnni", **cfg))
         out[fmt] = run_ort(r.model, {"x": test})[0]
         assert out[fmt].shape == ref.shape, (fmt, out[fmt].shape, ref.shape)
     return sqnr(ref, out["qdq"]), sqnr(ref, out["int"]), out["qdq"], out["int"]
