@@ -142,14 +142,20 @@ def bias_codes(b: np.ndarray, acc_frac: np.ndarray) -> np.ndarray:
     return np.rint(np.ldexp(np.asarray(b, dtype=np.float64), np.asarray(acc_frac, dtype=np.int64))).astype(np.int64)
 
 
-def node_weight_codes(node: gs.Node, frac, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """(codes, fraction per output channel, channel axis) of a linear node's weight at `frac`
-    (per channel, or its first entry for the whole tensor)."""
-    w = np.asarray(node.inputs[1].values)
+def channel_fractions(node: gs.Node, frac, per_channel: bool) -> tuple[np.ndarray, int]:
+    """(fraction per output channel, channel axis) of a linear node's weight: `frac` per channel,
+    or its first entry for every channel of a per-tensor weight."""
     axis = out_channel_axis(node)
-    fr = np.broadcast_to(np.asarray(frac, np.int64), (w.shape[axis],)).copy() if per_channel else \
-        np.full(w.shape[axis], int(np.asarray(frac).reshape(-1)[0]), np.int64)
-    return weight_codes(w, fr, bits, axis), fr, axis
+    channels = np.shape(node.inputs[1].values)[axis]
+    fr = np.broadcast_to(np.asarray(frac, np.int64), (channels,)).copy() if per_channel else \
+        np.full(channels, int(np.asarray(frac).reshape(-1)[0]), np.int64)
+    return fr, axis
+
+
+def node_weight_codes(node: gs.Node, frac, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(codes, fraction per output channel, channel axis) of a linear node's weight at `frac`."""
+    fr, axis = channel_fractions(node, frac, per_channel)
+    return weight_codes(np.asarray(node.inputs[1].values), fr, bits, axis), fr, axis
 
 
 def quantized_weight(node: gs.Node, frac, bits: int, per_channel: bool) -> np.ndarray:
@@ -213,7 +219,7 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
     plan = qm.plan
     w = np.asarray(node.inputs[1].values)
     bits = exps.weight_bits[m.name]
-    _, frac, axis = node_weight_codes(node, exps.weight[m.name], bits, per_channel)
+    frac, axis = channel_fractions(node, exps.weight[m.name], per_channel)
     channels = w.shape[axis]
     x = qm.tensor(m.input)
     out = None if m.output in plan.float_outputs else qm.tensor(m.output)

@@ -181,6 +181,15 @@ def _conv_dim(draw, n_lo, n_hi, mode, stride=None):
     return k, s, d
 
 
+def _set_pads(attrs: dict, mode: str, pads: list) -> str:
+    """Explicit pads or an auto_pad mode into attrs; returns its text for the description."""
+    if mode == "explicit":
+        attrs["pads"] = pads
+        return f"pads={pads}"
+    attrs["auto_pad"] = mode
+    return mode
+
+
 def _conv_out(n, k, s, d, mode, pb, pe):
     dk = (k - 1) * d + 1
     if mode in ("SAME_UPPER", "SAME_LOWER"):
@@ -222,12 +231,7 @@ def _draw_conv_geometry(draw, h, w):
         outs.append(_conv_out(n, k, s, d, mode, pb, pe))
     attrs = dict(kernel_shape=[x[0] for x in dims], strides=[x[1] for x in dims],
                  dilations=[x[2] for x in dims])
-    if mode == "explicit":
-        attrs["pads"] = pads_b + pads_e
-        ptxt = f"pads={attrs['pads']}"
-    else:
-        attrs["auto_pad"] = mode
-        ptxt = mode
+    ptxt = _set_pads(attrs, mode, pads_b + pads_e)
     text = (f"k={attrs['kernel_shape']} s={attrs['strides']} d={attrs['dilations']} {ptxt}")
     return attrs, tuple(outs), text
 
@@ -590,12 +594,7 @@ def _block_pool(draw, b, t):
             pbs[i], pes[i] = pb, pe
         outs.append(_pool_out(n, ks[i], ss[i], mode, ceil, pbs[i], pes[i]))
     attrs = dict(kernel_shape=ks, strides=ss, ceil_mode=ceil)
-    if mode == "explicit":
-        attrs["pads"] = pbs + pes
-        ptxt = f"pads={attrs['pads']}"
-    else:
-        attrs["auto_pad"] = mode
-        ptxt = mode
+    ptxt = _set_pads(attrs, mode, pbs + pes)
     if op == "AveragePool":
         attrs["count_include_pad"] = draw(_pick(0, 1))
         gaps = _avgpool_reference_gaps(mode, ceil)

@@ -141,7 +141,7 @@ def requant_model(s: np.ndarray, lo: int, hi: int, dtype, divisor: int | None = 
         return gs.Constant(f"c{len(made)}_{base}", np.asarray(value))
 
     y = (rounding_divide_node(add, const, x, divisor, lo, hi, dtype, "d") if divisor is not None else
-         rounding_shift_node(add, const, x, s, (-1,), lo, hi, dtype, "s", bound=bound)[0])
+         rounding_shift_node(add, const, x, s, (-1,), lo, hi, dtype, "s", bound=bound))
     if y is x:  # nothing to do (s = 0, no clamp)
         y = add("Identity", [x], np.int32)
     g.nodes = made

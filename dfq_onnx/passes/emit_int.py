@@ -147,23 +147,26 @@ def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, 
     RoundingShift function with the bias folded in; `bound` (the IR's proven max |x + bias|) decides
     whether a left shift could overflow, in which case x is clamped first (exact: those values
     saturate anyway). Elsewhere (an int32 result, or shifts out of range): the wide rounding
-    shift, Max/Min and a multiplication for left shifts, Clip and Cast. Returns the output and
-    whether the bias was folded (else the caller adds it first)."""
+    shift, Max/Min and a multiplication for left shifts, Clip and Cast. Where the bias cannot be
+    folded (the clamp before a left shift, or the wide form) it is an Add before everything."""
     shape = cshape if np.ndim(s) else ()
     left = np.maximum(-s, 0)
+    fits = dtype != np.int32 and requantizer_fits(s, lo, hi)
     overflow = bound is None or int(bound) << int(left.max(initial=0)) > (1 << 31) - 1
-    if dtype != np.int32 and requantizer_fits(s, lo, hi):
-        folded = bias is not None and not (np.any(left > 0) and overflow)
-        if np.any(left > 0) and overflow:  # keep |x << l| in int32: clamp first (those values saturate)
+    pre_clamp = fits and bool(np.any(left > 0)) and overflow
+    if bias is not None and (pre_clamp or not fits):
+        x = add("Add", [x, const(f"{name}_bias_int32", np.asarray(bias, np.int32).reshape(cshape))], np.int32,
+                name=f"{name}_bias")
+        bias = None
+    if fits:
+        if pre_clamp:  # keep |x << l| in int32: clamp first (those values saturate)
             top = np.right_shift((1 << 31) - 1, left).astype(np.int32).reshape(shape)
             x = add("Max", [x, const(f"{name}_pre_lo", -top)], np.int32, name=f"{name}_pre_max")
             x = add("Min", [x, const(f"{name}_pre_hi", top)], np.int32, name=f"{name}_pre_min")
-        op, consts = requantizer_constants(s, lo, hi, bias if folded else None)
+        op, consts = requantizer_constants(s, lo, hi, bias)
         to = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
         return add(op, [x] + [const(f"{name}_{k}", v.reshape(shape)) for k, v in consts.items()], dtype,
-                   {"to": to}, domain=DOMAIN, name=f"{name}_{op}"), folded
-    if bias is not None:
-        return None, False
+                   {"to": to}, domain=DOMAIN, name=f"{name}_{op}")
     right = np.maximum(s, 0)
     y = x
     if np.any(right > 0):
@@ -183,7 +186,7 @@ def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, 
     if dtype != np.int32:
         y = add("Cast", [y], dtype, {"to": TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8},
                 name=f"{name}_cast")
-    return y, False
+    return y
 
 
 def rounding_divide_node(add, const, x, n: int, lo: int, hi: int, dtype, name: str):
@@ -255,13 +258,7 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
         return dq_cache[name]
 
     def shift(x, s, cshape, lo, hi, dtype, name, bias=None, bound=None):
-        """The requantization nodes; with `bias`, the bias folded in where it can be, else added first."""
-        y, folded = rounding_shift_node(add, const, x, np.asarray(s, np.int64), cshape, lo, hi, dtype, name, bias, bound)
-        if y is None:
-            x = add("Add", [x, const(f"{name}_bias_int32", np.asarray(bias, np.int32).reshape(cshape))], np.int32,
-                    name=f"{name}_bias")
-            y, _ = rounding_shift_node(add, const, x, np.asarray(s, np.int64), cshape, lo, hi, dtype, name, None, bound)
-        return y
+        return rounding_shift_node(add, const, x, np.asarray(s, np.int64), cshape, lo, hi, dtype, name, bias, bound)
 
     for t in g.inputs:
         if t.name in plan.requant:
