@@ -284,10 +284,24 @@ def render(results: dict) -> str:
         L += _techniques(results["techniques"])
     if results.get("hardware"):  # bench/hw.py
         L += _hardware(results["hardware"])
+    if results.get("coverage"):  # bench/coverage.py: its section survives a re-render here
+        L += _coverage_module().render_section(results["coverage"])
     findings = HERE / "findings.md"  # hand-written reading of the figures; dated, kept in git
     if findings.exists():
         L += [findings.read_text().rstrip(), ""]
     return "\n".join(L) + "\n"
+
+
+def _coverage_module():
+    """bench/coverage.py, imported under another name (a plain `import coverage` could find the
+    coverage.py package instead)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_coverage", HERE / "coverage.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_coverage"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _techniques(t: dict) -> list[str]:
@@ -448,10 +462,10 @@ def _targets(results: dict) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 def load_results(cache: Path) -> dict:
-    """results.json, with bench/hw.py's hardware.json and bench/techniques.py's techniques.json
-    under "hardware" and "techniques" when they exist."""
+    """results.json, with bench/hw.py's hardware.json, bench/techniques.py's techniques.json and
+    bench/coverage.py's coverage.json under "hardware", "techniques" and "coverage" when they exist."""
     results = json.loads((cache / "results.json").read_text())
-    for key in ("hardware", "techniques"):  # bench/hw.py, bench/techniques.py
+    for key in ("hardware", "techniques", "coverage"):  # bench/hw.py, bench/techniques.py, bench/coverage.py
         if (cache / f"{key}.json").exists():
             results[key] = json.loads((cache / f"{key}.json").read_text())
     return results
