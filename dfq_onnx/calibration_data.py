@@ -277,9 +277,13 @@ class DataSource:
                 yield item
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Checked batches of at most batch_size samples, num_samples in all."""
+        """Checked batches of at most batch_size samples, num_samples in all. A model whose batch
+        dim is fixed (an input [4, 3, H, W]) gets batches of exactly that size instead: leftover
+        samples that do not fill one are dropped."""
         if batch_size < 1:
             raise DfqError("--batch-size must be at least 1")
+        fixed = self.fixed_batch
+        batch_size = fixed or batch_size
         limit = self.num_samples
         buf: list[dict[str, np.ndarray]] = []
         buf_n = done = 0
@@ -299,20 +303,29 @@ class DataSource:
                 buf = [{k: v[batch_size:] for k, v in merged.items()}] if buf_n else []
             if limit is not None and done + buf_n >= limit:
                 break
-        if buf_n:
+        if buf_n and not fixed:
             done += buf_n
             yield _concat(buf)
+        if done == 0 and buf_n:
+            raise DfqError(f"{self.where}: the model takes batches of exactly {fixed} samples (its input's batch dim "
+                           f"is fixed) and the data has only {buf_n}")
         if done == 0:
             raise DfqError(f"{self.where}: no samples")
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's inputs fix, if any (None: a dynamic batch dim)."""
+        return next((s.fixed_batch for s in self.specs if s.fixed_batch is not None), None)
 
-def first_samples(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
-    """The leading batches holding the first n samples (the last one cut to size)."""
+
+def first_samples(batches: list[dict[str, np.ndarray]], n: int, whole: bool = False) -> list[dict[str, np.ndarray]]:
+    """The leading batches holding the first n samples (the last one cut to size, unless `whole`:
+    a model with a fixed batch dim takes whole batches only)."""
     out, have = [], 0
     for b in batches:
         if have >= n:
             break
-        k = min(_rows(b), n - have)
+        k = _rows(b) if whole else min(_rows(b), n - have)
         out.append({name: v[:k] for name, v in b.items()})
         have += k
     return out

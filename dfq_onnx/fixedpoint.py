@@ -347,7 +347,8 @@ def module_forward(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np
     writing a graph output returns its sum unrounded."""
     acc = module_accumulator(mod, x, residual)
     if mod.op in POOL_MODULES:
-        y = rounding_shift(acc, mod.shift) if mod.shift is not None else rounding_divide(acc, mod.window)
+        n = mod.window if mod.window is not None else int(np.prod(np.shape(x)[2:]))  # dynamic H*W
+        y = rounding_shift(acc, mod.shift) if mod.shift is not None else rounding_divide(acc, n)
         return np.clip(y, mod.code_min, mod.code_max)
     if mod.output is None:
         return acc

@@ -99,6 +99,7 @@ def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as e:
         raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+    _forget_negative_dims(model)
     opset = default_opset(model)
     if opset < min_opset:
         try:
@@ -107,6 +108,19 @@ def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
         except Exception as e:
             raise DfqError(f"{where}: cannot convert opset {opset} to {min_opset}: {_first_line(e)}") from None
     return infer_shapes(model)
+
+
+def _forget_negative_dims(model: onnx.ModelProto) -> None:
+    """Make every dim written as a negative dim_value (exporters write -1 for "dynamic") an
+    unknown dim. Shape inference would take -1 as a size: a Flatten of [-1, C, -1, -1] gives
+    [-1, C] (the product of the -1s is 1), a Gemm then sees the wrong K and the graph's shapes
+    disagree with the data."""
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.Clear()
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -122,11 +136,31 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     if not _unknown_dims(model):
         return model
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return _symbolic_shapes(model)
     except Exception:
         return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference, keeping what it found when it cannot finish. Its
+    public entry point then saves the model as sym_shape_infer_temp.onnx (plus external data) in
+    the current directory and raises; dfq-onnx writes nothing but its output, so the steps of that
+    entry point are run here, or, if this onnxruntime lacks them, the entry point in a scratch
+    directory."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    s = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    if all(hasattr(s, a) for a in ("_preprocess", "_infer_impl", "_update_output_from_vi")):
+        s._preprocess(model)
+        while s.run_:
+            s._infer_impl()
+        s._update_output_from_vi()
+        return s.out_mp_
+    import contextlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
 
 
 def _unknown_dims(model: onnx.ModelProto) -> bool:

@@ -141,7 +141,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data, in QDQ (same rounding as int)
         simulated = emit_qdq(graph, quantized_model())[0]
-        graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES))
+        graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES, whole=data.fixed_batch is not None))
     qm = quantized_model()
     symbols = {}
     if config.format == "int":

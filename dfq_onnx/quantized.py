@@ -104,7 +104,8 @@ class PoolModule:
     output: QTensor
     output_name: str
     attrs: Mapping                 # kernel_shape, strides, pads, auto_pad (AveragePool)
-    window: int                    # elements per window (one divisor for every window)
+    window: int | None             # elements per window (one divisor for every window); None: a
+                                   # GlobalAveragePool over dynamic spatial dims, H*W at run time
     shift: int | None              # log2(window) when a power of two, else None (a rounding division)
     code_min: int
     code_max: int
@@ -303,6 +304,11 @@ def _linear_attrs(node: gs.Node) -> dict:
     return {}
 
 
+# A GlobalAveragePool over dynamic spatial dims divides by H*W computed at run time; its int32 sum is
+# proven for feature maps of up to this many pixels (2896 x 2896) at 8-bit codes.
+DYNAMIC_WINDOW_MAX = 1 << 23
+
+
 def _pool(m, node: gs.Node, tmap, qm: QuantizedModel) -> PoolModule:
     x = qm.tensor(m.input)
     out = qm.tensor(m.output)
@@ -311,8 +317,7 @@ def _pool(m, node: gs.Node, tmap, qm: QuantizedModel) -> PoolModule:
     integer = shape is not None and len(shape) == 4 and isinstance(shape[1], int)
     if m.op == "GlobalAveragePool":
         spatial = list(shape[2:]) if integer else []
-        integer = integer and all(isinstance(d, int) and d > 0 for d in spatial)
-        window = int(np.prod(spatial)) if integer else 1
+        window = int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None
     else:
         a = node.attrs
         k = [int(v) for v in a["kernel_shape"]]
@@ -325,9 +330,12 @@ def _pool(m, node: gs.Node, tmap, qm: QuantizedModel) -> PoolModule:
         window = int(np.prod(k))
         attrs = {"kernel_shape": k, "strides": [int(v) for v in a.get("strides", [1] * len(k))], "pads": pads,
                  "auto_pad": auto_pad}
-    bound = window * x.max_abs_code
-    shift = window.bit_length() - 1 if window & (window - 1) == 0 else None
-    bound += (1 << (shift - 1)) if shift else window // 2
+    if window is None:  # dynamic H*W: the sum and the rounding hold for windows up to DYNAMIC_WINDOW_MAX
+        shift = None
+        bound = DYNAMIC_WINDOW_MAX * x.max_abs_code + DYNAMIC_WINDOW_MAX // 2
+    else:
+        shift = window.bit_length() - 1 if window & (window - 1) == 0 else None
+        bound = window * x.max_abs_code + ((1 << (shift - 1)) if shift else window // 2)
     if bound > INT32_MAX:
         integer = False
     code_min, code_max = out.code_range

@@ -87,8 +87,8 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
     fsess, qsess = _session(float_model, threads), _session(quant_model, threads)
     ssess = _session(quant_model, threads, simulated=True)
-    fixed = [s.fixed_batch for s in fs + qs if s.fixed_batch is not None]
-    bs = fixed[0] if fixed else batch_size
+    fixed = [s.fixed_batch for s in qs if s.fixed_batch is not None]
+    bs = fixed[0] if fixed else batch_size  # the float model's fixed batch: DataSource.batches
     outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
     outs_q: list[list[np.ndarray]] = [[] for _ in f_out]
     outs_s: list[list[np.ndarray]] = [[] for _ in f_out]

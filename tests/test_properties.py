@@ -150,10 +150,10 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
     passing = set(plan.passthrough)
     seen = set()
     for node in _canonical_nodes(case.model):
-        if node.name in in_modules or node.name in plan.float_nodes or any(o.name in passing for o in node.outputs):
+        if node.name in in_modules or node.name in plan.float_nodes or node.name in plan.shape_nodes or any(o.name in passing for o in node.outputs):
             seen.add(node.name)
         else:
-            raise AssertionError(f"{node.op} {node.name} is neither quantized nor a float island")
+            raise AssertionError(f"{node.op} {node.name} is neither quantized, a shape read nor a float island")
     assert sum(plan.float_ops.values()) == len(plan.float_nodes)
 
     # 3. SQNR against float at least the bit widths' prediction (noise_bound_sqnr), for both renderings, on the calibration samples (test samples beyond

@@ -62,13 +62,8 @@ def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size:
     g.outputs = outs
     g.cleanup()
     sess = analysis_session(g, "onnxruntime cannot run the model")
-    fixed = [s.fixed_batch for s in data.specs if s.fixed_batch is not None]
-    if fixed:
-        batch_size = fixed[0]
     stats = {name: TensorStats() for name in tensors}
     names = [o.name for o in outs]
-    per_item = {name: int(np.prod(tmap[name].shape[1:], dtype=np.int64)) if _static(tmap[name]) else None
-                for name in tensors}
     kept = 0
     for batch in data.batches(batch_size):
         n = len(next(iter(batch.values())))
@@ -80,34 +75,34 @@ def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size:
         except Exception as e:
             raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).splitlines()[0]}") from None
         for i, name in enumerate(tensors):
-            lo, hi, sample = values[3 * i: 3 * i + 3]
-            count = per_item[name] * n if per_item[name] is not None else sample.size
-            stats[name] = stats[name].merge(TensorStats(count, float(lo), float(hi), abs_histogram(sample)))
+            lo, hi, sample, size = values[4 * i: 4 * i + 4]
+            stats[name] = stats[name].merge(TensorStats(int(size), float(lo), float(hi), abs_histogram(sample)))
         if on_batch is not None:
             on_batch(n)
     return stats
 
 
-def _static(t: gs.Tensor) -> bool:
-    return t.shape is not None and len(t.shape) >= 1 and all(isinstance(d, int) for d in t.shape[1:])
-
-
 def _reductions(g: gs.Graph, t: gs.Variable) -> list[gs.Variable]:
-    """New graph outputs for tensor t: its min, its max, and per sample an evenly strided subset
-    of about HIST_SAMPLES_PER_ITEM values (odd stride, so no image row or column dominates)."""
-    def out(op: str, inputs: list, attrs: dict) -> gs.Variable:
-        return add_node(g, op, inputs, attrs, f"{t.name}/{op}")
+    """New graph outputs for tensor t: its min, its max, per sample an evenly strided subset of
+    about HIST_SAMPLES_PER_ITEM values (odd stride, so no image row or column dominates), and its
+    element count. The stride is computed inside the graph from t's runtime shape, so a tensor with
+    dynamic dims is subsampled exactly as the same tensor with those dims fixed."""
+    def out(op: str, inputs: list, attrs: dict | None = None, dtype=np.float32) -> gs.Variable:
+        return add_node(g, op, inputs, attrs, f"{t.name}/{op}", dtype=dtype)
+
+    def const(name: str, v: int) -> gs.Constant:
+        return gs.Constant(new_name(g, f"{t.name}/{name}"), np.array([v], dtype=np.int64))
 
     lo = out("ReduceMin", [t], {"keepdims": 0})
     hi = out("ReduceMax", [t], {"keepdims": 0})
-    if t.shape is None or len(t.shape) < 1:
-        return [lo, hi, t]
-    per = int(np.prod(t.shape[1:], dtype=np.int64)) if _static(t) else 0
-    step = (per // HIST_SAMPLES_PER_ITEM) | 1 if per else 1
+    size = out("Size", [t], dtype=np.int64)
+    if t.shape is not None and len(t.shape) < 1:
+        return [lo, hi, t, size]
     flat = out("Flatten", [t], {"axis": 1})
-    if step == 1:
-        return [lo, hi, flat]
-    const = lambda name, v: gs.Constant(new_name(g, f"{t.name}/{name}"), np.array([v], dtype=np.int64))
-    sample = out("Slice", [flat, const("start", 0), const("end", np.iinfo(np.int64).max), const("axis", 1),
-                           const("step", step)], {})
-    return [lo, hi, sample]
+    per = out("Slice", [out("Shape", [flat], dtype=np.int64), const("one", 1), const("two", 2)], dtype=np.int64)
+    # stride (per // N) | 1, written as ((per // N) // 2) * 2 + 1 in int64 arithmetic
+    half = out("Div", [out("Div", [per, const("n", HIST_SAMPLES_PER_ITEM)], dtype=np.int64), const("2", 2)],
+               dtype=np.int64)
+    step = out("Add", [out("Mul", [half, const("2", 2)], dtype=np.int64), const("1", 1)], dtype=np.int64)
+    sample = out("Slice", [flat, const("start", 0), const("end", np.iinfo(np.int64).max), const("axis", 1), step])
+    return [lo, hi, sample, size]

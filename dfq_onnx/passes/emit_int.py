@@ -189,11 +189,18 @@ def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, 
     return y
 
 
-def rounding_divide_node(add, const, x, n: int, lo: int, hi: int, dtype, name: str):
-    """clamp(rounding_divide(x, n), lo, hi) as `dtype` (fixedpoint.rounding_divide)."""
+def rounding_divide_node(add, const, x, n, lo: int, hi: int, dtype, name: str):
+    """clamp(rounding_divide(x, n), lo, hi) as `dtype` (fixedpoint.rounding_divide). n: an int, or
+    a scalar int32 tensor computed in the graph (a window known only at run time)."""
     i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
-    y = add(DIVIDE_OP, [x, const(f"{name}_n", i32(n)), const(f"{name}_h", i32(n // 2)), const(f"{name}_zero", i32(0)),
-                        const(f"{name}_two", i32(2)), const(f"{name}_even", i32(1 - n % 2))],
+    two = const(f"{name}_two", i32(2))
+    if isinstance(n, int):
+        n, h, even = const(f"{name}_n", i32(n)), const(f"{name}_h", i32(n // 2)), const(f"{name}_even", i32(1 - n % 2))
+    else:
+        h = add("Div", [n, two], np.int32, name=f"{name}_h")
+        even = add("Sub", [const(f"{name}_one", i32(1)), add("Mod", [n, two], np.int32, name=f"{name}_n_odd")],
+                   np.int32, name=f"{name}_even")
+    y = add(DIVIDE_OP, [x, n, h, const(f"{name}_zero", i32(0)), two, even],
             np.int32, domain=DOMAIN, name=f"{name}_{DIVIDE_OP}")
     y = add("Clip", [y, const(f"{name}_lo", np.int32(lo)), const(f"{name}_hi", np.int32(hi))], np.int32,
             name=f"{name}_clamp")
@@ -265,6 +272,7 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
             quantize_float(t.name, t)
 
     ir = {mod.name: mod for mod in qm.modules}
+    shape_nodes = set(plan.shape_nodes)
     for node in order:
         mod = ir.get(node.name)
         if mod is not None and mod.integer:
@@ -299,6 +307,9 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
             new = gs.Variable(new_name(g, f"{out}_int"), dtype=code_dtype(out), shape=node.outputs[0].shape)
             node.outputs[0] = new
             qt[out] = new
+            continue
+        if node.name in shape_nodes and node.inputs[0].name in qt:  # Shape/Size: the codes have the float tensor's shape
+            node.inputs[0] = qt[node.inputs[0].name]
             continue
         for k, t in enumerate(node.inputs):  # a float op
             if t.name in qt:
@@ -420,4 +431,12 @@ def _emit_pool(mod: PoolModule, tmap, qt, add, const, shift):
                                attrs, f"{mod.name}_window_sum")
     if mod.shift is not None:
         return shift(acc, mod.shift, (), mod.code_min, mod.code_max, dtype, mod.output_name)
-    return rounding_divide_node(add, const, acc, mod.window, mod.code_min, mod.code_max, dtype, mod.output_name)
+    n = mod.window
+    if n is None:  # dynamic spatial dims: H*W from the codes' runtime shape
+        i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
+        dims = add("Shape", [qt[mod.input.name]], np.int64, name=f"{mod.name}_shape")
+        hw = add("Slice", [dims, const(f"{mod.name}_s2", i64([2])), const(f"{mod.name}_s4", i64([4]))], np.int64,
+                 name=f"{mod.name}_spatial")
+        n = add("Cast", [add("ReduceProd", [hw], np.int64, {"keepdims": 0}, name=f"{mod.name}_window")], np.int32,
+                {"to": TensorProto.INT32}, name=f"{mod.name}_window_i32")
+    return rounding_divide_node(add, const, acc, n, mod.code_min, mod.code_max, dtype, mod.output_name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, attr_str, const_value,
+from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, SHAPE_OPS, attr_str, const_value,
                            is_zero_pad, output_rank, per_channel_vector, sole_consumer, weight_of)
 
 
@@ -49,6 +49,7 @@ class Plan:
     float_outputs: outputs of linear modules that are graph outputs read by no node: not
         requantized, they leave at the accumulator's precision (dequantized int32).
     float_nodes: names of nodes that stay float (float islands), by op type in `float_ops`.
+    shape_nodes: Shape/Size nodes reading a quantized tensor (they read its codes' shape).
     """
     modules: list[Module]
     requant: list[str] = field(default_factory=list)
@@ -58,6 +59,7 @@ class Plan:
     unsigned: set[str] = field(default_factory=set)
     float_outputs: set[str] = field(default_factory=set)
     float_nodes: list[str] = field(default_factory=list)
+    shape_nodes: list[str] = field(default_factory=list)  # Shape/Size of a quantized tensor: read its codes
     float_ops: Counter = field(default_factory=Counter)
 
     def source(self, t: str) -> str:
@@ -209,6 +211,9 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                     plan.unsigned.add(m.output)
             continue
         data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+        if node.op in SHAPE_OPS and data and plan.quantized(data[0].name):
+            plan.shape_nodes.append(node.name)
+            continue
         if node.op in PASS_THROUGH_OPS and data and _passes_through(node) and \
                 all(plan.quantized(t.name) for t in data[:1]):
             out = node.outputs[0].name
