@@ -1,8 +1,12 @@
 """Exporter quirks, each a small generated model: converted to both formats, the integer graph must
 keep every Conv/Gemm an integer module, and both graphs must stay close to the float model."""
+import os
+
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import dfq_onnx
@@ -122,3 +126,35 @@ def test_exporter_quirk_converts_in_both_formats(build):
             ops = dfq_onnx.inspect(r.model)["op_types"]
             assert not {"Conv", "Gemm", "MatMul"} & set(ops), ops  # every linear layer in integers
     assert got["qdq"] > 25 and got["int"] > got["qdq"] - 1.0, got
+
+
+@settings(max_examples=60, deadline=None, derandomize=os.environ.get("CI") == "true")
+@given(st.sampled_from(["conv", "gemm", "gemm_transB"]), st.integers(1, 3), st.integers(0, 1),
+       st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_batchnorm_before_a_layer_folds_forward_exactly_where_valid(kind, groups, pad, zero_shift, bias, seed):
+    """A BatchNormalization read only by a Conv (any group, padded or not) or a Gemm: the fused
+    model computes the float model's function, and the BatchNormalization is gone exactly where
+    folding it is exact (no Conv padding, or a zero shift)."""
+    rng = np.random.default_rng(seed)
+    c = 2 * groups
+    s, shift = rng.uniform(0.3, 2.0, c), np.zeros(c) if zero_shift else rng.normal(size=c)
+    var = rng.uniform(0.5, 1.5, c)
+    gamma = s * np.sqrt(var + 1e-5)
+    mean = np.zeros(c) if zero_shift else rng.normal(size=c)
+    bn_inits = [init("g", gamma), init("b", shift + mean * s), init("m", mean), init("v", var)]
+    bn_node = helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n"])
+    if kind == "conv":
+        layer = helper.make_node("Conv", ["n", "w"] + (["wb"] if bias else []), ["y"], group=groups, pads=[pad] * 4)
+        inits = [init("w", w(3 * groups, 2, 3, 3))] + ([init("wb", rng.normal(size=3 * groups))] if bias else [])
+        in_shape, out_shape = ["n", c, 6, 6], ["n", 3 * groups, 6 - 2 + 2 * pad, 6 - 2 + 2 * pad]
+    else:
+        trans = int(kind == "gemm_transB")
+        layer = helper.make_node("Gemm", ["n", "w"] + (["wb"] if bias else []), ["y"], transB=trans)
+        inits = [init("w", w(5, c) if trans else w(c, 5))] + ([init("wb", rng.normal(size=5))] if bias else [])
+        in_shape, out_shape = ["n", c], ["n", 5]
+    m = model([bn_node, layer], bn_inits + inits, in_shape, out_shape)
+    fused = dfq_onnx.fuse(m)
+    folds = kind != "conv" or zero_shift or pad == 0
+    assert ("BatchNormalization" in {n.op_type for n in fused.graph.node}) != folds
+    x = {"x": rng.normal(size=[4] + in_shape[1:]).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(fused, x)[0], run_ort(m, x)[0], rtol=1e-4, atol=1e-4)

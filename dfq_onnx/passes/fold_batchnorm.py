@@ -1,10 +1,11 @@
-"""Fold BatchNormalization and constant per-channel scale/shift into the linear layer before it."""
+"""Fold BatchNormalization and constant per-channel scale/shift into the linear layer before it,
+and a BatchNormalization that follows no linear layer into the one after it where that is exact."""
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph_utils import (bias_of, const_value, new_name, out_channel_axis, output_rank,
+from ..graph_utils import (attr_str, bias_of, const_value, new_name, out_channel_axis, output_rank,
                            per_channel_vector, sole_consumer, weight_of)
 
 
@@ -16,8 +17,12 @@ def fold_batchnorm(graph: gs.Graph) -> gs.Graph:
     weight is removed and its effect is carried by that layer's weight and bias (a bias is added
     when the layer had none; Gemm gets alpha = beta = 1). A MatMul with a 2-D input and a 2-D
     constant weight becomes a Gemm first. A weight tensor read by more than one layer is copied
-    before it is changed, so it is never folded twice. The function computed is unchanged up to
-    float32 rounding.
+    before it is changed, so it is never folded twice. A BatchNormalization left over (it follows
+    no such layer: it normalizes the input, or follows a pool) whose only reader is a Conv or a
+    Gemm is folded forward into that layer's weight (scale, per input channel) and bias (shift
+    times the weight): only where that is exact, i.e. the shift is zero or the Conv pads nothing
+    (a padded border would see the shift as zeros). Any other BatchNormalization stays. The
+    function computed is unchanged up to float32 rounding.
     """
     g = graph.copy()
     for node in list(g.nodes):
@@ -30,6 +35,9 @@ def fold_batchnorm(graph: gs.Graph) -> gs.Graph:
             _normalize_gemm(g, node)
         while _fold_next(g, node):
             pass
+    for node in list(g.nodes):
+        if node.op == "BatchNormalization":
+            _fold_forward(g, node)
     g.cleanup()
     g.toposort()
     return g
@@ -81,16 +89,12 @@ def _affine_after(g: gs.Graph, node: gs.Node) -> tuple[gs.Node, np.ndarray, np.n
     if cdim is None:
         return None
     if nxt.op == "BatchNormalization":
-        if cdim != 1 or nxt.inputs[0] is not out or int(nxt.attrs.get("training_mode", 0)):
+        if cdim != 1 or nxt.inputs[0] is not out:
             return None
-        vals = [const_value(t) for t in nxt.inputs[1:5]]
-        if any(v is None for v in vals):
+        st = _batchnorm_affine(nxt)
+        if st is None or st[0].size != n:
             return None
-        gamma, beta, mean, var = (np.asarray(v, dtype=np.float64).reshape(-1) for v in vals)
-        if gamma.size != n:
-            return None
-        s = gamma / np.sqrt(var + float(nxt.attrs.get("epsilon", 1e-5)))
-        return nxt, s, beta - mean * s
+        return nxt, st[0], st[1]
     if nxt.op not in ("Mul", "Div", "Add", "Sub") or len(nxt.inputs) != 2:
         return None
     other_idx = 1 if nxt.inputs[0] is out else 0
@@ -115,6 +119,62 @@ def _affine_after(g: gs.Graph, node: gs.Node) -> tuple[gs.Node, np.ndarray, np.n
     if nxt.op == "Sub" and other_idx == 1:
         return nxt, one, -vec
     return None
+
+
+def _batchnorm_affine(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) per channel of an inference-mode BatchNormalization with constant statistics."""
+    if int(bn.attrs.get("training_mode", 0)) or len(bn.outputs) != 1 or len(bn.inputs) < 5:
+        return None
+    vals = [const_value(t) for t in bn.inputs[1:5]]
+    if any(v is None for v in vals):
+        return None
+    gamma, beta, mean, var = (np.asarray(v, dtype=np.float64).reshape(-1) for v in vals)
+    if not gamma.size == beta.size == mean.size == var.size:
+        return None
+    s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return s, beta - mean * s
+
+
+def _fold_forward(g: gs.Graph, bn: gs.Node) -> bool:
+    """Fold y = s x + t (per channel, axis 1) into the Conv or Gemm that alone reads y:
+    W'[o, c, ...] = W[o, c, ...] s_c and b' = b + sum over c and the kernel of W[o, c, ...] t_c."""
+    st = _batchnorm_affine(bn)
+    nxt = sole_consumer(bn.outputs[0], g) if st is not None else None
+    if nxt is None or weight_of(nxt) is None or nxt.inputs[0] is not bn.outputs[0]:
+        return False
+    s, t = st
+    w = nxt.inputs[1].values.astype(np.float64)
+    if nxt.op == "Conv":
+        group = int(nxt.attrs.get("group", 1))
+        if w.shape[1] * group != s.size:
+            return False
+        if np.any(t != 0) and (any(int(p) for p in nxt.attrs.get("pads", [])) or
+                               attr_str(nxt, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+            return False
+        o, ig = w.shape[0], w.shape[1]
+        per_group = w.reshape(group, o // group, ig, -1)  # input channel of [g, o, i] is g * ig + i
+        sg, tg = s.reshape(group, 1, ig, 1), t.reshape(group, 1, ig, 1)
+        w_new = (per_group * sg).reshape(w.shape)
+        shift = (per_group * tg).sum(axis=(2, 3)).reshape(o)
+    elif nxt.op == "Gemm":
+        trans = int(nxt.attrs.get("transB", 0))
+        k = w.shape[1] if trans else w.shape[0]
+        if k != s.size or nxt.inputs[0].shape is None or len(nxt.inputs[0].shape) != 2:
+            return False
+        w_new = w * (s[None, :] if trans else s[:, None])
+        shift = (w @ t) if trans else (t @ w)
+    else:
+        return False
+    if len(nxt.inputs) > 2 and bias_of(nxt) is None:
+        return False  # a computed bias: nowhere to add the shift
+    _set_weight(g, nxt, w_new.astype(np.float32))
+    b = bias_of(nxt)
+    b0 = np.zeros(len(shift)) if b is None else np.broadcast_to(b.values.astype(np.float64).reshape(-1), shift.shape)
+    _set_bias(g, nxt, (b0 + shift).astype(np.float32))
+    nxt.inputs[0] = bn.inputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    return True
 
 
 def _fold_next(g: gs.Graph, node: gs.Node) -> bool:
