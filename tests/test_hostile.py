@@ -123,3 +123,55 @@ def test_mutated_model_files_give_a_model_or_one_line(tmp_path_factory, flips, c
         one_line_failure(res, out)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in d.iterdir()) == ["m.onnx"] + (["out.onnx"] if res.exit_code == 0 else [])
+
+
+def small_calib_bytes(save) -> bytes:
+    import io
+    buf = io.BytesIO()
+    save(buf, x=np.random.default_rng(1).normal(size=(6, 1, 28, 28)).astype(np.float32))
+    return buf.getvalue()
+
+
+CALIB_BYTES = small_calib_bytes(np.savez)
+CALIB_ZBYTES = small_calib_bytes(np.savez_compressed)  # deflate: flips reach zlib, not only the CRC
+HOSTILE_ARRAYS = st.sampled_from([
+    np.zeros((0, 1, 28, 28), np.float32), np.zeros((4, 1, 28), np.float32), np.zeros((4, 3, 28, 28), np.float32),
+    np.full((4, 1, 28, 28), np.nan, np.float32), np.full((4, 1, 28, 28), np.inf, np.float32),
+    np.full((4, 1, 28, 28), 3e38, np.float32), np.ones((4, 1, 28, 28), np.complex64), np.ones((4, 1, 28, 28), bool),
+    np.ones((4, 1, 28, 28), np.int8), np.ones((4, 1, 28, 28), np.float64), np.array(["a", "b"]), np.float32(1.0),
+    np.ones((4, 1, 1, 1), np.float32), np.ones((4, 1, 28, 28, 1), np.float32)])
+
+
+@settings(max_examples=int(os.environ.get("DFQ_FUZZ", 60)), deadline=None,
+          suppress_health_check=list(HealthCheck), derandomize=os.environ.get("CI") == "true")
+@given(st.one_of(
+    st.tuples(st.sampled_from(["bytes", "zbytes"]),
+              st.lists(st.tuples(st.integers(0, len(CALIB_ZBYTES) - 1), st.integers(0, 255)), max_size=8),
+              st.one_of(st.none(), st.integers(0, len(CALIB_ZBYTES)))),
+    st.tuples(st.just("arrays"), st.dictionaries(st.sampled_from(["x", "y", "input"]), HOSTILE_ARRAYS, max_size=2),
+              st.none())))
+def test_hostile_calibration_files_give_a_model_or_one_line(tmp_path_factory, mutation):
+    """A calibration .npz with bytes overwritten or cut, or holding arrays of the wrong key, shape,
+    dtype or values (NaN, Inf, 3e38, strings, scalars, no samples)."""
+    kind, change, cut = mutation
+    d = tmp_path_factory.mktemp("fuzzcal")
+    src = d / "m.onnx"
+    onnx.save(small_model(), src)
+    cal = d / "c.npz"
+    if kind != "arrays":
+        data = bytearray(CALIB_BYTES if kind == "bytes" else CALIB_ZBYTES)
+        for i, v in change:
+            data[i] = v
+        cal.write_bytes(bytes(data[:cut]))
+    else:
+        np.savez(cal, **change)
+    before = hashlib.sha256(cal.read_bytes()).hexdigest()
+    out = d / "out.onnx"
+    res = CliRunner().invoke(main, ["convert", str(src), str(out), "--calib", str(cal)])
+    assert "Traceback" not in res.output
+    if res.exit_code == 0:
+        onnx.checker.check_model(onnx.load(out))
+    else:
+        one_line_failure(res, out)
+    assert hashlib.sha256(cal.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in d.iterdir()) == ["c.npz", "m.onnx"] + (["out.onnx"] if res.exit_code == 0 else [])
