@@ -99,7 +99,7 @@ def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as e:
         raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
-    _forget_negative_dims(model)
+    _forget_dynamic_dims(model)
     opset = default_opset(model)
     if opset < min_opset:
         try:
@@ -110,8 +110,8 @@ def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
-def _forget_negative_dims(model: onnx.ModelProto) -> None:
-    """Make every dim written as a negative dim_value (exporters write -1 for "dynamic") an
+def _forget_dynamic_dims(model: onnx.ModelProto) -> None:
+    """Make every dim written as a dim_value <= 0 (exporters write -1, some 0, for "dynamic") an
     unknown dim. Shape inference would take -1 as a size: a Flatten of [-1, C, -1, -1] gives
     [-1, C] (the product of the -1s is 1), a Gemm then sees the wrong K and the graph's shapes
     disagree with the data."""
@@ -119,7 +119,7 @@ def _forget_negative_dims(model: onnx.ModelProto) -> None:
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             for d in vi.type.tensor_type.shape.dim:
-                if d.HasField("dim_value") and d.dim_value < 0:
+                if d.HasField("dim_value") and d.dim_value <= 0:
                     d.Clear()
 
 
