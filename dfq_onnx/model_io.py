@@ -8,6 +8,7 @@ not at all (written to a temporary file in the same folder, then renamed).
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -101,13 +102,41 @@ def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
         raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
     _forget_dynamic_dims(model)
     opset = default_opset(model)
-    if opset < min_opset:
+    target = min_opset if opset < min_opset else min(opset, max(min_opset, runtime_qdq_opset()))
+    if target != opset:  # up to min_opset; down to what onnxruntime's Q/DQ kernels implement
         try:
-            model = version_converter.convert_version(model, min_opset)
+            model = version_converter.convert_version(model, target)
             onnx.checker.check_model(model)
         except Exception as e:
-            raise DfqError(f"{where}: cannot convert opset {opset} to {min_opset}: {_first_line(e)}") from None
+            raise DfqError(f"{where}: cannot convert opset {opset} to {target}"
+                           f"{' (onnxruntime has no QuantizeLinear above it)' if target < opset else ''}: "
+                           f"{_first_line(e)}") from None
     return infer_shapes(model)
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_qdq_opset() -> int:
+    """The newest opset at which this onnxruntime runs QuantizeLinear and DequantizeLinear (onnx
+    may define newer ones: onnx 1.23 has opset 28, onnxruntime 1.32 implements them up to 25-27).
+    A model above it is converted down, so the quantized model runs."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
+        g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [numpy_helper.from_array(np.float32(1), "s"), numpy_helper.from_array(np.int8(0), "z")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        try:
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:
+            continue
+    return MIN_OPSET
 
 
 def _forget_dynamic_dims(model: onnx.ModelProto) -> None:

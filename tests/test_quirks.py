@@ -158,3 +158,21 @@ def test_batchnorm_before_a_layer_folds_forward_exactly_where_valid(kind, groups
     assert ("BatchNormalization" in {n.op_type for n in fused.graph.node}) != folds
     x = {"x": rng.normal(size=[4] + in_shape[1:]).astype(np.float32)}
     np.testing.assert_allclose(run_ort(fused, x)[0], run_ort(m, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_at_onnx_newest_opset_runs_after_conversion():
+    """onnx may define opsets that onnxruntime does not implement QuantizeLinear for (onnx 1.23:
+    opset 28; onnxruntime 1.32: up to 27). The quantized model must still run: it is converted
+    down to the newest opset onnxruntime has Q/DQ kernels for."""
+    from dfq_onnx.model_io import runtime_qdq_opset
+    newest = onnx.defs.onnx_opset_version()
+    m = model([helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+               helper.make_node("Conv", ["r", "w2"], ["y"])], [init("w1", w(6, 3, 3, 3)), init("w2", w(4, 6, 1, 1))],
+              ["n", 3, 8, 8], ["n", 4, 8, 8], opset=newest)
+    x = RNG.normal(size=(40, 3, 8, 8)).astype(np.float32)
+    ref = run_ort(m, {"x": x[32:]})[0]
+    for fmt in ("qdq", "int"):
+        r = run(m, {"x": x[:32]}, QuantConfig(format=fmt))
+        opset = next(o.version for o in r.model.opset_import if o.domain in ("", "ai.onnx"))
+        assert opset == min(newest, runtime_qdq_opset())
+        assert sqnr(ref, run_ort(r.model, {"x": x[32:]})[0]) > 25

@@ -178,10 +178,10 @@ def test_several_inputs():
 
 
 def test_shape_inference_that_fails_halfway(tmp_path, monkeypatch):
-    """A Reshape whose target shape is computed from the tensor's own Shape: onnx's inference stops
+    """A Reshape whose target shape is computed from the input's Shape: onnx's inference stops
     there (the rank is all it knows), so the residual Add behind it looked unsized. Symbolic shape
     inference carries on; the model must quantize like the same model with a constant shape, the
-    Shape op reads the integer codes (no float island), and nothing is written to the current
+    Shape op and the integer arithmetic on its result are no float islands, and nothing is written to the current
     directory (onnxruntime's symbolic inference saves a scratch model there when it gives up)."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(6)
@@ -191,13 +191,16 @@ def test_shape_inference_that_fails_halfway(tmp_path, monkeypatch):
         nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
                  helper.make_node("Relu", ["c1"], ["r1"])]
         if computed:
-            nodes += [helper.make_node("Shape", ["r1"], ["s"]), helper.make_node("Reshape", ["r1", "s"], ["t"])]
+            nodes += [helper.make_node("Shape", ["x"], ["s0"]), helper.make_node("Gather", ["s0", "order"], ["s"]),
+                      helper.make_node("Reshape", ["r1", "s"], ["t"])]
         else:
             nodes += [helper.make_node("Reshape", ["r1", "s"], ["t"])]
         nodes += [helper.make_node("Conv", ["t", "w2"], ["c2"], pads=[1, 1, 1, 1]),
                   helper.make_node("Add", ["c2", "r1"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
         inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2")]
-        if not computed:
+        if computed:  # integer arithmetic on the input's shape, before any module reads the input
+            inits.append(numpy_helper.from_array(np.array([0, 1, 2, 3], np.int64), "order"))
+        else:
             inits.append(numpy_helper.from_array(np.array([0, 4, -1, 6], np.int64), "s"))
         g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, "h", 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, "h", 6])], inits)

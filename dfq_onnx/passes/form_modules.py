@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, SHAPE_OPS, attr_str, const_value,
@@ -49,7 +50,8 @@ class Plan:
     float_outputs: outputs of linear modules that are graph outputs read by no node: not
         requantized, they leave at the accumulator's precision (dequantized int32).
     float_nodes: names of nodes that stay float (float islands), by op type in `float_ops`.
-    shape_nodes: Shape/Size nodes reading a quantized tensor (they read its codes' shape).
+    shape_nodes: Shape/Size nodes (on a quantized tensor they read its codes' shape) and the
+        integer arithmetic on their results (Gather, Concat, ... of int64 shapes): not float.
     """
     modules: list[Module]
     requant: list[str] = field(default_factory=list)
@@ -59,7 +61,7 @@ class Plan:
     unsigned: set[str] = field(default_factory=set)
     float_outputs: set[str] = field(default_factory=set)
     float_nodes: list[str] = field(default_factory=list)
-    shape_nodes: list[str] = field(default_factory=list)  # Shape/Size of a quantized tensor: read its codes
+    shape_nodes: list[str] = field(default_factory=list)  # Shape/Size and integer shape arithmetic
     float_ops: Counter = field(default_factory=Counter)
 
     def source(self, t: str) -> str:
@@ -211,7 +213,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                     plan.unsigned.add(m.output)
             continue
         data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
-        if node.op in SHAPE_OPS and data and plan.quantized(data[0].name):
+        if (node.op in SHAPE_OPS and data) or _integer_only(node, data):
             plan.shape_nodes.append(node.name)
             continue
         if node.op in PASS_THROUGH_OPS and data and _passes_through(node) and \
@@ -239,6 +241,13 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
         if not all(x in plan.unsigned for x in members):
             plan.unsigned.discard(t)
     return plan
+
+
+def _integer_only(node: gs.Node, data: list) -> bool:
+    """A node that reads and writes only integer or bool tensors (shape arithmetic)."""
+    def integer(t) -> bool:
+        return t.dtype is not None and np.dtype(t.dtype).kind in "iub"
+    return bool(data) and all(integer(t) for t in data) and all(integer(t) for t in node.outputs)
 
 
 def _passes_through(node: gs.Node) -> bool:
