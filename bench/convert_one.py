@@ -1,41 +1,99 @@
 """One conversion, alone in its own process, so that its wall time and peak RSS are its own.
 
   python bench/convert_one.py TOOL MODEL OUT --calib DATA [--preprocess SPEC] [--num-samples N]
+                              [--input-name NAME] [--ort-pre-process]
 
 TOOL: dfq-qdq | dfq-int (dfq_onnx.convert) | ort-minmax | ort-percentile (onnxruntime's
-quant_pre_process + quantize_static: QDQ, per-channel, int8 weights and activations). Both tools
-read the same calibration samples through the same reader (dfq_onnx.calibration_data.DataSource)
-in batches of BATCH. The last line printed is JSON: {"seconds": conversion wall time, measured
-from before loading the model to after writing OUT, pre-processing included; "peak_rss_mb": this
-process's peak resident set (VmHWM), interpreter and imports included}. VmHWM is read here, not
-with the parent's os.wait4: on Linux a child's ru_maxrss starts from its parent's peak at fork.
+quantize_static: QDQ, per-channel, int8 weights and activations).
+
+Both tools are fed the way a user feeds them: the calibration samples are first read into
+in-memory numpy arrays (a .npz is np.load-ed; a folder of images is decoded with --preprocess),
+before the clock starts and before the model is touched; then dfq-onnx gets that dict of arrays
+(dfq_onnx.convert(model, arrays, ...)) and onnxruntime a CalibrationDataReader over the same
+arrays in batches of BATCH, as onnxruntime's quantization docs and examples write it. Neither
+tool's model is loaded by the other's code. onnxruntime gets the model file as it is (its
+optional `quant_pre_process` step is a separate command in its docs; --ort-pre-process runs it
+here first, in this process, and counts it).
+
+--input-name: the model's (single) input; the .npz's array is fed under that name, so the model
+need not be read to find it (reading a 550 MB model only for its input names would raise the peak
+RSS of both tools). Without it the model is read without its weights for its input specs.
+
+The last line printed is JSON: {"seconds": conversion wall time, measured from the call with the
+model path to after writing OUT; "peak_rss_mb": this process's peak resident set (VmHWM),
+interpreter, imports and the in-memory calibration arrays included (the same arrays for both
+tools); "data_mb": the calibration arrays' size}. VmHWM is read here, not with the parent's
+os.wait4: on Linux a child's ru_maxrss starts from its parent's peak at fork.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 BATCH = 8  # dfq_onnx's default calibration batch; onnxruntime's reader yields the same batches
 
 
-def convert_dfq(model: Path, out: Path, calib: str, preprocess: str | None, n: int, fmt: str) -> None:
+def load_arrays(calib: str, model: Path, n: int, preprocess: str | None, input_name: str | None) -> dict:
+    """The first n calibration samples as a dict input name -> array (N, ...)."""
+    p = Path(calib)
+    if p.suffix.lower() == ".npz" and input_name:
+        with np.load(p, allow_pickle=False) as z:
+            keys = [k for k in z.files if k != "labels"]
+            key = input_name if input_name in keys else keys[0]
+            return {input_name: np.ascontiguousarray(z[key][:n])}
+    from dfq_onnx.calibration_data import DataSource, input_specs
+    from dfq_onnx.model_io import read_model
+
+    specs = input_specs(read_model(str(model), external_data=False))
+    parts = list(DataSource(calib, specs, num_samples=n, preprocess=preprocess).batches(BATCH))
+    return {k: np.ascontiguousarray(np.concatenate([b[k] for b in parts])) for k in parts[0]}
+
+
+def convert_dfq(model: Path, out: Path, arrays: dict, fmt: str, args) -> None:
     import dfq_onnx
     from dfq_onnx.model_io import save_model
 
-    cfg = dfq_onnx.QuantConfig(format=fmt, num_samples=n, batch_size=BATCH)
-    save_model(dfq_onnx.convert(str(model), calib, cfg, preprocess=preprocess), out)
+    cfg = dfq_onnx.QuantConfig(format=fmt, num_samples=len(next(iter(arrays.values()))), batch_size=BATCH)
+    save_model(dfq_onnx.convert(str(model), arrays, cfg), out)
 
 
-def convert_ort(model: Path, out: Path, calib: str, preprocess: str | None, n: int, method: str) -> None:
-    import onnx
+class ArrayReader:
+    """onnxruntime's CalibrationDataReader over in-memory arrays, as its docs write one."""
 
-    from dfq_onnx.baseline import ort_quantize
+    def __init__(self, arrays: dict, batch: int):
+        n = len(next(iter(arrays.values())))
+        self.batches = [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
+        self.it = iter(self.batches)
 
-    onnx.save(ort_quantize(str(model), calib, num_samples=n, batch_size=BATCH, preprocess=preprocess,
-                           method=method), str(out))
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.batches)
+
+
+def convert_ort(model: Path, out: Path, arrays: dict, method: str, args) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    reader = type("Reader", (ArrayReader, CalibrationDataReader), {})(arrays, BATCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = model
+        if args.ort_pre_process:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            src = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(model), str(src))
+        quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile,
+                        use_external_data_format=model.stat().st_size > 1_900_000_000)
 
 
 def peak_rss_mb() -> float | None:
@@ -57,13 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", required=True)
     ap.add_argument("--preprocess", default=None)
     ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--input-name", default=None)
+    ap.add_argument("--ort-pre-process", action="store_true")
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
+    arrays = load_arrays(args.calib, args.model, args.num_samples, args.preprocess, args.input_name)
+    data_mb = sum(a.nbytes for a in arrays.values()) / 2 ** 20
     kind, variant = args.tool.split("-")
     fn = convert_dfq if kind == "dfq" else convert_ort
-    fn(args.model, args.out, args.calib, args.preprocess, args.num_samples, variant)
+    t0 = time.perf_counter()
+    fn(args.model, args.out, arrays, variant, args)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "data_mb": data_mb}))
     return 0
 
 

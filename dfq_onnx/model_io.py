@@ -2,26 +2,47 @@
 
 `load_model` guarantees: the model passed onnx.checker, its default-domain opset is at least
 MIN_OPSET (per-channel DequantizeLinear needs `axis`), shapes are inferred where possible, and
-external data is loaded. The input file is only ever read.
+external data is loaded. The input file is only ever read. `load_light` gives the same model as
+its structure (large initializers as stubs, see below) plus those initializers as numpy arrays,
+each held once; `to_graph(light, arrays)` makes the graphsurgeon graph that shares them.
 `save_model` guarantees: the output path is not the input path, and the file appears whole or
-not at all (written to a temporary file in the same folder, then renamed).
+not at all (written to a temporary file in the same folder, then renamed); a model over
+`large` bytes (default just under protobuf's 2 GB limit) keeps its tensors in OUT.data beside OUT.
+
+Weights are never copied to analyse the structure: the checker, shape inference and
+onnxruntime's analysis sessions see a "light" model whose initializers of STUB_MIN_ELEMENTS
+elements or more are stubs (name, type and dims, marked as external data at STUB_LOCATION, no
+bytes). The checker's own test of those tensors (data at least as long as the dims claim) is done
+here on the real tensors; onnxruntime gets the numpy arrays themselves as external initializers
+(no copy); graphsurgeon graphs share the arrays (read-only, so no pass can change a weight in
+place behind another graph's back).
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from onnx import version_converter
+from onnx import TensorProto, numpy_helper, version_converter
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import DfqError
 
 MIN_OPSET = 13
 ModelLike = "str | os.PathLike | onnx.ModelProto"
+STUB_MIN_ELEMENTS = 1024     # initializers this large are stubbed: no op's shape inference reads their values
+STUB_LOCATION = "dfq-in-memory"
+LARGE_MODEL_BYTES = 1_900_000_000  # protobuf's limit is 2 GiB: above this, save_model writes external data
+_STUBBABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
+              TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
+              TensorProto.UINT64, TensorProto.BOOL}
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -92,26 +113,136 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
     """Read (or take) a model, check it, upgrade it to opset >= min_opset (13 by default; 21 for
-    16-bit QuantizeLinear) and infer shapes."""
+    16-bit QuantizeLinear) and infer shapes. A full ModelProto (weights included); the pipeline
+    itself uses load_light, which holds each weight once."""
+    light, arrays = load_light(src, min_opset)
+    return with_arrays(light, arrays)
+
+
+def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """load_model's model as (structure with stubbed large initializers, {name: read-only numpy
+    array}). The same checks: the checker (its tensor-size test on the real tensors), the opset
+    upgrade, shape inference (on the structure: no weight is serialized)."""
     where = "model" if isinstance(src, onnx.ModelProto) else str(src)
-    model = onnx.ModelProto()
-    model.CopyFrom(read_model(src))
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+    model = read_model(src)
+    _check(model, where)
+    if model is src:  # the caller's model is only read: dims are rewritten below
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
     _forget_dynamic_dims(model)
     opset = default_opset(model)
     target = min_opset if opset < min_opset else min(opset, max(min_opset, runtime_qdq_opset()))
     if target != opset:  # up to min_opset; down to what onnxruntime's Q/DQ kernels implement
         try:
             model = version_converter.convert_version(model, target)
-            onnx.checker.check_model(model)
+            _check(model, where, converted=True)
         except Exception as e:
             raise DfqError(f"{where}: cannot convert opset {opset} to {target}"
                            f"{' (onnxruntime has no QuantizeLinear above it)' if target < opset else ''}: "
                            f"{_first_line(e)}") from None
-    return infer_shapes(model)
+    big = {t.name for t in model.graph.initializer if _stubbable(t)}
+    arrays = {}
+    for t in model.graph.initializer:
+        if t.name in big:
+            if t.HasField("raw_data") and sys.byteorder == "little":  # the bytes themselves, not a copy of them
+                a = np.frombuffer(t.raw_data, onnx.helper.tensor_dtype_to_np_dtype(t.data_type),
+                                  int(np.prod(t.dims, dtype=np.int64))).reshape(tuple(t.dims))
+            else:
+                a = np.array(numpy_helper.to_array(t))  # what graphsurgeon's LazyValues.load gives
+            a.setflags(write=False)
+            arrays[t.name] = a
+    light = light_copy(model, big)
+    del model
+    return infer_shapes(light), arrays
+
+
+def _stubbable(t: TensorProto) -> bool:
+    return t.data_type in _STUBBABLE and t.data_location != TensorProto.EXTERNAL and \
+        int(np.prod(t.dims, dtype=np.int64)) >= STUB_MIN_ELEMENTS
+
+
+def stub_tensor(name: str, data_type: int, dims) -> TensorProto:
+    """A tensor with a name, type and dims and no data (marked as external data at STUB_LOCATION)."""
+    t = TensorProto(name=name, data_type=data_type, dims=[int(d) for d in dims])
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=STUB_LOCATION)
+    return t
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    for fd, v in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(v)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(v)
+        else:
+            setattr(dst, fd.name, v)
+
+
+def light_copy(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `names` are stubs (stub_tensor): everything
+    else is copied, those tensors' bytes are not."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, "graph")
+    _copy_fields(light.graph, model.graph, "initializer")
+    for t in model.graph.initializer:
+        light.graph.initializer.append(stub_tensor(t.name, t.data_type, t.dims) if t.name in names else t)
+    return light
+
+
+def with_arrays(light: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The full model: `light` with its stubs replaced by the arrays' values."""
+    model = onnx.ModelProto()
+    _copy_fields(model, light, "graph")
+    _copy_fields(model.graph, light.graph, "initializer")
+    for t in light.graph.initializer:
+        model.graph.initializer.append(numpy_helper.from_array(arrays[t.name], t.name) if t.name in arrays else t)
+    return model
+
+
+def _check(model: onnx.ModelProto, where: str, converted: bool = False) -> None:
+    """onnx.checker on the model's structure (large initializers declared as graph inputs of
+    their type and dims), and the checker's size test on those initializers themselves."""
+    try:
+        big = {t.name for t in model.graph.initializer if _stubbable(t)}
+        for t in model.graph.initializer:
+            if t.name in big:
+                _check_tensor_size(t)
+        light = onnx.ModelProto()
+        _copy_fields(light, model, "graph")
+        _copy_fields(light.graph, model.graph, "initializer")
+        have = {i.name for i in light.graph.input}
+        for t in model.graph.initializer:
+            if t.name not in big:
+                light.graph.initializer.append(t)
+            elif t.name not in have:
+                light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        onnx.checker.check_model(light)
+    except Exception as e:
+        if converted:
+            raise
+        raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+
+
+def _check_tensor_size(t: TensorProto) -> None:
+    """The checker's test: the data holds at least as many values as the dims claim."""
+    n = int(np.prod(t.dims, dtype=np.int64))
+    if t.HasField("raw_data"):
+        need = n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        have = len(t.raw_data)
+        if have < need:
+            raise onnx.checker.ValidationError(
+                f"TensorProto (tensor name: {t.name}) raw_data size ({have} bytes) is too small for the declared "
+                f"shape and type ({need} bytes required).")
+        return
+    field = onnx.helper.tensor_dtype_to_field(t.data_type)
+    have = len(getattr(t, field))
+    if have < n:
+        raise onnx.checker.ValidationError(
+            f"TensorProto (tensor name: {t.name}) {field} size ({have}) is too small for the declared shape "
+            f"({n} values required).")
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,15 +332,66 @@ def _unknown_dims(model: onnx.ModelProto) -> bool:
     return False
 
 
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+def to_graph(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> gs.Graph:
+    """The graphsurgeon graph of a model; with `arrays` (load_light), its stubbed constants hold
+    those arrays (shared, not copied)."""
+    graph = gs.import_onnx(model)
+    if arrays:
+        _attach(graph, arrays, {})
+    return graph
+
+
+def _attach(graph: gs.Graph, values: dict, locations: dict) -> None:
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and t.name in values:
+            t._values = values[t.name]
+            t.data_location = locations.get(t.name)
+
+
+def _stub_of(c: gs.Constant) -> TensorProto | None:
+    """The stub standing for a large constant, or None to export it as it is."""
+    v = c._values
+    if isinstance(v, LazyValues):
+        t = v.tensor
+        return stub_tensor(c.name, t.data_type, t.dims) if _stubbable(t) else None
+    if not isinstance(v, np.ndarray) or v.size < STUB_MIN_ELEMENTS:
+        return None
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+    except Exception:
+        return None
+    if data_type not in _STUBBABLE or (c._export_dtype is not None and np.dtype(c._export_dtype) != v.dtype):
+        return None
+    return stub_tensor(c.name, data_type, v.shape)
+
+
+@contextmanager
+def stubbed(graph: gs.Graph):
+    """Within: graph's large constants are stubs; yields {name: their values} and
+    {name: data_location}. Exports made inside carry no weight bytes."""
+    values, locations = {}, {}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            stub = _stub_of(t)
+            if stub is not None:
+                values[t.name], locations[t.name] = t._values, t.data_location
+                t._values = LazyValues(stub)
+    try:
+        yield values, locations
+    finally:
+        _attach(graph, values, locations)
 
 
 def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
     """The graph re-imported after onnx shape inference (shapes computed from folded constants,
-    such as Pad amounts, become known); the graph itself if inference fails."""
+    such as Pad amounts, become known); the graph itself if inference fails. Inference runs on the
+    structure (stubbed weights); the new graph shares the weights."""
     try:
-        return gs.import_onnx(infer_shapes(to_model(graph)))
+        with stubbed(graph) as (values, locations):
+            model = to_model(graph)
+        new = gs.import_onnx(infer_shapes(model))
+        _attach(new, values, locations)
+        return new
     except Exception:
         return graph
 
@@ -229,10 +411,18 @@ def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimiz
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     elif basic:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with stubbed(graph) as (values, _):
+        model = to_model(graph)
+    arrays = [np.ascontiguousarray(v.load() if isinstance(v, LazyValues) else v) for v in values.values()]
+    ortvalues = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if values:  # the weights themselves, not a serialized copy
+        so.add_external_initializers(list(values), ortvalues)
     try:
-        return ort.InferenceSession(to_model(graph).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise DfqError(f"{failure}: {str(e).splitlines()[0]}") from None
+    sess._dfq_initializers = (arrays, ortvalues, so)  # onnxruntime reads them in place: keep them alive
+    return sess
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -267,29 +457,41 @@ def check_output_path(out, inp=None) -> Path:
     return out
 
 
-def save_model(model: onnx.ModelProto, out, inp=None) -> Path:
-    """Write `model` to `out` atomically (temporary file + rename)."""
+def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_BYTES) -> Path:
+    """Write `model` to `out` atomically (temporary file + rename). A model over `large` bytes
+    (protobuf cannot serialize 2 GiB) is written with its tensors in `out.name + ".data"` beside
+    `out` (both files first in a temporary folder there, then renamed, data first); `model`'s
+    tensors then refer to that file."""
     out = check_output_path(out, inp)
+    folder = out.resolve().parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+        size = model.ByteSize()
+    except Exception:  # over what protobuf can size
+        size = large + 1
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise DfqError(f"{out.parent}: cannot write there ({e.strerror})") from None
-    os.close(fd)
+    tmp = os.path.join(tmpdir, out.name)
+    data = out.name + ".data"
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output follows the umask like any file
-        large = model.ByteSize() > 1_900_000_000
-        if large:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out.name + ".data")
+        if size > large:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+            os.chmod(os.path.join(tmpdir, data), 0o666 & ~_umask())
+            os.replace(os.path.join(tmpdir, data), folder / data)
         else:
             onnx.save_model(model, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # the output follows the umask like any new file
         os.replace(tmp, out)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         if isinstance(e, OSError):
             raise DfqError(f"{out}: cannot write ({e.strerror or e})") from None
         raise
+    finally:
+        for name in os.listdir(tmpdir) if os.path.isdir(tmpdir) else []:
+            os.unlink(os.path.join(tmpdir, name))
+        if os.path.isdir(tmpdir):
+            os.rmdir(tmpdir)
     return out
 
 

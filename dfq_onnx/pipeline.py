@@ -12,11 +12,11 @@ from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
 from .config import SATURATION_SAFE_TARGETS, QuantConfig
 from .errors import DfqError
-from .model_io import MIN_OPSET, load_model, to_graph, to_model
+from .model_io import MIN_OPSET, load_light, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
-from .passes.choose_exponents import Exponents, choose_exponents, saturation_risks
+from .passes.choose_exponents import Exponents, certain_saturation_risks, choose_exponents, saturation_risks
 from .passes.emit_int import DOMAIN as INT_DOMAIN, INT_OPSET, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
@@ -26,7 +26,7 @@ from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
 from .quantized import QuantizedModel, build as build_quantized, check_finite
-from .report import inspect_model, quantized_ops
+from .report import per_layer_requant_points, quantized_ops
 
 
 @dataclass
@@ -46,8 +46,9 @@ class ConvertResult:
 
 def fuse(model) -> onnx.ModelProto:
     """The fused float model: canonical form with BatchNorm and per-channel affine ops folded."""
-    original = load_model(model)
-    graph = fold_batchnorm(canonicalize(to_graph(original)))
+    original, weights = load_light(model)
+    graph = fold_batchnorm(canonicalize(to_graph(original, weights)))
+    del weights
     return to_model(graph, original)
 
 
@@ -59,8 +60,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction)."""
     config = config or QuantConfig()
     t0 = time.perf_counter()
-    original = load_model(model, INT16_QDQ_OPSET if config.uses_16bit_activations else
-                          INT_OPSET if config.format == "int" else MIN_OPSET)
+    # the model's structure, and its weights as numpy arrays held once: every graph below shares them
+    original, weights = load_light(model, INT16_QDQ_OPSET if config.uses_16bit_activations else
+                                   INT_OPSET if config.format == "int" else MIN_OPSET)
     done = quantized_ops(original)
     if done:
         raise DfqError(f"the model is already quantized ({', '.join(done[:4])}{', ...' if len(done) > 4 else ''}); "
@@ -72,7 +74,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     data = None if data_free else DataSource(calib, input_specs(original), num_samples=config.num_samples,
                                              preprocess=preprocess)
 
-    graph = to_graph(original)
+    graph = to_graph(original, weights)
+    del weights  # the graphs hold them; what a pass replaces is freed with the graph that held it
     graph = canonicalize(graph)
     bn_moments = batchnorm_moments(graph) if data_free else {}
     graph = fold_batchnorm(graph)
@@ -119,15 +122,21 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     act_bits_of = {m.output: int(b) for m in quantized for n, b in config.act_overrides if n == m.name}
 
+    fractions_cache: dict = {}
+
     def exponents(weight_bits_of: dict) -> Exponents:
         return choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method,
-                                module_weight_bits=weight_bits_of, module_act_bits=act_bits_of)
+                                module_weight_bits=weight_bits_of, module_act_bits=act_bits_of, cache=fractions_cache)
 
-    exps = exponents(dict(config.overrides))
     # the QDQ graph runs on onnxruntime's u8 x s8 kernels; the integer graph's u8 x u8 ones cannot saturate
-    guarded = saturation_risks(graph, exps, config.per_channel) \
-        if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq" else []
+    guard = config.target in SATURATION_SAFE_TARGETS and config.format == "qdq"
+    # modules that saturate at any fraction the search could pick skip their 8-bit search
+    certain = certain_saturation_risks(graph, plan, weight_bits=config.weight_bits, per_channel=config.per_channel,
+                                       module_weight_bits=dict(config.overrides)) if guard else []
+    exps = exponents({**dict(config.overrides), **{n: 7 for n in certain}})
+    risky = set(certain) | set(saturation_risks(graph, exps, config.per_channel) if guard else [])
+    guarded = [n for n in exps.weight if n in risky]  # in module order
     if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
         exps = exponents({**dict(config.overrides), **{n: 7 for n in guarded}})
     search_facts = {}
@@ -135,8 +144,11 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
                                               on_group=on_search)
 
+    codes_cache: dict = {}  # bias correction changes biases only: the second build reuses the weight codes
+
     def quantized_model() -> QuantizedModel:
-        return build_quantized(graph, plan, exps, per_channel=config.per_channel, integer_graph=config.format == "int")
+        return build_quantized(graph, plan, exps, per_channel=config.per_channel, integer_graph=config.format == "int",
+                               codes_cache=codes_cache)
 
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data, in QDQ (same rounding as int)
@@ -155,7 +167,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         out.functions.extend(rounding_functions(opset))
         out.opset_import.add(domain=INT_DOMAIN, version=1)
     kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "residual", "island")}
-    per_layer = inspect_model(original)["per_layer_requant_points"]
+    per_layer = per_layer_requant_points(original)
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
                            seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts,

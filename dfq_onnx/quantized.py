@@ -19,6 +19,8 @@ its int32 sum (no rounding).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -132,9 +134,47 @@ class QuantizedModel:
 
 
 # --- the quantization arithmetic of weights and biases -------------------------------------------
+CHUNK_ELEMENTS = 1 << 20  # weights are quantized in slices of about this many elements (float64 temporaries)
+THREADS = min(2, os.cpu_count() or 1)  # numpy releases the GIL in its loops: slices run on two cores
+
+
+def in_slices(fn, n: int, step: int) -> list:
+    """[fn(i, min(i + step, n)) for i in range(0, n, step)], the slices on THREADS threads."""
+    bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
+    if THREADS < 2 or len(bounds) < 2:
+        return [fn(a, b) for a, b in bounds]
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(lambda ab: fn(*ab), bounds))
+
+
 def weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """int8 codes of a float weight at a fraction per slice along `axis` (round half to even)."""
-    return quantize(np.asarray(w), _along(frac, np.ndim(w), axis), bits).astype(np.int8)
+    """int8 codes of a float weight at a fraction per slice along `axis` (round half to even).
+    Elementwise, so computed in slices along the first axis: the float64 and int64 temporaries
+    of the arithmetic stay small whatever the weight's size."""
+    w = np.asarray(w)
+    f = _along(frac, np.ndim(w), axis)
+    if w.size <= CHUNK_ELEMENTS or w.ndim == 0:
+        return quantize(w, f, bits).astype(np.int8)
+    out = np.empty(w.shape, np.int8)
+
+    def part(a: int, b: int) -> None:
+        out[a:b] = quantize(w[a:b], f[a:b] if f.shape[0] > 1 else f, bits).astype(np.int8)
+
+    in_slices(part, w.shape[0], max(1, CHUNK_ELEMENTS // max(1, w.size // w.shape[0])))
+    return out
+
+
+def cached_weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int, cache: dict | None) -> np.ndarray:
+    """weight_codes, looked up in `cache` (kept by the caller across builds of one graph) by the
+    weight array itself, the fractions, bits and axis. The codes are read-only."""
+    key = (id(w), np.asarray(frac, np.int64).tobytes(), bits, axis)
+    if cache is not None and key in cache and cache[key][0] is w:
+        return cache[key][1]
+    q = weight_codes(w, frac, bits, axis)
+    q.setflags(write=False)
+    if cache is not None:
+        cache[key] = (w, q)
+    return q
 
 
 def bias_codes(b: np.ndarray, acc_frac: np.ndarray) -> np.ndarray:
@@ -172,7 +212,8 @@ def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 
 def _sum_abs_per_channel(q: np.ndarray, axis: int) -> np.ndarray:
-    return np.abs(q.astype(np.int64)).sum(axis=tuple(i for i in range(q.ndim) if i != axis))
+    # int16 holds |int8| exactly; the sums are int64 (exact, so the order of summation is irrelevant)
+    return np.abs(q.astype(np.int16)).sum(axis=tuple(i for i in range(q.ndim) if i != axis), dtype=np.int64)
 
 
 def check_finite(graph: gs.Graph, modules) -> None:
@@ -183,13 +224,14 @@ def check_finite(graph: gs.Graph, modules) -> None:
             continue
         node = nodes[m.name]
         for what, t in (("weight", node.inputs[1]), ("bias", bias_of(node))):
-            if t is not None and not np.all(np.isfinite(np.asarray(t.values, dtype=np.float64))):
+            if t is not None and not np.isfinite(np.asarray(t.values)).all():  # no float64 copy of the weight
                 raise DfqError(f"{m.op} {m.name}: its {what} {t.name!r} holds NaN or Inf values; "
                                "no power-of-two fraction represents them")
 
 
 # --- construction --------------------------------------------------------------------------------
-def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool = False) -> QuantizedModel:
+def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool = False,
+          codes_cache: dict | None = None) -> QuantizedModel:
     """The quantized model of `graph` under `plan` and `exps` (passes/choose_exponents.py).
 
     Guarantees: every module's worst-case accumulator (sum |w_q| * max|x_q| + |bias_q| + aligned
@@ -197,7 +239,8 @@ def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool
     biases are int32 at exactly f_x + f_w[c]; activation clamps are code bounds inside the output's
     code range (a Relu clamps at code 0 even when its output shares a signed fraction group).
     integer_graph: the plan is the integer graph's (unified modules), so a residual is never
-    requantized before its Add.
+    requantized before its Add. codes_cache: see cached_weight_codes (a build after bias
+    correction reuses the codes of the build before it: the weights did not change).
     """
     nodes = {n.name: n for n in graph.nodes}
     tmap = graph.tensors()
@@ -208,14 +251,15 @@ def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool
         if m.kind == "pool":
             mod = _pool(m, nodes[m.name], tmap, qm)
         else:
-            mod = _linear(m, nodes, qm, exps, per_channel, integer_graph)
+            mod = _linear(m, nodes, qm, exps, per_channel, integer_graph, codes_cache)
         qm.modules.append(mod)
         if mod.acc_bound > 0:
             facts["max_accumulator_bits"] = max(facts["max_accumulator_bits"], int(mod.acc_bound).bit_length() + 1)
     return qm
 
 
-def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph: bool) -> LinearModule:
+def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph: bool,
+            codes_cache: dict | None = None) -> LinearModule:
     node = nodes[m.name]
     plan = qm.plan
     w = np.asarray(node.inputs[1].values)
@@ -241,7 +285,7 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
 
     rounded = np.zeros(channels, bool)  # channels whose residual is right-shifted (the exact form overflows)
     for _ in range(MAX_NARROWING):
-        q = weight_codes(w, frac, bits, axis)
+        q = cached_weight_codes(w, frac, bits, axis, codes_cache)
         acc_frac = x.frac + frac
         bq = None if bias_f is None else bias_codes(bias_f, acc_frac)
         bound = _sum_abs_per_channel(q, axis) * x.max_abs_code + (0 if bq is None else np.abs(bq))

@@ -80,9 +80,6 @@ def inspect_model(model) -> dict:
 
     meta = {p.key: p.value for p in m.metadata_props}
     modules = json.loads(meta["dfq.modules"]) if "dfq.modules" in meta else None
-    compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
-                                                                                  "Shape", "Gather", "Cast")]
-    inits = {i.name for i in g.initializer}
     quantized = bool(quantized_ops(m))
     return {
         "opset": default_opset(m),
@@ -95,10 +92,19 @@ def inspect_model(model) -> dict:
         "module_list": modules,
         "float_islands": json.loads(meta["dfq.float_islands"]) if "dfq.float_islands" in meta else None,
         "scales": {"total": total, "power_of_two": pow2},
-        "per_layer_requant_points": None if quantized else
-        sum(1 for i in g.input if i.name not in inits) + len(compute),
+        "per_layer_requant_points": None if quantized else per_layer_requant_points(m),
         "producer": meta.get("dfq.producer") or (m.producer_name or None),
     }
+
+
+def per_layer_requant_points(model: onnx.ModelProto) -> int:
+    """What a per-layer scheme would need on a float model (see the module docstring); reads the
+    graph's structure only, never a weight."""
+    g = model.graph
+    compute = [n for n in g.node if n.op_type not in PASS_THROUGH_OPS + QDQ_OPS + ("Constant", "Identity",
+                                                                                  "Shape", "Gather", "Cast")]
+    inits = {i.name for i in g.initializer}
+    return sum(1 for i in g.input if i.name not in inits) + len(compute)
 
 
 def quantized_ops(model: onnx.ModelProto) -> list[str]:

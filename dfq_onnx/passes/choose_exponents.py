@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from ..config import U8S8_SAFE_CODE
 from ..fixedpoint import activation_fraction, weight_fractions
 from ..graph_utils import out_channel_axis
-from ..quantized import node_weight_codes
+from ..quantized import channel_fractions, in_slices, weight_codes
 from .calibrate import TensorStats
 from .form_modules import Plan
 
@@ -34,14 +34,16 @@ class Exponents:
 def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats], *, weight_bits: int,
                      act_bits: int, per_channel: bool, method: str,
                      module_weight_bits: dict[str, int] | None = None,
-                     module_act_bits: dict[str, int] | None = None) -> Exponents:
+                     module_act_bits: dict[str, int] | None = None, cache: dict | None = None) -> Exponents:
     """Fractions for every requantized tensor and every linear weight, each linear module's
     weight bits (module_weight_bits[name], else weight_bits) and each requantized tensor's code
     bits (module_act_bits[tensor], else act_bits; the widest in a group, for the whole group).
 
     Guarantees: tensors of one group (Concat inputs, a pooling op's input and output) get the same
     fraction, chosen from their merged statistics; an unsigned tensor's range is [0, 2^b - 1];
-    per-channel weight fractions have one entry per output channel.
+    per-channel weight fractions have one entry per output channel. cache: a dict kept between
+    calls on the same graph; a module's weight fractions are reused while its weight array and
+    bits are the same (the saturation guard re-chooses with 7 bits for a few modules only).
     """
     groups: dict[str, TensorStats] = {}
     for t in plan.requant:
@@ -64,8 +66,63 @@ def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats],
         node = nodes[m.name]
         w = np.asarray(node.inputs[1].values)
         bits[m.name] = (module_weight_bits or {}).get(m.name, weight_bits)
-        weight[m.name] = weight_fractions(w, out_channel_axis(node) if per_channel else None, bits[m.name], method)
+        key = (m.name, bits[m.name], per_channel, method)
+        if cache is not None and key in cache and cache[key][0] is w:
+            weight[m.name] = cache[key][1]
+            continue
+        weight[m.name] = _weight_fractions(w, out_channel_axis(node) if per_channel else None, bits[m.name], method)
+        if cache is not None:
+            cache[key] = (w, weight[m.name])
     return Exponents(act, weight, plan, bits, abits)
+
+
+CHUNK_ELEMENTS = 1 << 20  # per-channel weights are searched in slices of channels of about this size
+
+
+def _weight_fractions(w: np.ndarray, axis: int | None, bits: int, method: str) -> np.ndarray:
+    """fixedpoint.weight_fractions, computed a slice of output channels at a time when per channel
+    (each channel's fraction depends on that channel alone, so the result is the same): its
+    float64 temporaries stay small whatever the weight's size."""
+    if axis is None or w.size <= CHUNK_ELEMENTS:
+        return weight_fractions(w, axis, bits, method)
+    channels = w.shape[axis]
+
+    def part(a: int, b: int) -> np.ndarray:
+        index = [slice(None)] * w.ndim
+        index[axis] = slice(a, b)
+        return weight_fractions(w[tuple(index)], axis, bits, method)
+
+    return np.concatenate(in_slices(part, channels, max(1, CHUNK_ELEMENTS // max(1, w.size // channels))))
+
+
+def certain_saturation_risks(graph: gs.Graph, plan: Plan, *, weight_bits: int, per_channel: bool,
+                             module_weight_bits: dict[str, int] | None = None) -> list[str]:
+    """Linear modules that saturation_risks will name whatever fractions choose_exponents picks:
+    both methods pick f >= f0 = the largest fraction that does not clip ("max"), and |code| only
+    grows with f (and is clipped at the top code), so a channel whose extreme weights already have
+    a code above U8S8_SAFE_CODE at f0 has one at the chosen f too. Costs a max per channel, not the
+    four-candidate error search; the others must be decided on the chosen fractions."""
+    nodes = {n.name: n for n in graph.nodes}
+    sure = []
+    for m in plan.modules:
+        if m.kind != "linear":
+            continue
+        node = nodes[m.name]
+        bits = (module_weight_bits or {}).get(m.name, weight_bits)
+        w = np.asarray(node.inputs[1].values)
+        f0 = _weight_fractions(w, out_channel_axis(node) if per_channel else None, bits, "max")
+        if _max_abs_code(node, w, f0, bits, per_channel) > U8S8_SAFE_CODE:
+            sure.append(m.name)
+    return sure
+
+
+def _max_abs_code(node: gs.Node, w: np.ndarray, frac, bits: int, per_channel: bool) -> int:
+    """max |code| of a weight at `frac`: quantization is monotone in the value, so a channel's
+    extreme codes are the codes of its largest and smallest weights (2 x C values, not the tensor)."""
+    fr, axis = channel_fractions(node, frac, per_channel)
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    ends = np.stack([w.max(axis=others), w.min(axis=others)])
+    return int(np.abs(weight_codes(ends, fr, bits, 1).astype(np.int64)).max())
 
 
 def saturation_risks(graph: gs.Graph, exps: Exponents, per_channel: bool) -> list[str]:
@@ -76,7 +133,7 @@ def saturation_risks(graph: gs.Graph, exps: Exponents, per_channel: bool) -> lis
     nodes = {n.name: n for n in graph.nodes}
     risky = []
     for name, fw in exps.weight.items():
-        codes = node_weight_codes(nodes[name], fw, exps.weight_bits[name], per_channel)[0]
-        if np.abs(codes.astype(np.int64)).max() > U8S8_SAFE_CODE:
+        node = nodes[name]
+        if _max_abs_code(node, np.asarray(node.inputs[1].values), fw, exps.weight_bits[name], per_channel) > U8S8_SAFE_CODE:
             risky.append(name)
     return risky

@@ -405,7 +405,7 @@ def _integer_product(add, const, op, x, w: np.ndarray, attrs: dict, name: str):
         x = add("BitwiseXor", [u, const(f"{name}_sign_bit", np.array(ZERO_POINT, np.uint8))], np.uint8,
                 name=f"{name}_x_offset")
         xz = const(f"{name}_x_zero_point", np.array(ZERO_POINT, np.uint8))
-    wu = (w.astype(np.int16) + ZERO_POINT).astype(np.uint8)
+    wu = w.view(np.uint8) ^ np.uint8(ZERO_POINT)  # = w + 128 as uint8, without an int16 temporary
     wz = const(f"{name}_w_zero_point", np.array(ZERO_POINT, np.uint8))
     return add(op, [x, const(f"{name}_weight_uint8", wu), xz, wz], np.int32, attrs, name=f"{name}_{op}")
 

@@ -1,0 +1,245 @@
+"""Big-model benchmark: conversion time and peak RSS on AlexNet, ZFNet-512 and VGG-19 against
+onnxruntime's quantize_static, and the memory bound they are held to.
+
+  python bench/big.py [--models alexnet,zfnet512,vgg19] [--runs 3] [--tools dfq-qdq,dfq-int,ort-minmax]
+                      [--samples 32] [--build-only]
+
+Models: onnx ships structure-only copies of the ONNX model zoo's bvlc_alexnet, zfnet512 and vgg19
+(onnx/backend/test/data/light/light_*.onnx) whose weights are ConstantOfShape placeholders. Each
+is materialized into a full-size float model under bench/cache/big/ (not committed): every
+placeholder becomes a deterministic He-initialised float32 initializer (seeded per tensor name:
+weights N(0, 2 / fan_in), biases N(0, 0.01^2)), the model is raised to opset 13, the batch
+dimension is made dynamic ("N", and the Reshape before the classifier takes -1). VGG-19 is
+about 550 MB, ZFNet-512 about 330 MB, AlexNet about 240 MB.
+
+Calibration: SAMPLES (default 32) 224x224 photo crops from bench/cache/data/calib (bench/data.py;
+random N(0, 1) arrays if that folder is absent), ImageNet-normalized, written once to
+bench/cache/big/calib.npz. bench/convert_one.py loads that file into memory before its clock
+starts and feeds the same arrays to both tools in batches of 8.
+
+Each conversion runs alone in its own process (bench/convert_one.py): wall time and peak RSS
+(VmHWM). The bound each conversion is held to is 1.5 x (model file + one batch's activations +
+onnxruntime's session), where
+  * model file: the float model's size on disk;
+  * one batch's activations: the bytes of every intermediate tensor of the float model for one
+    calibration batch (8 samples), from onnx shape inference, all of them at once (no reuse);
+  * session: the resident memory an onnxruntime CPU session of the float model adds to a fresh
+    process when it is created and runs one batch (VmHWM after minus VmRSS before, measured in
+    its own process).
+Figures are medians of RUNS runs (time and peak RSS alike); ratios to onnxruntime come from the
+same invocation. materialize(name, path, widen=4) writes a VGG-19 whose first two classifier
+layers are 4x wider (over 2 GB, saved with external data) for the >2 GB load/save path; main()
+does not build it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / "cache" / "big"
+LIGHT = {"alexnet": "light_bvlc_alexnet.onnx", "zfnet512": "light_zfnet512.onnx", "vgg19": "light_vgg19.onnx"}
+BATCH = 8
+SAMPLES = 32
+PREPROCESS = "resize=256 size=224 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 scale=1 layout=NCHW color=RGB"
+TOOLS = ("dfq-qdq", "dfq-int", "ort-minmax")
+
+
+def _seed(name: str) -> int:
+    return int.from_bytes(name.encode(), "little") % (2 ** 32)
+
+
+def materialize(name: str, out: Path, widen: int = 1) -> Path:
+    """The light model `name` with real (seeded He-init) weights, opset 13, dynamic batch.
+    widen > 1 multiplies the width of the first two fully connected layers (the >2 GB model)."""
+    import onnx
+    from onnx import helper, numpy_helper, version_converter
+
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / LIGHT[name]
+    m = onnx.load(str(light))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    consumers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    widen_of = {}
+    if widen > 1:  # fc6 and fc7 outputs (and fc7/fc8 inputs) widened
+        for k, g in enumerate(gemms):
+            widen_of[g.input[1]] = (widen if k < 2 else 1, widen if 0 < k else 1)
+            widen_of[g.input[2]] = (widen if k < 2 else 1, 1)
+    keep_nodes, new_inits = [], []
+    for n in m.graph.node:
+        if n.op_type != "ConstantOfShape":
+            keep_nodes.append(n)
+            continue
+        shape = [int(d) for d in inits[n.input[0]]]
+        out_w, in_w = widen_of.get(n.output[0], (1, 1))
+        shape[0] *= out_w
+        if len(shape) > 1:
+            shape[1] *= in_w
+        rng = np.random.default_rng(_seed(n.output[0]))
+        if len(shape) == 1:
+            v = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01))
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            v = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+        new_inits.append(numpy_helper.from_array(v.astype(np.float32), n.output[0]))
+    reshape_shapes = {n.input[1] for n in keep_nodes if n.op_type == "Reshape"}
+    for i in m.graph.initializer:
+        if i.name.endswith("__SHAPE"):
+            continue
+        a = inits[i.name]
+        if i.name in reshape_shapes:
+            a = np.array([-1, int(a[1])], np.int64)
+        new_inits.append(numpy_helper.from_array(a, i.name))
+    init_names = {i.name for i in new_inits}
+    inputs = [i for i in m.graph.input if i.name not in init_names and not i.name.endswith("__SHAPE")]
+    for i in inputs:
+        i.type.tensor_type.shape.dim[0].dim_param = "N"
+    graph = helper.make_graph(keep_nodes, m.graph.name, inputs, list(m.graph.output), new_inits)
+    for o in graph.output:
+        o.type.tensor_type.shape.dim[0].dim_param = "N"
+    model = helper.make_model(graph, opset_imports=list(m.opset_import), producer_name="dfq-onnx bench/big.py")
+    model.ir_version = 4
+    model = version_converter.convert_version(model, 13)
+    del model.graph.value_info[:]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    if widen > 1:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data")
+    else:
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def model_path(name: str) -> Path:
+    p = CACHE / f"{name}.onnx"
+    if not p.exists():
+        print(f"building {p} ...", flush=True)
+        materialize(name, p)
+    return p
+
+
+def calib_path(samples: int = SAMPLES) -> Path:
+    p = CACHE / f"calib{samples}.npz"
+    if p.exists():
+        return p
+    sys.path.insert(0, str(ROOT))
+    from dfq_onnx.calibration_data import DataSource, InputSpec
+
+    folder = HERE / "cache" / "data" / "calib"
+    if folder.is_dir() and len(list(folder.glob("*.png"))) >= samples:
+        spec = [InputSpec("input", np.dtype(np.float32), (None, 3, 224, 224))]
+        x = np.concatenate([b["input"] for b in DataSource(str(folder), spec, num_samples=samples,
+                                                           preprocess=PREPROCESS).batches(BATCH)])
+    else:
+        x = np.random.default_rng(0).standard_normal((samples, 3, 224, 224), dtype=np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(p, input=x.astype(np.float32))
+    return p
+
+
+def input_name(model: Path) -> str:
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return next(i.name for i in m.graph.input if i.name not in inits)
+
+
+def activation_mb(model: Path, batch: int = BATCH) -> float:
+    """Bytes of every intermediate tensor of the float model for one batch (shape inference)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    for i in m.graph.input:
+        i.type.tensor_type.shape.dim[0].dim_value = batch
+    m = onnx.shape_inference.infer_shapes(m)
+    total = 0
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            total += int(np.prod(dims)) * 4
+    return total / 2 ** 20
+
+
+SESSION_PROBE = """
+import sys, numpy as np, onnxruntime as ort
+def rss(k):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(k)) / 1024
+x = np.load(sys.argv[2])['input'][:%d]
+before = rss('VmRSS:')
+s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
+s.run(None, {s.get_inputs()[0].name: x})
+print(rss('VmHWM:') - before)
+""" % BATCH
+
+
+def session_mb(model: Path, calib: Path) -> float:
+    out = subprocess.run([sys.executable, "-c", SESSION_PROBE, str(model), str(calib)], capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def convert(tool: str, model: Path, calib: Path, samples: int) -> dict:
+    out = CACHE / f"{model.stem}.{tool}.onnx"
+    cmd = ["nice", sys.executable, str(HERE / "convert_one.py"), tool, str(model), str(out), "--calib", str(calib),
+           "--num-samples", str(samples), "--input-name", input_name(model)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="alexnet,zfnet512,vgg19")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=SAMPLES)
+    ap.add_argument("--build-only", action="store_true")
+    args = ap.parse_args(argv)
+    calib = calib_path(args.samples)
+    results = {}
+    for name in args.models.split(","):
+        model = model_path(name)
+        if args.build_only:
+            continue
+        file_mb = model.stat().st_size / 2 ** 20
+        act, sess = activation_mb(model), session_mb(model, calib)
+        bound = 1.5 * (file_mb + act + sess)
+        row = {"file_mb": file_mb, "activations_mb": act, "session_mb": sess, "bound_mb": bound, "tools": {}}
+        for tool in args.tools.split(","):
+            runs = [convert(tool, model, calib, args.samples) for _ in range(args.runs)]
+            ok = [r for r in runs if "error" not in r]
+            row["tools"][tool] = {"seconds": statistics.median(r["seconds"] for r in ok),
+                                  "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
+                                  "runs": runs} if ok else runs[-1]
+        ort_s = row["tools"].get("ort-minmax", {}).get("seconds")
+        print(f"{name}: file {file_mb:.0f} MB, activations {act:.0f} MB, session {sess:.0f} MB, bound {bound:.0f} MB")
+        for tool, r in row["tools"].items():
+            if "error" in r:
+                print(f"  {tool}: {r['error']}")
+                continue
+            ratio = f", {r['seconds'] / ort_s:.2f}x onnxruntime's time" if ort_s else ""
+            print(f"  {tool}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                  f"({r['peak_rss_mb'] / bound:.2f}x the bound){ratio}", flush=True)
+        results[name] = row
+    if results:
+        (CACHE / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
