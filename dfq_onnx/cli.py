@@ -91,9 +91,10 @@ def main():
 @click.option("--target", type=click.Choice(["ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw"]), default="ort",
               show_default=True,
               help="Where the model will run. ort: onnxruntime on any CPU, safe everywhere: on x86 without "
-                   "VNNI (AVX2) its u8 x s8 kernels sum pairs of products in int16, so modules whose weight "
-                   "codes could saturate that get 7-bit codes (|w| <= 64); ort-x86 does the same. "
-                   "ort-x86-vnni, ort-arm: no limit (full 8-bit codes; wrong results on AVX2-only x86). hw: "
+                   "VNNI (AVX2) its u8 x s8 kernels sum pairs of products in int16, so each output channel whose "
+                   "two largest same-sign weight codes could saturate that gets a fraction one bit lower "
+                   "(repeated until none can); ort-x86 does the same. "
+                   "ort-x86-vnni, ort-arm: no limit (wrong results on AVX2-only x86 possible). hw: "
                    "integer hardware, the integer-only graph (--format int, whose u8 x u8 kernels need no limit).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default=None,
               help="[default: qdq; int for --target hw] qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
@@ -259,11 +260,12 @@ def _print_summary(s: dict) -> None:
     if s["overrides"]:
         t.add_row("overrides", ", ".join(f"{n} {p}" for n, p in s["overrides"].items()))
     if f.get("saturation_guarded"):
-        names = f.get("saturation_guarded_modules", [])
+        per = f.get("saturation_guarded_modules", {})
         t.add_row(f"target {s['target']}",
-                  f"{f['saturation_guarded']} modules get 7-bit weight codes (|w| <= 64) so that int16 pair sums "
-                  "cannot saturate on x86 without VNNI" + (f": {', '.join(names)}" if len(names) <= 6 else "") +
-                  "; --target ort-x86-vnni or ort-arm keeps 8 bits")
+                  f"{f['saturation_guarded_channels']} weight channels in {f['saturation_guarded']} modules one bit "
+                  "coarser (no two same-sign codes add up past 128) so that int16 pair sums cannot saturate on x86 "
+                  "without VNNI" + (f": {', '.join(f'{n} {c}' for n, c in per.items())}" if len(per) <= 6 else "") +
+                  "; --target ort-x86-vnni or ort-arm keeps every channel's fraction")
     if "equalized" in f:
         t.add_row("equalization", f"{f['equalized']} convolution pairs ({f['equalize_skipped']} left alone: Relu6/Clip "
                                   "between them)")

@@ -9,8 +9,8 @@ METHODS = ("mse", "max")
 FORMATS = ("qdq", "int")
 LAYOUTS = ("ort", "unified")
 TARGETS = ("ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw")
-SATURATION_SAFE_TARGETS = ("ort", "ort-x86")  # 7-bit weight codes where int16 pair sums could saturate
-U8S8_SAFE_CODE = 64  # x86 without VNNI: u8 x s8 pairs summed in int16: 2 * 255 * 64 <= 32767
+SATURATION_SAFE_TARGETS = ("ort", "ort-x86")  # weights one bit coarser where int16 pair sums could saturate
+U8S8_PAIR_SUM = 128  # x86 without VNNI: u8 x s8 pairs summed in int16: 255 * 128 <= 32767
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from .model_io import MIN_OPSET, load_light, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
-from .passes.choose_exponents import Exponents, certain_saturation_risks, choose_exponents, saturation_risks
+from .passes.choose_exponents import choose_exponents, guard_saturation
 from .passes.emit_int import DOMAIN as INT_DOMAIN, INT_OPSET, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
@@ -122,23 +122,13 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
     act_bits_of = {m.output: int(b) for m in quantized for n, b in config.act_overrides if n == m.name}
 
-    fractions_cache: dict = {}
-
-    def exponents(weight_bits_of: dict) -> Exponents:
-        return choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                                per_channel=config.per_channel, method=config.method,
-                                module_weight_bits=weight_bits_of, module_act_bits=act_bits_of, cache=fractions_cache)
-
+    exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                            per_channel=config.per_channel, method=config.method,
+                            module_weight_bits=dict(config.overrides), module_act_bits=act_bits_of)
     # the QDQ graph runs on onnxruntime's u8 x s8 kernels; the integer graph's u8 x u8 ones cannot saturate
-    guard = config.target in SATURATION_SAFE_TARGETS and config.format == "qdq"
-    # modules that saturate at any fraction the search could pick skip their 8-bit search
-    certain = certain_saturation_risks(graph, plan, weight_bits=config.weight_bits, per_channel=config.per_channel,
-                                       module_weight_bits=dict(config.overrides)) if guard else []
-    exps = exponents({**dict(config.overrides), **{n: 7 for n in certain}})
-    risky = set(certain) | set(saturation_risks(graph, exps, config.per_channel) if guard else [])
-    guarded = [n for n in exps.weight if n in risky]  # in module order
-    if guarded:  # x86 without VNNI: 7-bit codes (|w| <= 64) where int16 pair sums could saturate
-        exps = exponents({**dict(config.overrides), **{n: 7 for n in guarded}})
+    guarded: dict[str, int] = {}
+    if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq":
+        exps, guarded = guard_saturation(graph, exps, config.per_channel)
     search_facts = {}
     if config.search_exponents and kept:  # data-free mode has no samples to search on
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
@@ -173,7 +163,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                            seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts,
                                      "narrowed": qm.facts["narrowed"], "residual_rounded": qm.facts["residual_rounded"],
                                      "max_accumulator_bits": qm.facts["max_accumulator_bits"],
-                                     "saturation_guarded": len(guarded), "saturation_guarded_modules": guarded},
+                                     "saturation_guarded": len(guarded), "saturation_guarded_modules": guarded,
+                                     "saturation_guarded_channels": sum(guarded.values())},
                            qm, symbols)
     _stamp(out, result, config)
     onnx.checker.check_model(out)

@@ -71,10 +71,13 @@ def test_integer_graph_equals_onnx_reference_evaluator(shipped_int, test_data):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_integer_accuracy_matches_float_and_qdq(shipped_int, shipped_qdq, test_data):
+def test_integer_accuracy_matches_float_and_qdq(shipped_int_unified_pair, test_data):
+    """The integer graph against the unified QDQ graph of the same IR (8-bit weights: the integer
+    graph's u8 x u8 kernels need no saturation guard)."""
+    shipped_int, unified = shipped_int_unified_pair
     x, y = test_data
     acc = {}
-    for name, model in (("float", SHIPPED), ("qdq", shipped_qdq.model), ("int", shipped_int.model)):
+    for name, model in (("float", SHIPPED), ("qdq", unified.model), ("int", shipped_int.model)):
         acc[name] = 100.0 * np.mean(run_ort(model, {"input": x})[0].argmax(1) == y)
     assert acc["int"] >= acc["float"] - 0.5, acc
     assert abs(acc["int"] - acc["qdq"]) <= 0.1 + 1e-9, acc

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..config import U8S8_SAFE_CODE
+from ..config import U8S8_PAIR_SUM
 from ..fixedpoint import activation_fraction, weight_fractions
 from ..graph_utils import out_channel_axis
 from ..quantized import channel_fractions, in_slices, weight_codes
@@ -34,16 +34,14 @@ class Exponents:
 def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats], *, weight_bits: int,
                      act_bits: int, per_channel: bool, method: str,
                      module_weight_bits: dict[str, int] | None = None,
-                     module_act_bits: dict[str, int] | None = None, cache: dict | None = None) -> Exponents:
+                     module_act_bits: dict[str, int] | None = None) -> Exponents:
     """Fractions for every requantized tensor and every linear weight, each linear module's
     weight bits (module_weight_bits[name], else weight_bits) and each requantized tensor's code
     bits (module_act_bits[tensor], else act_bits; the widest in a group, for the whole group).
 
     Guarantees: tensors of one group (Concat inputs, a pooling op's input and output) get the same
     fraction, chosen from their merged statistics; an unsigned tensor's range is [0, 2^b - 1];
-    per-channel weight fractions have one entry per output channel. cache: a dict kept between
-    calls on the same graph; a module's weight fractions are reused while its weight array and
-    bits are the same (the saturation guard re-chooses with 7 bits for a few modules only).
+    per-channel weight fractions have one entry per output channel.
     """
     groups: dict[str, TensorStats] = {}
     for t in plan.requant:
@@ -66,13 +64,7 @@ def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats],
         node = nodes[m.name]
         w = np.asarray(node.inputs[1].values)
         bits[m.name] = (module_weight_bits or {}).get(m.name, weight_bits)
-        key = (m.name, bits[m.name], per_channel, method)
-        if cache is not None and key in cache and cache[key][0] is w:
-            weight[m.name] = cache[key][1]
-            continue
         weight[m.name] = _weight_fractions(w, out_channel_axis(node) if per_channel else None, bits[m.name], method)
-        if cache is not None:
-            cache[key] = (w, weight[m.name])
     return Exponents(act, weight, plan, bits, abits)
 
 
@@ -95,45 +87,58 @@ def _weight_fractions(w: np.ndarray, axis: int | None, bits: int, method: str) -
     return np.concatenate(in_slices(part, channels, max(1, CHUNK_ELEMENTS // max(1, w.size // channels))))
 
 
-def certain_saturation_risks(graph: gs.Graph, plan: Plan, *, weight_bits: int, per_channel: bool,
-                             module_weight_bits: dict[str, int] | None = None) -> list[str]:
-    """Linear modules that saturation_risks will name whatever fractions choose_exponents picks:
-    both methods pick f >= f0 = the largest fraction that does not clip ("max"), and |code| only
-    grows with f (and is clipped at the top code), so a channel whose extreme weights already have
-    a code above U8S8_SAFE_CODE at f0 has one at the chosen f too. Costs a max per channel, not the
-    four-candidate error search; the others must be decided on the chosen fractions."""
+def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tuple[Exponents, dict[str, int]]:
+    """Exponents under which no weight pair can saturate onnxruntime's x86 u8 x s8 kernels
+    without VNNI, and per module the number of output channels that needed it.
+
+    Those kernels (vpmaddubsw) multiply u8 activation codes (0..255; signed codes are shifted to
+    u8) by s8 weight codes and add each two adjacent products in int16, saturating. Which weights
+    end up adjacent depends on the kernel's packing, so any two weights of an output channel may
+    pair: the channel is safe for every input iff its two largest positive codes, and its two
+    most negative ones, add up to at most U8S8_PAIR_SUM in magnitude (255 x 128 <= 32767).
+    Guarantees: a channel that is unsafe at its chosen fraction has the fraction lowered by one
+    (its codes halve) until it is safe; every other channel, and every activation fraction, is
+    unchanged. A per-tensor weight is lowered as a whole. Quantization is monotone, so the four
+    extreme weights of a channel decide it: the weight tensor is never quantized here."""
     nodes = {n.name: n for n in graph.nodes}
-    sure = []
-    for m in plan.modules:
-        if m.kind != "linear":
-            continue
-        node = nodes[m.name]
-        bits = (module_weight_bits or {}).get(m.name, weight_bits)
-        w = np.asarray(node.inputs[1].values)
-        f0 = _weight_fractions(w, out_channel_axis(node) if per_channel else None, bits, "max")
-        if _max_abs_code(node, w, f0, bits, per_channel) > U8S8_SAFE_CODE:
-            sure.append(m.name)
-    return sure
-
-
-def _max_abs_code(node: gs.Node, w: np.ndarray, frac, bits: int, per_channel: bool) -> int:
-    """max |code| of a weight at `frac`: quantization is monotone in the value, so a channel's
-    extreme codes are the codes of its largest and smallest weights (2 x C values, not the tensor)."""
-    fr, axis = channel_fractions(node, frac, per_channel)
-    others = tuple(i for i in range(w.ndim) if i != axis)
-    ends = np.stack([w.max(axis=others), w.min(axis=others)])
-    return int(np.abs(weight_codes(ends, fr, bits, 1).astype(np.int64)).max())
-
-
-def saturation_risks(graph: gs.Graph, exps: Exponents, per_channel: bool) -> list[str]:
-    """Linear modules whose weight codes could saturate the int16 sum of a u8 x s8 pair in
-    onnxruntime's x86 kernels without VNNI (vpmaddubsw): some |code| above U8S8_SAFE_CODE, so that
-    two adjacent products with 8-bit activation codes (up to 255, signed ones are shifted to u8)
-    can exceed 32767. 7-bit codes (|w| <= 64) cannot."""
-    nodes = {n.name: n for n in graph.nodes}
-    risky = []
-    for name, fw in exps.weight.items():
+    weight, guarded = dict(exps.weight), {}
+    for name, frac in exps.weight.items():
         node = nodes[name]
-        if _max_abs_code(node, np.asarray(node.inputs[1].values), fw, exps.weight_bits[name], per_channel) > U8S8_SAFE_CODE:
-            risky.append(name)
-    return risky
+        w = np.asarray(node.inputs[1].values)
+        fr, axis = channel_fractions(node, frac, per_channel)
+        ext = _channel_extremes(w, axis)
+        lowered = np.zeros(len(fr), dtype=bool)
+        while True:
+            c = weight_codes(ext, fr, exps.weight_bits[name], 1).astype(np.int64)
+            pos = np.maximum(c[0], 0) + np.maximum(c[1], 0)
+            neg = np.minimum(c[2], 0) + np.minimum(c[3], 0)
+            risky = (pos > U8S8_PAIR_SUM) | (neg < -U8S8_PAIR_SUM)
+            if not risky.any():
+                break
+            if not per_channel:
+                risky[:] = True
+            fr = fr - risky
+            lowered |= risky
+        if lowered.any():
+            weight[name] = fr if per_channel else fr[:1].copy()
+            guarded[name] = int(lowered.sum()) if per_channel else len(fr)
+    return Exponents(exps.act, weight, exps.plan, exps.weight_bits, exps.act_bits), guarded
+
+
+def _channel_extremes(w: np.ndarray, axis: int) -> np.ndarray:
+    """[4, C]: per output channel its largest, second largest, smallest and second smallest
+    weight (0 where the channel has a single weight), computed a slice of channels at a time."""
+    channels = w.shape[axis]
+    per = max(1, w.size // max(1, channels))
+
+    def part(a: int, b: int) -> np.ndarray:
+        index = [slice(None)] * w.ndim
+        index[axis] = slice(a, b)
+        x = np.moveaxis(w[tuple(index)], axis, 0).reshape(b - a, -1)
+        if x.shape[1] < 2:
+            x = np.concatenate([x, np.zeros((b - a, 2 - x.shape[1]), x.dtype)], axis=1)
+        hi = np.partition(x, x.shape[1] - 2, axis=1)[:, -2:]
+        lo = np.partition(x, 1, axis=1)[:, :2]
+        return np.stack([hi[:, 1], hi[:, 0], lo[:, 0], lo[:, 1]])
+
+    return np.concatenate(in_slices(part, channels, max(1, CHUNK_ELEMENTS // per)), axis=1)
