@@ -307,8 +307,7 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     the current directory and raises; dfq-onnx writes nothing but its output, so the steps of that
     entry point are run here, or, if this onnxruntime lacks them, the entry point in a scratch
     directory."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+    SymbolicShapeInference = _symbolic_shape_module().SymbolicShapeInference
     s = SymbolicShapeInference(2**31 - 1, True, False, 0)
     if all(hasattr(s, a) for a in ("_preprocess", "_infer_impl", "_update_output_from_vi")):
         s._preprocess(model)
@@ -321,6 +320,27 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _symbolic_shape_module():
+    """onnxruntime.tools.symbolic_shape_infer, loaded from its file: importing it through its
+    package runs onnxruntime/tools/__init__.py, which imports torch when torch is installed
+    (about 1 s and 300 MB for a module that needs only onnx, numpy and sympy)."""
+    import importlib.util
+    import sys
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(ort.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("_dfq_ort_symbolic_shape_infer", path)
+    if spec is None or not path.is_file():
+        import onnxruntime.tools.symbolic_shape_infer as module
+        return module
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _unknown_dims(model: onnx.ModelProto) -> bool:

@@ -212,8 +212,10 @@ def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 
 def _sum_abs_per_channel(q: np.ndarray, axis: int) -> np.ndarray:
-    # int16 holds |int8| exactly; the sums are int64 (exact, so the order of summation is irrelevant)
-    return np.abs(q.astype(np.int16)).sum(axis=tuple(i for i in range(q.ndim) if i != axis), dtype=np.int64)
+    # |int8| wraps only at -128, whose bits read as uint8 are 128: exact, with no wider copy; the
+    # sums are int64 (exact, so the order of summation is irrelevant)
+    a = np.abs(q).view(np.uint8) if q.dtype == np.int8 else np.abs(q.astype(np.int64))
+    return a.sum(axis=tuple(i for i in range(q.ndim) if i != axis), dtype=np.int64)
 
 
 def check_finite(graph: gs.Graph, modules) -> None:
