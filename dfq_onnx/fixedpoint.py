@@ -81,10 +81,13 @@ def weight_fractions(w: np.ndarray, axis: int | None, bits: int, method: str = "
         return f0
     lo, hi = qrange(bits)
     errs = []
+    scaled = np.ldexp(mat, f0[:, None])  # w * 2^f0, exact; each candidate scales it by 2^d, exact
     for d in range(4):
-        f = (f0 + d)[:, None]
-        q = np.clip(np.rint(np.ldexp(mat, f)), lo, hi)
-        errs.append(np.sum((np.ldexp(q, -f) - mat) ** 2, axis=1))
+        y = scaled * float(2 ** d)
+        q = np.clip(np.rint(y), lo, hi)
+        q -= y
+        # (q 2^-f - w)^2 = (q - w 2^f)^2 4^-f exactly (power-of-two scaling), summed in the same order
+        errs.append(np.ldexp(np.einsum("ij,ij->i", q, q) if q.shape[1] else np.zeros(len(q)), -2 * (f0 + d)))
     best = np.argmin(np.stack(errs), axis=0)  # ties: the smallest f (no clipping)
     return np.where(m > 0, f0 + best, f0)
 

@@ -8,7 +8,8 @@ inherits the shift. Measured on the simulated quantized graph, per module and ou
 
 where x is the module's input as the quantized graph computes it just before its own rounding
 (so errors made upstream are not counted twice: each module removes only the error it adds),
-W_q the quantized weight and Q(x) the rounded, clipped input. b + e becomes the new bias.
+W_q the quantized weight and Q(x) the rounded, clipped input. b + e becomes the new bias. The
+float term is computed as W E_batch[x] + b (the layer is linear), one sample's work per batch.
 """
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         if act is not None and x.name != m.input:  # of other branches): its activation runs on the codes: apply it
             lo, hi = clip_limits(act)
             x = _new(probe, "Clip", [x, _c(probe, -3.4e38 if lo is None else lo), _c(probe, 3.4e38 if hi is None else hi)])
+        # the float layer is linear, so its mean over the batch is the layer applied to the batch's
+        # mean input: one sample's work instead of a batch's (the difference below broadcasts)
+        if probe.opset >= 18:
+            x = _new(probe, "ReduceMean", [x, gs.Constant(new_name(probe, "axes"), np.asarray([0], np.int64))],
+                     {"keepdims": 1})
+        else:
+            x = _new(probe, "ReduceMean", [x], {"axes": [0], "keepdims": 1})
         ref = _new(probe, node.op, [x, gs.Constant(new_name(probe, f"{m.name}_float_w"), np.asarray(node.inputs[1].values)),
                                     gs.Constant(new_name(probe, f"{m.name}_float_b"), np.asarray(node.inputs[2].values))],
                    dict(node.attrs))
