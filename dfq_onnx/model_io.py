@@ -132,14 +132,17 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
     _forget_dynamic_dims(model)
     opset = default_opset(model)
     target = min_opset if opset < min_opset else min(opset, max(min_opset, runtime_qdq_opset()))
-    if target != opset:  # up to min_opset; down to what onnxruntime's Q/DQ kernels implement
+
+    def convert(m: onnx.ModelProto) -> onnx.ModelProto:
         try:
-            model = version_converter.convert_version(model, target)
-            _check(model, where, converted=True)
+            m = version_converter.convert_version(m, target)
+            _check(m, where, converted=True)
+            return m
         except Exception as e:
             raise DfqError(f"{where}: cannot convert opset {opset} to {target}"
                            f"{' (onnxruntime has no QuantizeLinear above it)' if target < opset else ''}: "
                            f"{_first_line(e)}") from None
+
     big = {t.name for t in model.graph.initializer if _stubbable(t)}
     arrays = {}
     for t in model.graph.initializer:
@@ -152,6 +155,16 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
             a.setflags(write=False)
             arrays[t.name] = a
     light = light_copy(model, big)
+    if target != opset:  # up to min_opset; down to what onnxruntime's Q/DQ kernels implement
+        try:  # on the structure: the converter's adapters rewrite nodes, not large weights
+            converted = convert(light)
+            kept = {t.name: tuple(t.dims) for t in converted.graph.initializer}
+            if any(kept.get(n) != a.shape for n, a in arrays.items()):
+                raise DfqError("the converter changed a large initializer")
+            light = converted
+        except DfqError:  # an adapter that needs the weights' values: convert the whole model
+            model = convert(model)
+            return load_light(model, target)
     del model
     return infer_shapes(light), arrays
 
@@ -159,6 +172,11 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
 def _stubbable(t: TensorProto) -> bool:
     return t.data_type in _STUBBABLE and t.data_location != TensorProto.EXTERNAL and \
         int(np.prod(t.dims, dtype=np.int64)) >= STUB_MIN_ELEMENTS
+
+
+def _is_stub(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL and any(e.key == "location" and e.value == STUB_LOCATION
+                                                           for e in t.external_data)
 
 
 def stub_tensor(name: str, data_type: int, dims) -> TensorProto:
@@ -206,9 +224,10 @@ def _check(model: onnx.ModelProto, where: str, converted: bool = False) -> None:
     """onnx.checker on the model's structure (large initializers declared as graph inputs of
     their type and dims), and the checker's size test on those initializers themselves."""
     try:
-        big = {t.name for t in model.graph.initializer if _stubbable(t)}
+        stubs = {t.name for t in model.graph.initializer if _is_stub(t)}  # load_light's: no data to test
+        big = {t.name for t in model.graph.initializer if _stubbable(t)} | stubs
         for t in model.graph.initializer:
-            if t.name in big:
+            if t.name in big and t.name not in stubs:
                 _check_tensor_size(t)
         light = onnx.ModelProto()
         _copy_fields(light, model, "graph")
