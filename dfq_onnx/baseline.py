@@ -3,6 +3,7 @@ against: quant_pre_process, then quantize_static with QDQ, per-channel int8 weig
 activations, MinMax (or Percentile) calibration on the same samples in the same batches."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def ort_quantize(model, calib, *, num_samples: int = 128, batch_size: int = 8, p
         onnx.save(src, str(raw))
         del src
         try:
-            quant_pre_process(str(raw), str(pre))
+            # its symbolic shape inference saves sym_shape_infer_temp.onnx in the current directory
+            # when it gives up: run it in the scratch directory, so nothing lands beside the user
+            with contextlib.chdir(tmp):
+                quant_pre_process(str(raw), str(pre))
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax if method == "minmax"
