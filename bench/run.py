@@ -7,9 +7,10 @@
 Steps, per model (zoo.py builds or locates the models, data.py the data, both into bench/cache/):
  1. convert with each tool in its own process (convert_one.py), REPEAT times (median time;
     Percentile once): dfq-onnx QDQ and integer-only, onnxruntime MinMax and Percentile
-    (quant_pre_process + quantize_static, QDQ, per-channel, int8), all on the same CALIB samples
-    in batches of 8. Wall time is the conversion inside that
-    process; peak RSS is the whole process's (VmHWM), interpreter and imports included.
+    (quantize_static on the model file as it is, QDQ, per-channel, int8), all on the same CALIB
+    samples in batches of 8, decoded into in-memory arrays before the clock starts (both tools get
+    the same arrays). Wall time is the conversion inside that process; peak RSS is the whole
+    process's (VmHWM), interpreter, imports and the calibration arrays included.
  2. the same for dfq-onnx QDQ and onnxruntime MinMax at RSS_SAMPLES samples: memory growth.
  3. evaluate every output with dfq_onnx.validate under onnxruntime (default optimizations =
     deployed): top-1 agreement with float and output SQNR on the evaluation crops (disjoint
@@ -19,7 +20,8 @@ Steps, per model (zoo.py builds or locates the models, data.py the data, both in
     points and nodes (dfq_onnx.inspect); which kernels onnxruntime actually runs (op types of the
     optimized graph).
 Results go to bench/cache/results.json; BENCHMARKS.md is rendered from them (--render-only
-re-renders without measuring).
+re-renders without measuring), with the sections of bench/techniques.py, bench/hw.py, bench/big.py
+and bench/coverage.py from their own results files when those exist.
 """
 from __future__ import annotations
 
@@ -261,10 +263,13 @@ def render(results: dict) -> str:
         "Setup: every conversion runs alone in a fresh process (wall time of the conversion, "
         "pre-processing included, median of "
         f"{REPEAT} runs except Percentile's single run; peak RSS of the whole process, interpreter and "
-        "imports included, the largest of the runs). "
-        f"Both tools calibrate on the same {CALIB} samples in batches of 8. onnxruntime: "
-        "`quant_pre_process` then `quantize_static(QDQ, per_channel=True, QInt8 weights and activations)` "
-        "with MinMax or Percentile (opset < 13 models are first upgraded to 13, as dfq-onnx does). "
+        "imports and the in-memory calibration arrays included, the largest of the runs). "
+        f"Both tools calibrate on the same {CALIB} samples in batches of 8: the calibration images are decoded "
+        "and preprocessed into numpy arrays before the clock starts (so neither tool's time includes image "
+        "decoding), and both tools get the same arrays. onnxruntime: "
+        "`quantize_static(QDQ, per_channel=True, QInt8 weights and activations)` with MinMax or Percentile, "
+        "a CalibrationDataReader over the arrays, on the model file as it is (its optional `quant_pre_process` "
+        "step is not run). "
         "dfq-onnx: `dfq_onnx.convert` with default settings (W8A8, per-channel power-of-two weights, "
         "mse exponents, range alignment, bias correction on 16 of the samples, QDQ `--layout ort`). Evaluation under onnxruntime with default optimizations (the deployed graph): "
         "top-1 agreement with the float model and output SQNR on "
@@ -284,6 +289,8 @@ def render(results: dict) -> str:
         L += _techniques(results["techniques"])
     if results.get("hardware"):  # bench/hw.py
         L += _hardware(results["hardware"])
+    if results.get("big"):  # bench/big.py: its section survives a re-render here
+        L += _big_module().render_section(results["big"])
     if results.get("coverage"):  # bench/coverage.py: its section survives a re-render here
         L += _coverage_module().render_section(results["coverage"])
     findings = HERE / "findings.md"  # hand-written reading of the figures; dated, kept in git
@@ -300,6 +307,17 @@ def _coverage_module():
     spec = importlib.util.spec_from_file_location("bench_coverage", HERE / "coverage.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_coverage"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _big_module():
+    """bench/big.py, imported from its file (as _coverage_module does for coverage.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_big", HERE / "big.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_big"] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -462,12 +480,15 @@ def _targets(results: dict) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 def load_results(cache: Path) -> dict:
-    """results.json, with bench/hw.py's hardware.json, bench/techniques.py's techniques.json and
-    bench/coverage.py's coverage.json under "hardware", "techniques" and "coverage" when they exist."""
+    """results.json, with bench/hw.py's hardware.json, bench/techniques.py's techniques.json,
+    bench/coverage.py's coverage.json and bench/big.py's big/results.json under "hardware",
+    "techniques", "coverage" and "big" when they exist."""
     results = json.loads((cache / "results.json").read_text())
     for key in ("hardware", "techniques", "coverage"):  # bench/hw.py, bench/techniques.py, bench/coverage.py
         if (cache / f"{key}.json").exists():
             results[key] = json.loads((cache / f"{key}.json").read_text())
+    if (cache / "big" / "results.json").exists():  # bench/big.py
+        results["big"] = json.loads((cache / "big" / "results.json").read_text())
     return results
 
 
