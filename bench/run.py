@@ -188,8 +188,14 @@ def bench_model(name: str, cache: Path, paths: dict, work: Path, log, step) -> d
             log(f"{name}: {tool} failed: {r['error']}")
         else:
             log(f"{name}: {TOOL_NAMES[tool]} converted in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
-            r.update(evaluate(model, out, entry, paths))
-            log(f"{name}: {TOOL_NAMES[tool]} agreement {r['agreement_top1']:.1f} %, SQNR {r['sqnr_db']:.1f} dB")
+            try:
+                r.update(evaluate(model, out, entry, paths))
+            except Exception as e:  # converted, but onnxruntime cannot load or run the output: recorded
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(str(work) + os.sep, "")
+                r["error"] = "evaluation: " + msg[:300]
+                log(f"{name}: {tool} failed: {r['error']}")
+            else:
+                log(f"{name}: {TOOL_NAMES[tool]} agreement {r['agreement_top1']:.1f} %, SQNR {r['sqnr_db']:.1f} dB")
         step(f"{name}: {TOOL_NAMES[tool]} evaluate")
         res["tools"][tool] = r
     ok = [t for t in TOOLS if "error" not in res["tools"][t]]
@@ -260,8 +266,8 @@ def render(results: dict) -> str:
         f"{results['seconds'] / 60:.1f} min. Every number below comes from that run; regenerate after any "
         "change that moves them.",
         "",
-        "Setup: every conversion runs alone in a fresh process (wall time of the conversion, "
-        "pre-processing included, median of "
+        "Setup: every conversion runs alone in a fresh process (bench/convert_one.py; wall time of the "
+        "conversion, from the call with the model path to the written output, median of "
         f"{REPEAT} runs except Percentile's single run; peak RSS of the whole process, interpreter and "
         "imports and the in-memory calibration arrays included, the largest of the runs). "
         f"Both tools calibrate on the same {CALIB} samples in batches of 8: the calibration images are decoded "
@@ -405,8 +411,9 @@ def _model_table(name: str, r: dict) -> list[str]:
     def err(c):
         return t(c) is not None and "error" in t(c)
 
-    row("conversion time (s)", lambda c: "–" if c == "float" else ("failed" if err(c) else _f(t(c)["seconds"])))
-    row("peak RSS (MB)", lambda c: "–" if c == "float" or err(c) else _f(t(c)["peak_rss_mb"], "{:.0f}"))
+    row("conversion time (s)", lambda c: "–" if c == "float" else (_f(t(c)["seconds"]) if t(c).get("seconds")
+                                                                    else "failed"))
+    row("peak RSS (MB)", lambda c: "–" if c == "float" or not t(c).get("peak_rss_mb") else _f(t(c)["peak_rss_mb"], "{:.0f}"))
     any_t = next((x for x in tools.values() if "error" not in x), {})
     if "labelled" in any_t:
         n = any_t["labelled"]["samples"]
