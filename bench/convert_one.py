@@ -55,17 +55,16 @@ def load_arrays(calib: str, model: Path, n: int, preprocess: str | None, input_n
     from dfq_onnx.model_io import read_model
 
     specs = input_specs(read_model(str(model), external_data=False))
-    parts = list(DataSource(calib, specs, num_samples=n, preprocess=preprocess).batches(BATCH))
-    total = sum(len(next(iter(b.values()))) for b in parts)
-    out = {k: np.empty((total,) + v.shape[1:], v.dtype) for k, v in parts[0].items()}
+    out: dict = {}
     at = 0
-    for i, b in enumerate(parts):  # copied into place batch by batch, each batch freed once copied:
-        m = len(next(iter(b.values())))  # the peak is the arrays plus one batch, not twice the arrays
-        for k, v in b.items():
+    for b in DataSource(calib, specs, num_samples=n, preprocess=preprocess).batches(BATCH):
+        if not out:  # room for n samples; pages never written are never resident
+            out = {k: np.empty((n,) + v.shape[1:], v.dtype) for k, v in b.items()}
+        m = len(next(iter(b.values())))  # each batch copied into place as it is decoded: the peak is
+        for k, v in b.items():           # the arrays plus one batch, not twice the arrays
             out[k][at:at + m] = v
         at += m
-        parts[i] = None
-    return out
+    return {k: v[:at] for k, v in out.items()}
 
 
 def convert_dfq(model: Path, out: Path, arrays: dict, fmt: str, args) -> None:
