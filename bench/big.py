@@ -115,7 +115,14 @@ def materialize(name: str, out: Path, widen: int = 1) -> Path:
         o.type.tensor_type.shape.dim[0].dim_param = "N"
     model = helper.make_model(graph, opset_imports=list(m.opset_import), producer_name="dfq-onnx bench/big.py")
     model.ir_version = 4
-    model = version_converter.convert_version(model, 13)
+    # the converter serializes the model: over 2 GB it cannot, so it converts the structure only
+    from dfq_onnx.model_io import light_copy
+
+    big = {t.name: t for t in model.graph.initializer if len(t.raw_data) > 1 << 20}
+    model = version_converter.convert_version(light_copy(model, set(big)), 13)
+    for t in model.graph.initializer:
+        if t.name in big:
+            t.CopyFrom(big[t.name])
     del model.graph.value_info[:]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
