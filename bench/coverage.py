@@ -464,20 +464,14 @@ def ort_quantize_no_pre(model: str, calib: str, n: int, batch: int, out: str) ->
     src = load_model(model)
     data = DataSource(calib, input_specs(src), num_samples=n)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(data.batches(batch))
+    from convert_one import ArrayReader  # bench/convert_one.py: the same reader the main bench uses
 
-        def get_next(self):
-            return next(self.it, None)
-
-        def rewind(self):
-            self.it = iter(data.batches(batch))
-
+    arrays = {k: np.concatenate([b[k] for b in data.batches(batch)]) for k in (s.name for s in data.specs)}
+    reader = type("Reader", (ArrayReader, CalibrationDataReader), {})(arrays, batch)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "in.onnx"
         onnx.save(src, str(raw))
-        quantize_static(str(raw), out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(raw), out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
 

@@ -85,6 +85,22 @@ def test_external_data_inside_the_folder_is_read(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def converts_or_fails_cleanly(folder: Path, mutated: Path, args: list) -> None:
+    """Run the CLI on a mutated input in `folder`: a valid model at folder/out.onnx and exit 0, or
+    one line and exit 1 with no output; the mutated file unchanged, nothing else written there."""
+    before = hashlib.sha256(mutated.read_bytes()).hexdigest()
+    existing = sorted(p.name for p in folder.iterdir())
+    out = folder / "out.onnx"
+    res = CliRunner().invoke(main, args)
+    assert "Traceback" not in res.output
+    if res.exit_code == 0:
+        onnx.checker.check_model(onnx.load(out))
+    else:
+        one_line_failure(res, out)
+    assert hashlib.sha256(mutated.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(existing + (["out.onnx"] if res.exit_code == 0 else []))
+
+
 def test_corpus_of_inputs_that_once_failed(tmp_path):
     """Every file in tests/corpus/ ends in one line and exit 1 (or a valid model)."""
     files = sorted(CORPUS.glob("*.onnx"))
@@ -113,16 +129,7 @@ def test_mutated_model_files_give_a_model_or_one_line(tmp_path_factory, flips, c
         data[i] = v
     src = d / "m.onnx"
     src.write_bytes(bytes(data[:cut]))
-    before = hashlib.sha256(src.read_bytes()).hexdigest()
-    out = d / "out.onnx"
-    res = convert(src, out)
-    assert "Traceback" not in res.output
-    if res.exit_code == 0:
-        onnx.checker.check_model(onnx.load(out))
-    else:
-        one_line_failure(res, out)
-    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
-    assert sorted(p.name for p in d.iterdir()) == ["m.onnx"] + (["out.onnx"] if res.exit_code == 0 else [])
+    converts_or_fails_cleanly(d, src, ["convert", str(src), str(d / "out.onnx"), "--calib", str(CALIB)])
 
 
 def small_calib_bytes(save) -> bytes:
@@ -165,13 +172,4 @@ def test_hostile_calibration_files_give_a_model_or_one_line(tmp_path_factory, mu
         cal.write_bytes(bytes(data[:cut]))
     else:
         np.savez(cal, **change)
-    before = hashlib.sha256(cal.read_bytes()).hexdigest()
-    out = d / "out.onnx"
-    res = CliRunner().invoke(main, ["convert", str(src), str(out), "--calib", str(cal)])
-    assert "Traceback" not in res.output
-    if res.exit_code == 0:
-        onnx.checker.check_model(onnx.load(out))
-    else:
-        one_line_failure(res, out)
-    assert hashlib.sha256(cal.read_bytes()).hexdigest() == before
-    assert sorted(p.name for p in d.iterdir()) == ["c.npz", "m.onnx"] + (["out.onnx"] if res.exit_code == 0 else [])
+    converts_or_fails_cleanly(d, cal, ["convert", str(src), str(d / "out.onnx"), "--calib", str(cal)])
