@@ -363,10 +363,13 @@ def _symbolic_shape_module():
 
 
 def _unknown_dims(model: onnx.ModelProto) -> bool:
+    """Some tensor has a dim that shape inference lost, other than the batch (axis 0): the passes
+    never need the batch, so symbolic inference (and its sympy import) is skipped for that alone,
+    as after a classifier's Reshape to [-1, K]."""
     for vi in list(model.graph.value_info) + list(model.graph.output):
         t = vi.type.tensor_type
         if t.HasField("shape") and any(not d.HasField("dim_value") and not d.dim_param or
-                                       d.dim_param.startswith("unk__") for d in t.shape.dim):
+                                       d.dim_param.startswith("unk__") for d in list(t.shape.dim)[1:]):
             return True
     return False
 
