@@ -6,6 +6,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph_utils import attr_str, const_value, is_zero_pad, new_name, sole_consumer
 from ..model_io import with_inferred_shapes
+from .patterns import recognize_activations
 
 
 def canonicalize(graph: gs.Graph) -> gs.Graph:
@@ -16,7 +17,9 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     transA = 0 and a C that is absent or a constant vector over its output columns (see
     _canonical_gemm); except an Identity
     that connects a graph input straight to a graph output; a two-input Sum is an Add; every subexpression of constants is
-    folded into an initializer and shapes are re-inferred from the folded values; nodes are topologically sorted and every node has a unique name.
+    folded into an initializer and shapes are re-inferred from the folded values; HardSigmoid and
+    HardSwish written out as Add/Clip/Mul/Div are single ops (passes/patterns.py); nodes are
+    topologically sorted and every node has a unique name.
     """
     g = graph.copy()
     for node in list(g.nodes):
@@ -47,6 +50,7 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     g.cleanup()
     g.fold_constants(error_ok=True)
     g.cleanup()
+    recognize_activations(g)
     for node in list(g.nodes):
         _fold_pad_into_conv(g, node)
         if node.op == "Gemm":
