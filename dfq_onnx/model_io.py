@@ -19,6 +19,7 @@ place behind another graph's back).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -269,9 +270,7 @@ def runtime_qdq_opset() -> int:
     """The newest opset at which this onnxruntime runs QuantizeLinear and DequantizeLinear (onnx
     may define newer ones: onnx 1.23 has opset 28, onnxruntime 1.32 implements them up to 25-27).
     A model above it is converted down, so the quantized model runs."""
-    from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
-
+    helper = onnx.helper
     so = ort.SessionOptions()
     so.log_severity_level = 3
     for opset in range(onnx.defs.onnx_opset_version(), MIN_OPSET, -1):
@@ -334,9 +333,6 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             s._infer_impl()
         s._update_output_from_vi()
         return s.out_mp_
-    import contextlib
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
 
@@ -347,7 +343,6 @@ def _symbolic_shape_module():
     package runs onnxruntime/tools/__init__.py, which imports torch when torch is installed
     (about 1 s and 300 MB for a module that needs only onnx, numpy and sympy)."""
     import importlib.util
-    import sys
 
     name = "onnxruntime.tools.symbolic_shape_infer"
     if name in sys.modules:

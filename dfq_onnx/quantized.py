@@ -147,6 +147,21 @@ def in_slices(fn, n: int, step: int) -> list:
         return list(pool.map(lambda ab: fn(*ab), bounds))
 
 
+def channel_slices(fn, w: np.ndarray, axis: int) -> list:
+    """[fn(w[..., a:b, ...], a, b)] over consecutive slices of output channels (along `axis`) of
+    about CHUNK_ELEMENTS elements each, on THREADS threads: per-channel work whose temporaries
+    stay small whatever the weight's size."""
+    channels = w.shape[axis]
+    per = max(1, w.size // max(1, channels))
+
+    def part(a: int, b: int):
+        index = [slice(None)] * w.ndim
+        index[axis] = slice(a, b)
+        return fn(w[tuple(index)], a, b)
+
+    return in_slices(part, channels, max(1, CHUNK_ELEMENTS // per))
+
+
 def weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """int8 codes of a float weight at a fraction per slice along `axis` (round half to even).
     Elementwise, so computed in slices along the first axis: the float64 and int64 temporaries

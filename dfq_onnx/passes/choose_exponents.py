@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from ..config import U8S8_PAIR_SUM
 from ..fixedpoint import activation_fraction, weight_fractions
 from ..graph_utils import out_channel_axis
-from ..quantized import channel_fractions, in_slices, weight_codes
+from ..quantized import CHUNK_ELEMENTS, channel_fractions, channel_slices, weight_codes
 from .calibrate import TensorStats
 from .form_modules import Plan
 
@@ -68,23 +68,13 @@ def choose_exponents(graph: gs.Graph, plan: Plan, stats: dict[str, TensorStats],
     return Exponents(act, weight, plan, bits, abits)
 
 
-CHUNK_ELEMENTS = 1 << 20  # per-channel weights are searched in slices of channels of about this size
-
-
 def _weight_fractions(w: np.ndarray, axis: int | None, bits: int, method: str) -> np.ndarray:
     """fixedpoint.weight_fractions, computed a slice of output channels at a time when per channel
     (each channel's fraction depends on that channel alone, so the result is the same): its
     float64 temporaries stay small whatever the weight's size."""
     if axis is None or w.size <= CHUNK_ELEMENTS:
         return weight_fractions(w, axis, bits, method)
-    channels = w.shape[axis]
-
-    def part(a: int, b: int) -> np.ndarray:
-        index = [slice(None)] * w.ndim
-        index[axis] = slice(a, b)
-        return weight_fractions(w[tuple(index)], axis, bits, method)
-
-    return np.concatenate(in_slices(part, channels, max(1, CHUNK_ELEMENTS // max(1, w.size // channels))))
+    return np.concatenate(channel_slices(lambda part, a, b: weight_fractions(part, axis, bits, method), w, axis))
 
 
 def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tuple[Exponents, dict[str, int]]:
@@ -128,17 +118,12 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
 def _channel_extremes(w: np.ndarray, axis: int) -> np.ndarray:
     """[4, C]: per output channel its largest, second largest, smallest and second smallest
     weight (0 where the channel has a single weight), computed a slice of channels at a time."""
-    channels = w.shape[axis]
-    per = max(1, w.size // max(1, channels))
-
-    def part(a: int, b: int) -> np.ndarray:
-        index = [slice(None)] * w.ndim
-        index[axis] = slice(a, b)
-        x = np.moveaxis(w[tuple(index)], axis, 0).reshape(b - a, -1)
+    def part(sl: np.ndarray, a: int, b: int) -> np.ndarray:
+        x = np.moveaxis(sl, axis, 0).reshape(b - a, -1)
         if x.shape[1] < 2:
             x = np.concatenate([x, np.zeros((b - a, 2 - x.shape[1]), x.dtype)], axis=1)
         hi = np.partition(x, x.shape[1] - 2, axis=1)[:, -2:]
         lo = np.partition(x, 1, axis=1)[:, :2]
         return np.stack([hi[:, 1], hi[:, 0], lo[:, 0], lo[:, 1]])
 
-    return np.concatenate(in_slices(part, channels, max(1, CHUNK_ELEMENTS // per)), axis=1)
+    return np.concatenate(channel_slices(part, w, axis), axis=1)
