@@ -344,10 +344,39 @@ def channel_shape(mod, ndim: int) -> tuple:
     return (-1,) + (1,) * (ndim - 2) if mod.op in ("Conv", "ConvTranspose") else (-1,)
 
 
+def table_lookup(mod, x: np.ndarray) -> np.ndarray:
+    """A table module: the entry of each input code (row: its channel where the table has several)."""
+    x = np.asarray(x, dtype=np.int64)
+    index = x - mod.input.code_range[0]
+    if mod.table.shape[0] > 1:
+        rows = np.arange(mod.table.shape[0], dtype=np.int64).reshape((-1,) + (1,) * (-mod.channel_axis - 1))
+        index = index + rows * mod.table.shape[1]
+    return mod.table.reshape(-1).astype(np.int64)[index]
+
+
+def binary_forward(mod, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A binary module: the integer product (or the operands aligned and added), then ONE rounding
+    (half to even) and saturation."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if mod.op == "Mul":
+        acc = a * b
+    elif mod.op == "MatMul":
+        acc = np.matmul(a, b)
+    else:
+        a, b = rounding_shift(a, -mod.a_shift), rounding_shift(b, -mod.b_shift)
+        acc = a + b if mod.op == "Add" else a - b
+    return np.clip(rounding_shift(acc, mod.shift), mod.code_min, mod.code_max)
+
+
 def module_forward(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """One module of the quantized IR in integers: its accumulator, then ONE rounding (half to
     even) and saturation to the output codes narrowed by the activation clamp. A linear module
-    writing a graph output returns its sum unrounded."""
+    writing a graph output returns its sum unrounded. A table module looks its input up; a binary
+    module takes its second operand as `residual`."""
+    if mod.kind == "table":
+        return table_lookup(mod, x)
+    if mod.kind == "binary":
+        return binary_forward(mod, x, residual)
     acc = module_accumulator(mod, x, residual)
     if mod.op in POOL_MODULES:
         n = mod.window if mod.window is not None else int(np.prod(np.shape(x)[2:]))  # dynamic H*W

@@ -86,7 +86,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             if t in bn_moments:
                 mu, var = bn_moments[t]
                 bn_moments[t] = (mu / s, var / s ** 2)
-    modules = find_modules(graph)
+    modules = find_modules(graph, integer_activations_only=config.format == "int")
     if not any(m.kind == "linear" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
     check_finite(graph, modules)
@@ -156,7 +156,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
         out.functions.extend(rounding_functions(opset))
         out.opset_import.add(domain=INT_DOMAIN, version=1)
-    kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "residual", "island")}
+    kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "table", "residual", "island")}
     per_layer = per_layer_requant_points(original)
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,

@@ -84,6 +84,7 @@ class LinearModule:
     pre_add: QTensor | None        # QDQ "ort" layout: the linear result requantized before the residual Add
     acc_bound: int                 # proven max over channels of |sum| (+ rounding half)
     integer: bool                  # has an integer-only form (else a float island in the integer graph)
+    kind = "linear"
 
     @property
     def channels(self) -> int:
@@ -113,6 +114,52 @@ class PoolModule:
     code_max: int
     acc_bound: int
     integer: bool
+    kind = "pool"
+
+
+@dataclass(frozen=True, eq=False)
+class TableModule:
+    """A function of one 8-bit tensor (an activation in any spelling) as a lookup table:
+    y = table[c, x - code_min(x)] with table[c, i] = clamp(round_half_even(f_c(v_i) 2^f_y)), v_i
+    the i-th input code's value and f_c the float function of the module's nodes (per channel c
+    where their constants are). One rounding, at the table's construction."""
+    name: str
+    op: str                        # the float ops, joined by "+"
+    input: QTensor
+    output: QTensor
+    output_name: str
+    table: np.ndarray              # (channels or 1, 2^bits) int16 codes of the output
+    channel_axis: int | None       # negative axis of the tensor that indexes the table's rows
+    integer: bool                  # 8-bit codes in and out (else a float island in the integer graph)
+    kind = "table"
+
+    @property
+    def entries(self) -> int:
+        return int(self.table.size)
+
+
+@dataclass(frozen=True, eq=False)
+class BinaryModule:
+    """Mul, Add, Sub or MatMul of two activations a and b, in integers:
+        Mul / MatMul:  sum = a * b (a @ b)                             at fraction f_a + f_b
+        Add / Sub:     sum = align(a, a_shift) +- align(b, b_shift)    at fraction sum_frac
+        y = clamp(round_half_even(sum / 2^shift), code_min, code_max)
+    align(r, k) = r << k (k >= 0) or a rounding right shift by -k, as in LinearModule."""
+    name: str
+    op: str
+    input: QTensor
+    other: QTensor
+    output: QTensor
+    output_name: str
+    a_shift: int
+    b_shift: int
+    sum_frac: int
+    shift: int
+    code_min: int
+    code_max: int
+    acc_bound: int
+    integer: bool
+    kind = "binary"
 
 
 @dataclass
@@ -121,7 +168,7 @@ class QuantizedModel:
     carry their source's QTensor (`tensor()`)."""
     plan: object                   # passes.form_modules.Plan
     tensors: dict[str, QTensor]
-    modules: list                  # LinearModule | PoolModule, in graph order
+    modules: list                  # LinearModule | PoolModule | TableModule | BinaryModule, in graph order
     facts: dict = field(default_factory=dict)
 
     def tensor(self, name: str) -> QTensor:
@@ -267,10 +314,14 @@ def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool
     for m in plan.modules:
         if m.kind == "pool":
             mod = _pool(m, nodes[m.name], tmap, qm)
+        elif m.kind == "table":
+            mod = _table(m, nodes, qm)
+        elif m.kind == "binary":
+            mod = _binary(m, tmap, qm)
         else:
             mod = _linear(m, nodes, qm, exps, per_channel, integer_graph, codes_cache)
         qm.modules.append(mod)
-        if mod.acc_bound > 0:
+        if getattr(mod, "acc_bound", 0) > 0:
             facts["max_accumulator_bits"] = max(facts["max_accumulator_bits"], int(mod.acc_bound).bit_length() + 1)
     return qm
 
@@ -363,6 +414,50 @@ def _linear_attrs(node: gs.Node) -> dict:
     if node.op == "Gemm":
         return {"transB": int(node.attrs.get("transB", 0))}
     return {}
+
+
+ADD_ALIGN_MAX = 22  # an Add aligns its operands by left shifts of at most this many bits (8-bit codes stay in int32)
+
+
+def table_entries(m, nodes: dict, x: QTensor, out: QTensor) -> np.ndarray:
+    """(channels or 1, 2^bits) codes of a table module: its float function (functions.py, float64)
+    at every input code's value, rounded half to even at the output's fraction and clamped to its
+    code range (NaN becomes 0)."""
+    from . import functions
+    from .passes.form_modules import chain_spec
+    lo, hi = x.code_range
+    v = np.ldexp(np.arange(lo, hi + 1, dtype=np.float64), -x.frac)[:, None]
+    y = functions.evaluate(chain_spec([nodes[n] for n in m.nodes]), m.input, v)[m.output]
+    y = np.broadcast_to(y, (v.shape[0], y.shape[1] if y.ndim == 2 else 1))
+    y = np.where(np.isnan(y), 0.0, np.clip(y, -2.0 ** 62, 2.0 ** 62))
+    return quantize(y, out.frac, out.bits, out.unsigned).T.astype(np.int16)
+
+
+def _table(m, nodes: dict, qm: QuantizedModel) -> TableModule:
+    x, out = qm.tensor(m.input), qm.tensor(m.output)
+    table = table_entries(m, nodes, x, out)
+    table.setflags(write=False)
+    return TableModule(m.name, m.op, x, out, m.output, table, m.channel_axis if table.shape[0] > 1 else None,
+                       x.bits == 8 and out.bits == 8)
+
+
+def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
+    a, b, out = qm.tensor(m.input), qm.tensor(m.other), qm.tensor(m.output)
+    ma, mb = a.max_abs_code, b.max_abs_code
+    ka = kb = 0
+    if m.op in ("Mul", "MatMul"):
+        frac = a.frac + b.frac
+        k = tmap[m.input].shape[-1] if m.op == "MatMul" and tmap[m.input].shape else None
+        terms = ma * mb * (k if isinstance(k, int) and k > 0 else (1 << 31) if m.op == "MatMul" else 1)
+    else:  # align to the finer fraction by left shifts; round the finer operand where that would not fit
+        frac = min(max(a.frac, b.frac), min(a.frac, b.frac) + ADD_ALIGN_MAX)
+        ka, kb = frac - a.frac, frac - b.frac
+        terms = (ma << max(ka, 0)) + (mb << max(kb, 0))
+    shift = frac - out.frac
+    bound = terms + ((1 << (shift - 1)) if shift > 0 else 0)
+    lo, hi = out.code_range
+    return BinaryModule(m.name, m.op, a, b, out, m.output, ka, kb, frac, shift, lo, hi, bound,
+                        bound <= INT32_MAX and max(a.bits, b.bits, out.bits) == 8)
 
 
 # A GlobalAveragePool over dynamic spatial dims divides by H*W computed at run time; its int32 sum is

@@ -49,8 +49,12 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 19
 IR_VERSION = 9
 INPUT_NAME = "input"
-BLOCKS = ("conv", "convtranspose", "gemm", "matmul", "residual", "concat", "pool", "reshape")
-RANK4_ONLY = frozenset({"conv", "convtranspose", "residual", "concat", "pool"})
+BLOCKS = ("conv", "convtranspose", "gemm", "matmul", "residual", "concat", "pool", "reshape", "table", "gate",
+          "attention")
+RANK4_ONLY = frozenset({"conv", "convtranspose", "residual", "concat", "pool", "gate"})
+# elementwise activations as exporters spell them (each a table module)
+TABLE_SPELLINGS = ("Sigmoid", "Tanh", "HardSwish", "HardSigmoid(0.2)", "Elu", "LeakyRelu(0.2)", "Softplus",
+                   "x*Sigmoid(x)", "gelu_erf", "gelu_tanh", "mish", "PRelu")
 ACTIVATIONS = ("none", "relu", "relu6", "clip", "leakyrelu")
 MAX_CH = 8
 MAX_HW = 12
@@ -409,7 +413,7 @@ def _block_gemm(draw, b, t):
                f"alpha={alpha:g} beta={beta:g} C={ctxt} {k}->{nout}){atxt}")
 
 
-def _block_matmul(draw, b, t):
+def _block_matmul(draw, b, t, act_choices=("none", "relu", "relu6")):
     pre = ""
     if t.rank == 4:
         if draw(st.booleans()):
@@ -426,7 +430,7 @@ def _block_matmul(draw, b, t):
     has_bias = draw(st.booleans())
     if has_bias:
         y = b.node("Add", [y.name, b.const("B", b.bias(nout))], y.shape)
-    y, atxt = _activation(draw, b, y, ("none", "relu", "relu6"))
+    y, atxt = _activation(draw, b, y, act_choices)
     return y, f"{pre}matmul(rank{t.rank} {k}->{nout}{' +bias' if has_bias else ''}){atxt}"
 
 
@@ -673,6 +677,96 @@ def _block_reshape(draw, b, t):
     return y, f"pad({pads})"
 
 
+# ---------------------------------------------------------------------------------------------
+# Tables, two-activation ops
+
+def _table_activation(draw, b, t):
+    """One elementwise activation of t, in one of TABLE_SPELLINGS."""
+    kind = draw(st.sampled_from(TABLE_SPELLINGS))
+    c = lambda base, v: b.const(base, np.asarray(v, np.float32))  # noqa: E731
+    if kind in ("Sigmoid", "Tanh", "HardSwish", "Elu", "Softplus"):
+        y = b.node(kind, [t.name], t.shape)
+    elif kind == "HardSigmoid(0.2)":
+        y = b.node("HardSigmoid", [t.name], t.shape, alpha=0.2, beta=0.5)
+    elif kind == "LeakyRelu(0.2)":
+        y = b.node("LeakyRelu", [t.name], t.shape, alpha=0.2)
+    elif kind == "x*Sigmoid(x)":
+        y = b.node("Mul", [t.name, b.node("Sigmoid", [t.name], t.shape).name], t.shape)
+    elif kind == "gelu_erf":  # torch's GELU: x * 0.5 * (1 + erf(x / sqrt(2)))
+        e = b.node("Erf", [b.node("Div", [t.name, c("sqrt2", 1.4142135)], t.shape).name], t.shape)
+        y = b.node("Mul", [b.node("Mul", [t.name, b.node("Add", [e.name, c("one", 1.0)], t.shape).name],
+                                  t.shape).name, c("half", 0.5)], t.shape)
+    elif kind == "gelu_tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = b.node("Pow", [t.name, c("three", 3.0)], t.shape)
+        inner = b.node("Add", [t.name, b.node("Mul", [cube.name, c("k", 0.044715)], t.shape).name], t.shape)
+        th = b.node("Tanh", [b.node("Mul", [inner.name, c("s", 0.7978846)], t.shape).name], t.shape)
+        y = b.node("Mul", [b.node("Mul", [t.name, c("half", 0.5)], t.shape).name,
+                           b.node("Add", [th.name, c("one", 1.0)], t.shape).name], t.shape)
+    elif kind == "mish":
+        y = b.node("Mul", [t.name, b.node("Tanh", [b.node("Softplus", [t.name], t.shape).name], t.shape).name], t.shape)
+    else:  # PRelu, one slope per channel (axis 1)
+        ch = t.shape[1]
+        slope = b.rng.uniform(-0.5, 0.5, (ch,) + (1,) * (t.rank - 2)).astype(np.float32)
+        y = b.node("PRelu", [t.name, b.const("slope", slope)], t.shape)
+    return y, f"+{kind}"
+
+
+def _block_table(draw, b, t):
+    """A linear layer (conv or matmul, no activation) followed by a table activation."""
+    if t.rank == 4:
+        y, text = _block_conv(draw, b, t, ("none",))
+    else:
+        y, text = _block_matmul(draw, b, t, ("none",))
+    y, atxt = _table_activation(draw, b, y)
+    return y, text + atxt
+
+
+def _block_gate(draw, b, t):
+    """Squeeze-excite: x * gate(GlobalAveragePool(x) -> 1x1 conv -> Relu -> 1x1 conv -> Sigmoid /
+    HardSigmoid), or the Sub of two conv branches."""
+    c, h, w = t.shape[1:]
+    if draw(st.booleans()):
+        p = b.node("GlobalAveragePool", [t.name], (None, c, 1, 1))
+        mid = draw(_pick(1, MAX_CH))
+        r = b.node("Relu", [b.node("Conv", [p.name, b.const("W", b.he((mid, c, 1, 1), c)), b.const("B", b.bias(mid))],
+                                   (None, mid, 1, 1)).name], (None, mid, 1, 1))
+        z = b.node("Conv", [r.name, b.const("W", b.he((c, mid, 1, 1), mid)), b.const("B", b.bias(c))], (None, c, 1, 1))
+        hard = draw(st.booleans())
+        g = b.node("HardSigmoid", [z.name], z.shape, alpha=1 / 6, beta=0.5) if hard else b.node("Sigmoid", [z.name], z.shape)
+        first, second = (t, g) if draw(st.booleans()) else (g, t)
+        y = b.node("Mul", [first.name, second.name], t.shape)
+        return y, f"se({c}->{mid}->{c} {'hardsigmoid' if hard else 'sigmoid'})*x"
+    y1, t1 = _block_conv(draw, b, t, ("none", "relu"))
+    a, o, g = _draw_same_geometry(draw, h, w, 1)
+    cout = y1.shape[1]
+    inputs, _ = _emit_conv(draw, b, t, a, 1, cout, gain=2.0 ** draw(st.integers(-4, 4)))
+    y2 = _conv_node(b, t, inputs, a, 1, cout, o)
+    if y2.shape != y1.shape:
+        return y1, t1
+    return b.node("Sub", [y1.name, y2.name], y1.shape), f"sub[{t1}, conv({g})]"
+
+
+def _block_attention(draw, b, t):
+    """Scores of two projections: MatMul(q, Transpose(k)) on [N, T, D] (a rank-2 or rank-4 input
+    is reshaped), then optionally a table and a MatMul with a third projection."""
+    if t.rank != 3:
+        t = b.node("Reshape", [t.name, b.const("shape", np.array([0, -1, t.shape[-1]], np.int64))],
+                   (None, int(np.prod(t.shape[1:-1])), t.shape[-1]))
+    d = t.shape[-1]
+    e = draw(_pick(1, MAX_CH))
+    q = b.node("MatMul", [t.name, b.const("Wq", b.he((d, e), d))], t.shape[:-1] + (e,))
+    k = b.node("MatMul", [t.name, b.const("Wk", b.he((d, e), d))], t.shape[:-1] + (e,))
+    kt = b.node("Transpose", [k.name], (None, e, t.shape[1]), perm=[0, 2, 1])
+    s = b.node("MatMul", [q.name, kt.name], (None, t.shape[1], t.shape[1]))
+    text = f"attention(T={t.shape[1]} {d}->{e})"
+    if draw(st.booleans()):
+        s, atxt = _table_activation(draw, b, s)
+        v = b.node("MatMul", [t.name, b.const("Wv", b.he((d, e), d))], t.shape[:-1] + (e,))
+        s = b.node("MatMul", [s.name, v.name], t.shape[:-1] + (e,))
+        text += f"{atxt}@v"
+    return s, text
+
+
 def _feasible(kind, t):
     if kind not in RANK4_ONLY:
         return True
@@ -681,7 +775,8 @@ def _feasible(kind, t):
 
 _BLOCK_FNS = {"conv": _block_conv, "convtranspose": _block_convtranspose, "gemm": _block_gemm,
               "matmul": _block_matmul, "residual": _block_residual, "concat": _block_concat,
-              "pool": _block_pool, "reshape": _block_reshape}
+              "pool": _block_pool, "reshape": _block_reshape, "table": _block_table, "gate": _block_gate,
+              "attention": _block_attention}
 
 
 def _tail(draw, b, t):

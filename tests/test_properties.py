@@ -119,7 +119,7 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
 
     # 1. integer graph == IR in numpy, module by module; onnx.reference == onnxruntime
     mods = [m for m in qm.modules if m.integer]
-    res = lambda m: getattr(m, "residual", None)  # noqa: E731
+    res = lambda m: getattr(m, "residual", None) or getattr(m, "other", None)  # noqa: E731  a residual or second operand
     vi = values(ri.model, feeds, [ri.symbols[t.name] for m in mods for t in (m.input, res(m)) if t] +
                 [ri.symbols[m.output_name] for m in mods])
     for m in mods:
@@ -142,7 +142,7 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
     for m in qmods:
         r = vq[rq.symbols[res(m).name]] if res(m) else None
         diff = np.abs(module_forward(m, vq[rq.symbols[m.input.name]], r) - vq[rq.symbols[m.output.name]].astype(np.int64))
-        assert diff.max(initial=0) <= (0 if m.acc_bound < FLOAT32_EXACT else 1), (m.name, m.acc_bound, diff.max())
+        assert diff.max(initial=0) <= (0 if getattr(m, "acc_bound", FLOAT32_EXACT) < FLOAT32_EXACT else 1), (m.name, m.acc_bound, diff.max())
 
     # 4. every node accounted for: module, pass-through or float island
     plan = qm.plan
@@ -170,7 +170,8 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
         return  # the noise never reaches the outputs (a Relu that is always off): no floor to test
     got = {fmt: min(sqnr(a, b) for a, b in zip(ref, y) if np.any(a))
            for fmt, y in (("qdq", run_ort(rq.model, feeds)), ("int", run_ort(ri.model, feeds)))}
-    if not ri.float_ops and not ri.facts["float_modules"]:  # float islands re-round differently
+    # float islands re-round differently; a LeakyRelu is a table of its own in the integer graph (one more rounding)
+    if not ri.float_ops and not ri.facts["float_modules"] and ri.requant_points == rq.requant_points:
         assert got["int"] >= got["qdq"] - 1.0, got  # one rounding: the integer graph as accurate as QDQ (1 dB)
     if SQNR_FLOOR:  # open: some graphs fall below it (see the module docstring)
         assert min(got.values()) >= bound, (got, bound)

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from ..fixedpoint import channel_shape, pow2_scale
 from ..graph_utils import bias_of, new_name
-from ..quantized import LinearModule, PoolModule, QuantizedModel
+from ..quantized import BinaryModule, LinearModule, PoolModule, QuantizedModel, TableModule
 
 DOMAIN = "dfq"
 SHIFT_OP = "RoundingShift"     # requantizer: int32 -> clamp(round(x / 2^s), lo, hi) as int8/uint8 (+ variants)
@@ -273,15 +273,22 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
 
     ir = {mod.name: mod for mod in qm.modules}
     shape_nodes = set(plan.shape_nodes)
+    for m in plan.modules:  # the nodes of integer tables and binary ops are replaced at their last node
+        if m.kind in ("table", "binary") and ir[m.name].integer:
+            removed.update(m.nodes)
     for node in order:
         mod = ir.get(node.name)
         if mod is not None and mod.integer:
             m = plan.module(mod.name)
-            for name in (m.input, m.residual_input):
+            for name in (m.input, m.residual_input, m.other):
                 if name and name not in qt:
                     quantize_float(name, tmap[name])
             if isinstance(mod, PoolModule):
                 qt[m.output] = _emit_pool(mod, tmap, qt, add, const, shift)
+            elif isinstance(mod, TableModule):
+                qt[m.output] = _emit_table(mod, qt, add, const)
+            elif isinstance(mod, BinaryModule):
+                qt[m.output] = _emit_binary(mod, qt, add, const, shift)
             else:
                 y = _emit_linear(mod, qt, add, const, shift, tmap[m.output] if mod.output is None else None)
                 qt[m.output] = y
@@ -304,9 +311,10 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
                     node.inputs[k] = qt[t.name]
                 elif node.op == "Pad" and k == 2 and isinstance(t, gs.Constant):
                     node.inputs[k] = const("pad_zero", np.zeros((), dtype=code_dtype(out)))
-            new = gs.Variable(new_name(g, f"{out}_int"), dtype=code_dtype(out), shape=node.outputs[0].shape)
-            node.outputs[0] = new
-            qt[out] = new
+            for k, t in enumerate(list(node.outputs)):  # Split has several
+                new = gs.Variable(new_name(g, f"{t.name}_int"), dtype=code_dtype(t.name), shape=t.shape)
+                node.outputs[k] = new
+                qt[t.name] = new
             continue
         if node.name in shape_nodes and node.inputs[0].name in qt:  # Shape/Size: the codes have the float tensor's shape
             node.inputs[0] = qt[node.inputs[0].name]
@@ -398,16 +406,57 @@ def _integer_product(add, const, op, x, w: np.ndarray, attrs: dict, name: str):
     CPU (its u8 x s8 kernels sum pairs in int16 and can saturate without VNNI), and they are
     several times faster than its int8-weight path; the int32 result wraps modulo 2^32 inside the
     kernel at most, and the IR proves the true sum fits."""
-    if x.dtype == np.uint8:
-        xz = const(f"{name}_x_zero_point", np.array(0, np.uint8))
-    else:
-        u = add("Cast", [x], np.uint8, {"to": TensorProto.UINT8}, name=f"{name}_x_as_uint8")
-        x = add("BitwiseXor", [u, const(f"{name}_sign_bit", np.array(ZERO_POINT, np.uint8))], np.uint8,
-                name=f"{name}_x_offset")
-        xz = const(f"{name}_x_zero_point", np.array(ZERO_POINT, np.uint8))
+    x, xz = _as_uint8(add, const, x, f"{name}_x")
     wu = w.view(np.uint8) ^ np.uint8(ZERO_POINT)  # = w + 128 as uint8, without an int16 temporary
     wz = const(f"{name}_w_zero_point", np.array(ZERO_POINT, np.uint8))
     return add(op, [x, const(f"{name}_weight_uint8", wu), xz, wz], np.int32, attrs, name=f"{name}_{op}")
+
+
+def _emit_table(mod: TableModule, qt, add, const):
+    """A table lookup: Gather of the table's entries (flattened) at code - code_min, plus the row
+    offset of each element's channel for a per-channel table."""
+    dtype = np.uint8 if mod.output.unsigned else np.int8
+    x = add("Cast", [qt[mod.input.name]], np.int32, {"to": TensorProto.INT32}, name=f"{mod.name}_index_cast")
+    offset = np.int64(-mod.input.code_range[0])
+    rows, size = mod.table.shape
+    if rows > 1:
+        offset = offset + np.arange(rows, dtype=np.int64).reshape((-1,) + (1,) * (-mod.channel_axis - 1)) * size
+    x = add("Add", [x, const(f"{mod.name}_index_offset", np.asarray(offset, np.int32))], np.int32,
+            name=f"{mod.name}_index")
+    return add("Gather", [const(f"{mod.name}_table", mod.table.reshape(-1).astype(dtype)), x], dtype, {"axis": 0},
+               name=f"{mod.name}_table_lookup")
+
+
+def _emit_binary(mod: BinaryModule, qt, add, const, shift):
+    """Mul / Add / Sub of two code tensors in int32 (aligned by shifts), or MatMulInteger of two
+    code tensors, then one rounding shift."""
+    dtype = np.uint8 if mod.output.unsigned else np.int8
+    a, b = qt[mod.input.name], qt[mod.other.name]
+    if mod.op == "MatMul":
+        au, az = _as_uint8(add, const, a, f"{mod.name}_a")
+        bu, bz = _as_uint8(add, const, b, f"{mod.name}_b")
+        acc = add("MatMulInteger", [au, bu, az, bz], np.int32, name=f"{mod.name}_MatMulInteger")
+    else:
+        a, b = (add("Cast", [t], np.int32, {"to": TensorProto.INT32}, name=f"{mod.name}_{k}_cast")
+                for t, k in ((a, "a"), (b, "b")))
+        if mod.op != "Mul":
+            a, b = (t if k == 0 else
+                    add("Mul", [t, const(f"{mod.name}_{n}_scale", np.int32(1 << k))], np.int32, name=f"{mod.name}_{n}_shift")
+                    if k > 0 else shift(t, -k, (), -(1 << 31), (1 << 31) - 1, np.int32, f"{mod.name}_{n}")
+                    for t, k, n in ((a, mod.a_shift, "a"), (b, mod.b_shift, "b")))
+        acc = add(mod.op, [a, b], np.int32, name=f"{mod.name}_{mod.op}")
+    return shift(acc, mod.shift, (), mod.code_min, mod.code_max, dtype, mod.output_name, None, mod.acc_bound)
+
+
+def _as_uint8(add, const, x, name: str):
+    """(uint8 codes, zero point) of a code tensor: uint8 as it is (zero point 0), int8 shifted by
+    128 (a Cast and a BitwiseXor of the sign bit; zero point 128)."""
+    if x.dtype == np.uint8:
+        return x, const(f"{name}_zero_point", np.array(0, np.uint8))
+    u = add("Cast", [x], np.uint8, {"to": TensorProto.UINT8}, name=f"{name}_as_uint8")
+    u = add("BitwiseXor", [u, const(f"{name}_sign_bit", np.array(ZERO_POINT, np.uint8))], np.uint8,
+            name=f"{name}_offset")
+    return u, const(f"{name}_zero_point", np.array(ZERO_POINT, np.uint8))
 
 
 def _emit_pool(mod: PoolModule, tmap, qt, add, const, shift):

@@ -3,8 +3,13 @@
 A unified module is one linear op (Conv, ConvTranspose, Gemm, MatMul with a constant weight)
 + its bias + an optional residual Add + an optional activation (Relu, Clip, LeakyRelu), with ONE
 requantization at its output. An averaging op (GlobalAveragePool, AveragePool) is a module of
-its own: it needs one rounding. Pass-through ops keep their input's fraction. Everything else
-runs in float between a DequantizeLinear and a QuantizeLinear: a float island.
+its own: it needs one rounding. A chain of elementwise ops that reads one tensor (an activation
+however it is spelled: HardSwish, x*Sigmoid(x), GELU through Erf, Mish, PRelu, ...) is a table
+module: on 8-bit codes it is a 256-entry lookup table, one per channel where its constants are
+per channel. An Add, Sub or Mul of two activations and a MatMul of two activations are binary
+modules: an integer product or aligned sum and one rounding. Pass-through ops keep their
+input's fraction. Everything else runs in float between a DequantizeLinear and a
+QuantizeLinear: a float island.
 """
 from __future__ import annotations
 
@@ -14,16 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .. import functions
 from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, SHAPE_OPS, attr_str, const_value,
                            is_zero_pad, output_rank, per_channel_vector, sole_consumer, weight_of)
 
 
 @dataclass(frozen=True)
 class Module:
-    name: str                    # name of the linear (or pooling) node
-    kind: str                    # "linear" or "pool"
-    op: str                      # Conv, Gemm, ..., GlobalAveragePool
-    input: str                   # activation input tensor
+    name: str                    # name of the linear (or pooling) node; a table's or binary op's last node
+    kind: str                    # "linear", "pool", "table" or "binary"
+    op: str                      # Conv, Gemm, ..., GlobalAveragePool; a table: its ops joined by "+"; Mul, Add, Sub, MatMul
+    input: str                   # activation input tensor (a binary module: its first operand)
     output: str                  # the module's output tensor: its one requantization point
     nodes: tuple[str, ...]       # every node of the module, in order
     bias_add: str | None = None  # an Add node carrying the bias (MatMul only)
@@ -31,6 +37,8 @@ class Module:
     residual_input: str | None = None
     activation: str | None = None  # Relu, Relu6, Clip, LeakyRelu
     unsigned: bool = False       # output provably non-negative
+    other: str | None = None     # a binary module's second operand
+    channel_axis: int | None = None  # a table: the (negative) axis its constants vary along, None if scalar
 
     def summary(self) -> dict:
         return {"name": self.name, "op": self.op, "residual": self.residual is not None,
@@ -113,7 +121,19 @@ def _non_negative_activation(node: gs.Node) -> bool:
     return False
 
 
-def find_modules(graph: gs.Graph) -> list[Module]:
+def find_modules(graph: gs.Graph, integer_activations_only: bool = False) -> list[Module]:
+    """Every module of a canonical graph, in graph order: each linear layer grouped with its bias,
+    residual Add and activation, each averaging op, then (find_elementwise_modules) the tables and
+    binary ops among the remaining nodes. integer_activations_only: a linear module takes only an
+    activation that is a clamp of its codes (Relu, Clip); a LeakyRelu after it becomes a table
+    (the integer graph has no rounding shift with a float slope)."""
+    modules = _linear_and_pool_modules(graph, ("Relu", "Clip") if integer_activations_only else ACTIVATION_OPS)
+    modules += find_elementwise_modules(graph, modules)
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    return sorted(modules, key=lambda m: order[m.name])
+
+
+def _linear_and_pool_modules(graph: gs.Graph, activations=ACTIVATION_OPS) -> list[Module]:
     """Group each linear layer with its bias, residual Add and activation. Graph must be canonical."""
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     claimed: set[int] = set()
@@ -156,7 +176,7 @@ def find_modules(graph: gs.Graph) -> list[Module]:
                     out = nxt.outputs[0]
                     nxt = sole_consumer(out, graph)
         unsigned = False
-        if nxt is not None and nxt.op in ACTIVATION_OPS:
+        if nxt is not None and nxt.op in activations:
             kind = activation_kind(nxt)
             if kind is not None:
                 act = kind
@@ -168,6 +188,113 @@ def find_modules(graph: gs.Graph) -> list[Module]:
     return modules
 
 
+def chain_spec(nodes: list[gs.Node]) -> list[tuple]:
+    """The float function of a table module's nodes, for functions.evaluate: (op, attrs, input
+    names, output name, constants by input name), each constant flattened to a vector (its one
+    varying axis) or a scalar."""
+    spec = []
+    for n in nodes:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in n.attrs.items()}
+        consts = {t.name: np.asarray(t.values, np.float64).reshape(-1 if t.values.size > 1 else ())
+                  for t in n.inputs if isinstance(t, gs.Constant)}
+        spec.append((n.op, attrs, [t.name for t in n.inputs], n.outputs[0].name, consts))
+    return spec
+
+
+def _float(t: gs.Tensor) -> bool:
+    return t.dtype is None or np.dtype(t.dtype).kind == "f"
+
+
+def _const_axis(c: gs.Constant, rank: int | None):
+    """How a constant of an elementwise op broadcasts: "scalar", (negative axis, length) when it
+    varies along one axis only, or None (anything else: no table)."""
+    shape = [int(d) for d in np.shape(c.values)]
+    if int(np.prod(shape)) == 1:
+        return "scalar"
+    varying = [i for i, d in enumerate(shape) if d != 1]
+    if len(varying) != 1 or rank is None or len(shape) > rank:
+        return None
+    return varying[0] - len(shape), shape[varying[0]]
+
+
+def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Module]:
+    """Table and binary modules among the nodes no linear or pooling module claimed.
+
+    A table's nodes are elementwise ops (functions.ELEMENTWISE) whose only non-constant inputs
+    descend from one float tensor, the root, with constants that are scalars or vary along one
+    axis (the same axis and length throughout: one table per channel). Every tensor of such a
+    chain that is read outside it (or is a graph output) is a table module's output, computed from
+    the root alone. A chain of constant scales and shifts only on a graph input stays float (it is
+    the input's normalisation: tabling it would round the input twice). A binary module is an Add,
+    Sub or Mul of two float activations of different roots, or a MatMul of two activations."""
+    claimed = {name for m in modules for name in m.nodes}
+    tensors = graph.tensors()
+    graph_inputs = {t.name for t in graph.inputs}
+    root_of: dict[str, str] = {}
+    chains: dict[str, list[gs.Node]] = {}
+    axes: dict[str, object] = {}   # root -> (axis, length) of its per-channel constants
+    binaries: list[Module] = []
+    for node in graph.nodes:
+        if node.name in claimed or len(node.outputs) != 1 or not _float(node.outputs[0]):
+            continue
+        data = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+        if not data or not all(_float(t) for t in data):
+            continue
+        roots = {root_of.get(t.name, t.name) for t in data}
+        if node.op in functions.ELEMENTWISE and len(roots) == 1:
+            r = roots.pop()
+            rank = len(tensors[r].shape) if tensors[r].shape is not None else None
+            kinds = [_const_axis(t, rank) for t in node.inputs if isinstance(t, gs.Constant)]
+            per = {k for k in kinds if k != "scalar"}
+            if None in per or len(per | ({axes[r]} if r in axes else set())) > 1:
+                continue
+            if per:
+                axes[r] = per.pop()
+            root_of[node.outputs[0].name] = r
+            chains.setdefault(r, []).append(node)
+        elif len(data) == 2 and len(roots) == 2 and (node.op in ("Add", "Sub", "Mul") or
+                                                      (node.op == "MatMul" and weight_of(node) is None)):
+            binaries.append(Module(node.name, "binary", node.op, data[0].name, node.outputs[0].name, (node.name,),
+                                   other=data[1].name))
+    tables: list[Module] = []
+    graph_outputs = {t.name for t in graph.outputs}
+    for r, chain in chains.items():
+        members = {id(n) for n in chain}
+        nonlinear = any(n.op not in functions.AFFINE or
+                        sum(1 for t in n.inputs if t.name and not isinstance(t, gs.Constant)) > 1 for n in chain)
+        if r in graph_inputs and not nonlinear:
+            continue
+        for n in chain:
+            out = n.outputs[0]
+            if out.name not in graph_outputs and all(id(c) in members for c in out.outputs):
+                continue  # internal to the chain
+            needed, todo = set(), [n]
+            while todo:
+                k = todo.pop()
+                if id(k) in needed:
+                    continue
+                needed.add(id(k))
+                todo += [t.inputs[0] for t in k.inputs if t.inputs and id(t.inputs[0]) in members]
+            part = [k for k in chain if id(k) in needed]
+            axis = axes.get(r)
+            tables.append(Module(n.name, "table", "+".join(k.op for k in part), r, out.name,
+                                 tuple(k.name for k in part), channel_axis=None if axis is None else axis[0]))
+    return tables + binaries
+
+
+def non_negative(m: Module, nodes: dict[str, gs.Node]) -> bool:
+    """A table whose float function is non-negative on a dense grid of inputs spanning +-2^24
+    (Sigmoid, HardSigmoid, Relu, Exp, Softplus, ...): its codes may be unsigned. The table is
+    clamped to its code range, so the integer graph and the QDQ graph agree even where the grid
+    missed a negative value."""
+    grid = np.concatenate([-np.logspace(-12, 24, 2000, base=2.0), [0.0], np.logspace(-12, 24, 2000, base=2.0)])
+    spec = chain_spec([nodes[n] for n in m.nodes])
+    with np.errstate(all="ignore"):
+        y = functions.evaluate(spec, m.input, grid[:, None])[m.output]
+    y = y[np.isfinite(y)]
+    return bool(y.size) and bool(np.all(y >= 0))
+
+
 def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: bool = False) -> Plan:
     """Decide which tensors are requantized, which keep a fraction, which stay float.
 
@@ -175,9 +302,13 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     "residual"), the layout onnxruntime's int8 kernels need (QLinearConv, then QLinearAdd)."""
     plan = Plan(modules)
     tensors = graph.tensors()
-    by_first = {m.nodes[0]: m for m in modules}
+    by_first = {m.nodes[0]: m for m in modules if m.kind in ("linear", "pool")}
+    by_last: dict[str, list[Module]] = {}
+    for m in modules:
+        if m.kind in ("table", "binary"):
+            by_last.setdefault(m.name, []).append(m)
     nodes = {n.name: n for n in graph.nodes}
-    inside = {name for m in modules for name in m.nodes[1:]}
+    inside = {name for m in modules for name in (m.nodes[1:] if m.kind in ("linear", "pool") else m.nodes)}
     graph_inputs = {t.name for t in graph.inputs}
     graph_outputs = {t.name for t in graph.outputs}
 
@@ -189,6 +320,16 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
         plan.requant_kind[t] = "input" if t in graph_inputs else "island"
 
     for node in graph.nodes:
+        for m in by_last.get(node.name, []):  # tables and binary ops: one rounding at the output
+            need(m.input)
+            if m.other:
+                need(m.other)
+            plan.requant.append(m.output)
+            plan.requant_kind[m.output] = "table" if m.kind == "table" else "module"
+            if m.kind == "table" and non_negative(m, nodes) or \
+                    m.kind == "binary" and m.op in ("Add", "Mul", "MatMul") and \
+                    plan.source(m.input) in plan.unsigned and plan.source(m.other) in plan.unsigned:
+                plan.unsigned.add(m.output)
         if node.name in inside:
             continue
         m = by_first.get(node.name)
@@ -216,6 +357,9 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
         if (node.op in SHAPE_OPS and data) or _integer_only(node, data):
             plan.shape_nodes.append(node.name)
             continue
+        if node.op in PASS_THROUGH_OPS and data and _passes_through(node) and data[0].name in graph_inputs \
+                and _float(data[0]):
+            need(data[0].name)  # rounding commutes with the op: quantize the input before it, not after
         if node.op in PASS_THROUGH_OPS and data and _passes_through(node) and \
                 all(plan.quantized(t.name) for t in data[:1]):
             out = node.outputs[0].name
@@ -227,9 +371,10 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                 if all(plan.source(t.name) in plan.unsigned for t in data):
                     plan.unsigned.add(out)
             src = data[0].name
-            plan.passthrough[out] = src
-            if plan.source(src) in plan.unsigned and node.op != "Concat":
-                plan.unsigned.add(out)
+            for t in node.outputs:  # Split: every output keeps the input's codes
+                plan.passthrough[t.name] = src
+                if plan.source(src) in plan.unsigned and node.op != "Concat":
+                    plan.unsigned.add(t.name)
             continue
         plan.float_nodes.append(node.name)
         plan.float_ops[node.op] += 1
