@@ -87,8 +87,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                 mu, var = bn_moments[t]
                 bn_moments[t] = (mu / s, var / s ** 2)
     modules = find_modules(graph, integer_activations_only=config.format == "int")
-    if not any(m.kind == "linear" for m in modules):
-        raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
+    if not any(m.kind != "pool" for m in modules):
+        raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight, no activation "
+                       "function and no op on two activations: nothing to quantize")
     check_finite(graph, modules)
     for option, names in (("--keep-float", config.keep_float),
                           ("--override", [n for n, _ in config.overrides + config.act_overrides])):

@@ -66,8 +66,9 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
     data = DataSource(calib, input_specs(original), num_samples=config.num_samples, preprocess=preprocess)
     graph = fold_batchnorm(canonicalize(to_graph(original)))
     modules = find_modules(graph)
-    if not any(m.kind == "linear" for m in modules):
-        raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight: nothing to quantize")
+    if not any(m.kind != "pool" for m in modules):
+        raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight, no activation "
+                       "function and no op on two activations: nothing to quantize")
     plans = [plan_quantization(graph, [m]) for m in modules]
     tensors = list(dict.fromkeys(t for p in plans for t in p.requant))
     step(f"calibrating {len(tensors)} tensors")
