@@ -6,6 +6,8 @@ quantization, the rounding right shift used for requantization.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MAX_ABS_FRACTION = 100  # 2^-100 .. 2^100 are exact float32 normals
@@ -368,6 +370,28 @@ def binary_forward(mod, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(rounding_shift(acc, mod.shift), mod.code_min, mod.code_max)
 
 
+_isqrt = np.vectorize(math.isqrt, otypes=[np.int64])
+
+
+def layernorm_forward(mod, x: np.ndarray) -> np.ndarray:
+    """A LayerNorm module (see quantized.LayerNormModule) in int64."""
+    x = np.asarray(x, dtype=np.int64)
+    d = np.left_shift(x, mod.mean_bits) - rounding_divide(np.left_shift(x.sum(axis=-1, keepdims=True), mod.mean_bits),
+                                                          mod.width)
+    sd = np.maximum(_isqrt((d * d).sum(axis=-1, keepdims=True) + mod.eps_code), 1)
+    q = rounding_divide(d * mod.gain, sd)
+    return np.clip(rounding_shift(q + mod.offset, mod.gain_shift),
+                   mod.code_min, mod.code_max)
+
+
+def softmax_forward(mod, x: np.ndarray) -> np.ndarray:
+    """A Softmax module (see quantized.SoftmaxModule) in int64."""
+    x = np.asarray(x, dtype=np.int64)
+    e = mod.exp_table[x.max(axis=-1, keepdims=True) - x]
+    return np.clip(rounding_divide(np.left_shift(e, mod.output.frac), e.sum(axis=-1, keepdims=True)),
+                   mod.code_min, mod.code_max)
+
+
 def module_forward(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
     """One module of the quantized IR in integers: its accumulator, then ONE rounding (half to
     even) and saturation to the output codes narrowed by the activation clamp. A linear module
@@ -377,6 +401,10 @@ def module_forward(mod, x: np.ndarray, residual: np.ndarray | None = None) -> np
         return table_lookup(mod, x)
     if mod.kind == "binary":
         return binary_forward(mod, x, residual)
+    if mod.kind == "layernorm":
+        return layernorm_forward(mod, x)
+    if mod.kind == "softmax":
+        return softmax_forward(mod, x)
     acc = module_accumulator(mod, x, residual)
     if mod.op in POOL_MODULES:
         n = mod.window if mod.window is not None else int(np.prod(np.shape(x)[2:]))  # dynamic H*W

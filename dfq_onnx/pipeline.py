@@ -86,7 +86,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             if t in bn_moments:
                 mu, var = bn_moments[t]
                 bn_moments[t] = (mu / s, var / s ** 2)
-    modules = find_modules(graph, integer_activations_only=config.format == "int")
+    modules = find_modules(graph, integer_graph=config.format == "int")
     if not any(m.kind != "pool" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight, no activation "
                        "function and no op on two activations: nothing to quantize")

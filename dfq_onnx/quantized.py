@@ -162,6 +162,54 @@ class BinaryModule:
     kind = "binary"
 
 
+@dataclass(frozen=True, eq=False)
+class LayerNormModule:
+    """LayerNormalization over the last axis (width N) of 8-bit codes x, in integers, with m =
+    mean_bits extra fraction bits for the mean (as many as keep the sum of squares in int32):
+        d   = (x << m) - rounding_divide(sum(x) << m, N)
+        sd  = max(isqrt(sum(d * d) + eps_code), 1)          ~ sqrt(N) * sigma * 2^(f_x + m)
+        y   = clamp(rounding_shift(rounding_divide(d * gain[c], sd) + offset[c], gain_shift))
+    gain[c] = round(gamma[c] sqrt(N) 2^(f_y + gain_shift)), offset[c] = round(beta[c] 2^(f_y + gain_shift)),
+    eps_code = round(epsilon N 2^(2 (f_x + m))). Every intermediate is proven to fit int32."""
+    name: str
+    op: str
+    input: QTensor
+    output: QTensor
+    output_name: str
+    width: int
+    mean_bits: int
+    eps_code: int
+    gain: np.ndarray               # (N,) int64
+    gain_shift: int                # >= 0
+    offset: np.ndarray             # (N,) int64, at the gain's fraction
+    code_min: int
+    code_max: int
+    acc_bound: int
+    integer: bool
+    kind = "layernorm"
+
+
+@dataclass(frozen=True, eq=False)
+class SoftmaxModule:
+    """Softmax over the last axis of 8-bit codes x, in integers: with e[i] = round(exp(-i 2^-f_x)
+    2^exp_bits) (i = 0 .. 2^bits - 1, a table),
+        E = e[max(x) - x];   y = clamp(rounding_divide(E << f_y, sum(E)))
+    sum(E) >= 2^exp_bits (the maximum's own term), so the division is defined."""
+    name: str
+    op: str
+    input: QTensor
+    output: QTensor
+    output_name: str
+    width: int
+    exp_table: np.ndarray          # (2^bits,) int64
+    exp_bits: int
+    code_min: int
+    code_max: int
+    acc_bound: int
+    integer: bool
+    kind = "softmax"
+
+
 @dataclass
 class QuantizedModel:
     """The quantized IR. `tensors` holds every requantized tensor of the plan; pass-through outputs
@@ -318,6 +366,10 @@ def build(graph: gs.Graph, plan, exps, *, per_channel: bool, integer_graph: bool
             mod = _table(m, nodes, qm)
         elif m.kind == "binary":
             mod = _binary(m, tmap, qm)
+        elif m.op == "LayerNormalization":
+            mod = _layer_norm(m, nodes[m.name], tmap, qm)
+        elif m.op == "Softmax":
+            mod = _softmax(m, tmap, qm)
         else:
             mod = _linear(m, nodes, qm, exps, per_channel, integer_graph, codes_cache)
         qm.modules.append(mod)
@@ -416,6 +468,9 @@ def _linear_attrs(node: gs.Node) -> dict:
     return {}
 
 
+# A MatMul of two activations or a Softmax over a dim known only at run time: the int32 sums are
+# proven for dims of up to this many elements.
+DYNAMIC_WIDTH_MAX = 1 << 15
 ADD_ALIGN_MAX = 22  # an Add aligns its operands by left shifts of at most this many bits (8-bit codes stay in int32)
 
 
@@ -448,7 +503,7 @@ def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
     if m.op in ("Mul", "MatMul"):
         frac = a.frac + b.frac
         k = tmap[m.input].shape[-1] if m.op == "MatMul" and tmap[m.input].shape else None
-        terms = ma * mb * (k if isinstance(k, int) and k > 0 else (1 << 31) if m.op == "MatMul" else 1)
+        terms = ma * mb * (k if isinstance(k, int) and k > 0 else DYNAMIC_WIDTH_MAX if m.op == "MatMul" else 1)
     else:  # align to the finer fraction by left shifts; round the finer operand where that would not fit
         frac = min(max(a.frac, b.frac), min(a.frac, b.frac) + ADD_ALIGN_MAX)
         ka, kb = frac - a.frac, frac - b.frac
@@ -458,6 +513,43 @@ def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
     lo, hi = out.code_range
     return BinaryModule(m.name, m.op, a, b, out, m.output, ka, kb, frac, shift, lo, hi, bound,
                         bound <= INT32_MAX and max(a.bits, b.bits, out.bits) == 8)
+
+
+def _layer_norm(m, node: gs.Node, tmap, qm: QuantizedModel) -> LayerNormModule:
+    x, out = qm.tensor(m.input), qm.tensor(m.output)
+    n = int(tmap[m.input].shape[-1])
+    gamma = np.broadcast_to(np.asarray(node.inputs[1].values, np.float64).reshape(-1), (n,))
+    has_beta = len(node.inputs) > 2 and node.inputs[2].name
+    beta = np.broadcast_to(np.asarray(node.inputs[2].values, np.float64).reshape(-1), (n,)) if has_beta else np.zeros(n)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    span = x.code_range[1] - x.code_range[0]  # |x - mean| <= span
+    mean_bits = max(0, (30 - (n * span * span).bit_length()) // 2)
+    dmax = span << mean_bits
+    eps_code = int(np.rint(np.ldexp(eps * n, 2 * (x.frac + mean_bits))))
+    g = gamma * np.sqrt(n) * 2.0 ** out.frac
+    top = float(np.max(np.abs(g))) if n else 0.0
+    k = max(0, 30 - dmax.bit_length() - int(np.ceil(np.log2(top)))) if top > 0 else 0
+    gain = np.rint(np.ldexp(g, k)).astype(np.int64)
+    offset = np.clip(np.rint(np.ldexp(beta, out.frac + k)), -(1 << 40), 1 << 40).astype(np.int64)
+    lo, hi = out.code_range
+    quotient = dmax * int(np.max(np.abs(gain), initial=0))  # |d gain|; divided by sd >= 1
+    bound = max(n * dmax * dmax + eps_code, quotient + int(np.max(np.abs(offset), initial=0)) + (1 << k))
+    integer = x.bits == 8 and out.bits == 8 and bound <= INT32_MAX and k <= MAX_SHIFT
+    return LayerNormModule(m.name, m.op, x, out, m.output, n, mean_bits, eps_code, gain, k, offset, lo, hi, bound,
+                           integer)
+
+
+def _softmax(m, tmap, qm: QuantizedModel) -> SoftmaxModule:
+    x, out = qm.tensor(m.input), qm.tensor(m.output)
+    n = tmap[m.input].shape[-1]
+    n = n if isinstance(n, int) and n > 0 else DYNAMIC_WIDTH_MAX
+    p = min(15, 30 - max(out.frac, 0))  # the same for a static and a dynamic width
+    span = x.code_range[1] - x.code_range[0] + 1
+    e = np.rint(np.ldexp(np.exp(-np.ldexp(np.arange(span, dtype=np.float64), -x.frac)), p)).astype(np.int64)
+    lo, hi = out.code_range
+    bound = max(n << p, int(e[0]) << max(out.frac, 0))
+    integer = x.bits == 8 and out.bits == 8 and 0 <= out.frac and p >= 8 and bound <= INT32_MAX
+    return SoftmaxModule(m.name, m.op, x, out, m.output, n, e, p, lo, hi, bound, integer)
 
 
 # A GlobalAveragePool over dynamic spatial dims divides by H*W computed at run time; its int32 sum is

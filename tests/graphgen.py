@@ -747,24 +747,30 @@ def _block_gate(draw, b, t):
 
 
 def _block_attention(draw, b, t):
-    """Scores of two projections: MatMul(q, Transpose(k)) on [N, T, D] (a rank-2 or rank-4 input
-    is reshaped), then optionally a table and a MatMul with a third projection."""
+    """Attention on [N, T, D] (a rank-2 or rank-4 input is reshaped): optionally LayerNormalization,
+    then scores MatMul(q, Transpose(k)) (1/sqrt(e) folded into Wq), Softmax or a bounded table
+    activation, and a MatMul with the values."""
     if t.rank != 3:
         t = b.node("Reshape", [t.name, b.const("shape", np.array([0, -1, t.shape[-1]], np.int64))],
                    (None, int(np.prod(t.shape[1:-1])), t.shape[-1]))
     d = t.shape[-1]
+    text = "attention("
+    if d > 1 and draw(st.booleans()):  # (over one element a LayerNorm is the constant beta)
+        gamma = b.rng.uniform(0.5, 1.5, d).astype(np.float32)
+        beta = (b.rng.standard_normal(d) * 0.2).astype(np.float32)
+        t = b.node("LayerNormalization", [t.name, b.const("gamma", gamma), b.const("beta", beta)], t.shape,
+                   axis=-1, epsilon=1e-5)
+        text += "layernorm "
     e = draw(_pick(1, MAX_CH))
-    q = b.node("MatMul", [t.name, b.const("Wq", b.he((d, e), d))], t.shape[:-1] + (e,))
+    q = b.node("MatMul", [t.name, b.const("Wq", b.he((d, e), d, gain=e ** -0.5))], t.shape[:-1] + (e,))
     k = b.node("MatMul", [t.name, b.const("Wk", b.he((d, e), d))], t.shape[:-1] + (e,))
     kt = b.node("Transpose", [k.name], (None, e, t.shape[1]), perm=[0, 2, 1])
     s = b.node("MatMul", [q.name, kt.name], (None, t.shape[1], t.shape[1]))
-    text = f"attention(T={t.shape[1]} {d}->{e})"
-    if draw(st.booleans()):
-        s, atxt = _table_activation(draw, b, s)
-        v = b.node("MatMul", [t.name, b.const("Wv", b.he((d, e), d))], t.shape[:-1] + (e,))
-        s = b.node("MatMul", [s.name, v.name], t.shape[:-1] + (e,))
-        text += f"{atxt}@v"
-    return s, text
+    act = draw(st.sampled_from(["Softmax", "Sigmoid", "Tanh"]))
+    s = b.node(act, [s.name], s.shape, **({"axis": -1} if act == "Softmax" else {}))
+    v = b.node("MatMul", [t.name, b.const("Wv", b.he((d, e), d))], t.shape[:-1] + (e,))
+    y = b.node("MatMul", [s.name, v.name], t.shape[:-1] + (e,))
+    return y, text + f"T={t.shape[1]} {d}->{e} {act.lower()})"
 
 
 def _feasible(kind, t):

@@ -39,10 +39,11 @@ def module_values(result, model, feeds, optimize=True):
     them under onnxruntime: {module name: (x, residual or None, y)}."""
     sym = result.symbols
     mods = [m for m in result.quantized.modules if m.integer]
-    names = [sym[t] for m in mods for t in (m.input.name, m.output_name) + ((m.residual.name,) if getattr(m, "residual", None) else ())]
+    second = lambda m: getattr(m, "residual", None) or getattr(m, "other", None)  # noqa: E731  a binary op's b
+    names = [sym[t] for m in mods for t in (m.input.name, m.output_name) + ((second(m).name,) if second(m) else ())]
     full = with_outputs(model, names)
     vals = dict(zip([o.name for o in full.graph.output], run_ort(full, feeds, optimize)))
-    return {m.name: (vals[sym[m.input.name]], vals[sym[m.residual.name]] if getattr(m, "residual", None) else None,
+    return {m.name: (vals[sym[m.input.name]], vals[sym[second(m).name]] if second(m) else None,
                      vals[sym[m.output_name]]) for m in mods}
 
 

@@ -141,8 +141,15 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
     vq = values(rq.model, feeds, [rq.symbols[t.name] for m in qmods for t in (m.input, res(m), m.output) if t])
     for m in qmods:
         r = vq[rq.symbols[res(m).name]] if res(m) else None
-        diff = np.abs(module_forward(m, vq[rq.symbols[m.input.name]], r) - vq[rq.symbols[m.output.name]].astype(np.int64))
-        assert diff.max(initial=0) <= (0 if getattr(m, "acc_bound", FLOAT32_EXACT) < FLOAT32_EXACT else 1), (m.name, m.acc_bound, diff.max())
+        x = vq[rq.symbols[m.input.name]]
+        diff = np.abs(module_forward(m, x, r) - vq[rq.symbols[m.output.name]].astype(np.int64))
+        if m.kind == "layernorm":  # a row that hardly varies is ill-conditioned: any rounding of its mean shows
+            diff = diff * (x.astype(np.float64).std(axis=-1, keepdims=True) >= 4)
+        # float32 sums are exact below 2^24; tables round float64, the QDQ graph float32 (1 code); integer
+        # LayerNorm and Softmax approximate (square root, mean, exp table; see test_transformer.py)
+        tol = {"table": 1, "softmax": 1, "layernorm": 2}.get(m.kind) if m.kind in ("table", "softmax", "layernorm") \
+            else 0 if m.acc_bound < FLOAT32_EXACT else 1
+        assert diff.max(initial=0) <= tol, (m.name, m.kind, diff.max())
 
     # 4. every node accounted for: module, pass-through or float island
     plan = qm.plan
@@ -172,7 +179,8 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
            for fmt, y in (("qdq", run_ort(rq.model, feeds)), ("int", run_ort(ri.model, feeds)))}
     # float islands re-round differently; a LeakyRelu is a table of its own in the integer graph (one more rounding)
     if not ri.float_ops and not ri.facts["float_modules"] and ri.requant_points == rq.requant_points:
-        assert got["int"] >= got["qdq"] - 1.0, got  # one rounding: the integer graph as accurate as QDQ (1 dB)
+        approximate = any(m.kind in ("layernorm", "softmax") for m in qm.modules)  # up to 2 codes, not 1/2
+        assert got["int"] >= got["qdq"] - (3.0 if approximate else 1.0), got  # one rounding: as accurate as QDQ
     if SQNR_FLOOR:  # open: some graphs fall below it (see the module docstring)
         assert min(got.values()) >= bound, (got, bound)
 

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper
 
 from ..fixedpoint import channel_shape, pow2_scale
 from ..graph_utils import bias_of, new_name
-from ..quantized import BinaryModule, LinearModule, PoolModule, QuantizedModel, TableModule
+from ..quantized import (BinaryModule, LayerNormModule, LinearModule, PoolModule, QuantizedModel, SoftmaxModule,
+                         TableModule)
 
 DOMAIN = "dfq"
 SHIFT_OP = "RoundingShift"     # requantizer: int32 -> clamp(round(x / 2^s), lo, hi) as int8/uint8 (+ variants)
@@ -189,9 +190,10 @@ def rounding_shift_node(add, const, x, s: np.ndarray, cshape, lo: int, hi: int, 
     return y
 
 
-def rounding_divide_node(add, const, x, n, lo: int, hi: int, dtype, name: str):
-    """clamp(rounding_divide(x, n), lo, hi) as `dtype` (fixedpoint.rounding_divide). n: an int, or
-    a scalar int32 tensor computed in the graph (a window known only at run time)."""
+def divide_node(add, const, x, n, name: str):
+    """rounding_divide(x, n) as int32 (fixedpoint.rounding_divide). n: an int, or an int32 tensor
+    (positive) computed in the graph that broadcasts against x (a window known only at run time,
+    a divisor per row)."""
     i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
     two = const(f"{name}_two", i32(2))
     if isinstance(n, int):
@@ -200,8 +202,13 @@ def rounding_divide_node(add, const, x, n, lo: int, hi: int, dtype, name: str):
         h = add("Div", [n, two], np.int32, name=f"{name}_h")
         even = add("Sub", [const(f"{name}_one", i32(1)), add("Mod", [n, two], np.int32, name=f"{name}_n_odd")],
                    np.int32, name=f"{name}_even")
-    y = add(DIVIDE_OP, [x, n, h, const(f"{name}_zero", i32(0)), two, even],
-            np.int32, domain=DOMAIN, name=f"{name}_{DIVIDE_OP}")
+    return add(DIVIDE_OP, [x, n, h, const(f"{name}_zero", i32(0)), two, even],
+               np.int32, domain=DOMAIN, name=f"{name}_{DIVIDE_OP}")
+
+
+def rounding_divide_node(add, const, x, n, lo: int, hi: int, dtype, name: str):
+    """clamp(rounding_divide(x, n), lo, hi) as `dtype` (see divide_node)."""
+    y = divide_node(add, const, x, n, name)
     y = add("Clip", [y, const(f"{name}_lo", np.int32(lo)), const(f"{name}_hi", np.int32(hi))], np.int32,
             name=f"{name}_clamp")
     return add("Cast", [y], dtype, {"to": TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8},
@@ -274,7 +281,7 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
     ir = {mod.name: mod for mod in qm.modules}
     shape_nodes = set(plan.shape_nodes)
     for m in plan.modules:  # the nodes of integer tables and binary ops are replaced at their last node
-        if m.kind in ("table", "binary") and ir[m.name].integer:
+        if m.kind in ("table", "binary", "norm") and ir[m.name].integer:
             removed.update(m.nodes)
     for node in order:
         mod = ir.get(node.name)
@@ -289,6 +296,10 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
                 qt[m.output] = _emit_table(mod, qt, add, const)
             elif isinstance(mod, BinaryModule):
                 qt[m.output] = _emit_binary(mod, qt, add, const, shift)
+            elif isinstance(mod, LayerNormModule):
+                qt[m.output] = _emit_layer_norm(mod, qt, add, const, shift)
+            elif isinstance(mod, SoftmaxModule):
+                qt[m.output] = _emit_softmax(mod, qt, add, const)
             else:
                 y = _emit_linear(mod, qt, add, const, shift, tmap[m.output] if mod.output is None else None)
                 qt[m.output] = y
@@ -446,6 +457,55 @@ def _emit_binary(mod: BinaryModule, qt, add, const, shift):
                     for t, k, n in ((a, mod.a_shift, "a"), (b, mod.b_shift, "b")))
         acc = add(mod.op, [a, b], np.int32, name=f"{mod.name}_{mod.op}")
     return shift(acc, mod.shift, (), mod.code_min, mod.code_max, dtype, mod.output_name, None, mod.acc_bound)
+
+
+ISQRT_BITS = 16  # integer square roots of int32 values are below 2^16
+
+
+def _emit_layer_norm(mod: LayerNormModule, qt, add, const, shift):
+    """LayerNormModule's integer steps: ReduceSum, a rounding division for the mean (at mean_bits
+    extra bits), the sum of
+    squares, an integer square root (ISQRT_BITS steps of binary search, c <= v / c), a rounding
+    division per row, then one rounding shift with the offset folded in."""
+    i32 = lambda v: np.asarray(v, np.int32)  # noqa: E731
+    name = mod.name
+    last = const(f"{name}_axis", np.array([-1], np.int64))
+    x = add("Cast", [qt[mod.input.name]], np.int32, {"to": TensorProto.INT32}, name=f"{name}_cast")
+    total = add("ReduceSum", [x, last], np.int32, {"keepdims": 1}, name=f"{name}_sum")
+    if mod.mean_bits:
+        scale = const(f"{name}_mean_scale", i32(1 << mod.mean_bits))
+        x = add("Mul", [x, scale], np.int32, name=f"{name}_x_fine")
+        total = add("Mul", [total, scale], np.int32, name=f"{name}_sum_fine")
+    d = add("Sub", [x, divide_node(add, const, total, mod.width, f"{name}_mean")], np.int32, name=f"{name}_centre")
+    v = add("ReduceSum", [add("Mul", [d, d], np.int32, name=f"{name}_square"), last], np.int32, {"keepdims": 1},
+            name=f"{name}_sum_squares")
+    v = add("Add", [v, const(f"{name}_eps", i32(mod.eps_code))], np.int32, name=f"{name}_eps_add")
+    r = add("Mul", [v, const(f"{name}_zero", i32(0))], np.int32, name=f"{name}_root0")
+    for b in range(ISQRT_BITS - 1, -1, -1):
+        c = add("Add", [r, const(f"{name}_bit{b}", i32(1 << b))], np.int32, name=f"{name}_try{b}")
+        ok = add("LessOrEqual", [c, add("Div", [v, c], np.int32, name=f"{name}_quot{b}")], np.bool_, name=f"{name}_fits{b}")
+        r = add("Where", [ok, c, r], np.int32, name=f"{name}_root{b}")
+    sd = add("Max", [r, const(f"{name}_one", i32(1))], np.int32, name=f"{name}_sd")
+    t = add("Mul", [d, const(f"{name}_gain", i32(mod.gain))], np.int32, name=f"{name}_scale")
+    q = divide_node(add, const, t, sd, f"{name}_normalize")
+    dtype = np.uint8 if mod.output.unsigned else np.int8
+    return shift(q, np.full(mod.width, mod.gain_shift), (mod.width,), mod.code_min, mod.code_max, dtype,
+                 mod.output_name, mod.offset, mod.acc_bound)
+
+
+def _emit_softmax(mod: SoftmaxModule, qt, add, const):
+    """SoftmaxModule: ReduceMax, the exp table gathered at max - x, ReduceSum, one rounding division."""
+    name = mod.name
+    last = const(f"{name}_axis", np.array([-1], np.int64))
+    x = add("Cast", [qt[mod.input.name]], np.int32, {"to": TensorProto.INT32}, name=f"{name}_cast")
+    top = add("ReduceMax", [x, last], np.int32, {"keepdims": 1}, name=f"{name}_max")
+    e = add("Gather", [const(f"{name}_exp", mod.exp_table.astype(np.int32)),
+                       add("Sub", [top, x], np.int32, name=f"{name}_below_max")], np.int32, {"axis": 0},
+            name=f"{name}_exp_lookup")
+    total = add("ReduceSum", [e, last], np.int32, {"keepdims": 1}, name=f"{name}_sum")
+    num = add("Mul", [e, const(f"{name}_out_scale", np.int32(1 << mod.output.frac))], np.int32, name=f"{name}_numerator")
+    dtype = np.uint8 if mod.output.unsigned else np.int8
+    return rounding_divide_node(add, const, num, total, mod.code_min, mod.code_max, dtype, mod.output_name)
 
 
 def _as_uint8(add, const, x, name: str):

@@ -27,7 +27,7 @@ from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, SHAPE_OPS
 @dataclass(frozen=True)
 class Module:
     name: str                    # name of the linear (or pooling) node; a table's or binary op's last node
-    kind: str                    # "linear", "pool", "table" or "binary"
+    kind: str                    # "linear", "pool", "table", "binary" or "norm" (LayerNormalization, Softmax)
     op: str                      # Conv, Gemm, ..., GlobalAveragePool; a table: its ops joined by "+"; Mul, Add, Sub, MatMul
     input: str                   # activation input tensor (a binary module: its first operand)
     output: str                  # the module's output tensor: its one requantization point
@@ -121,14 +121,23 @@ def _non_negative_activation(node: gs.Node) -> bool:
     return False
 
 
-def find_modules(graph: gs.Graph, integer_activations_only: bool = False) -> list[Module]:
+def find_modules(graph: gs.Graph, integer_graph: bool = False) -> list[Module]:
     """Every module of a canonical graph, in graph order: each linear layer grouped with its bias,
-    residual Add and activation, each averaging op, then (find_elementwise_modules) the tables and
-    binary ops among the remaining nodes. integer_activations_only: a linear module takes only an
-    activation that is a clamp of its codes (Relu, Clip); a LeakyRelu after it becomes a table
-    (the integer graph has no rounding shift with a float slope)."""
-    modules = _linear_and_pool_modules(graph, ("Relu", "Clip") if integer_activations_only else ACTIVATION_OPS)
-    modules += find_elementwise_modules(graph, modules)
+    residual Add and activation, each averaging op, then (find_elementwise_modules) the tables,
+    binary ops, LayerNorms and Softmaxes among the remaining nodes.
+
+    integer_graph: for the integer-only graph, where every op must have an integer form. A linear
+    module then takes only an activation that is a clamp of its codes (Relu, Clip), and a LeakyRelu
+    after it becomes a table (there is no rounding shift with a float slope). Otherwise (QDQ) a
+    table, binary op, LayerNorm or Softmax whose output only leaves the graph stays float: rounding
+    a model's final probabilities to 8 bits would only lose precision there."""
+    modules = _linear_and_pool_modules(graph, ("Relu", "Clip") if integer_graph else ACTIVATION_OPS)
+    extra = find_elementwise_modules(graph, modules)
+    if not integer_graph:
+        tensors = graph.tensors()
+        outputs = {t.name for t in graph.outputs}
+        extra = [m for m in extra if not (m.output in outputs and not tensors[m.output].outputs)]
+    modules += extra
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     return sorted(modules, key=lambda m: order[m.name])
 
@@ -241,6 +250,9 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
         if not data or not all(_float(t) for t in data):
             continue
         roots = {root_of.get(t.name, t.name) for t in data}
+        if node.op in ("LayerNormalization", "Softmax") and len(data) == 1 and _last_axis_op(node, graph):
+            binaries.append(Module(node.name, "norm", node.op, data[0].name, node.outputs[0].name, (node.name,)))
+            continue
         if node.op in functions.ELEMENTWISE and len(roots) == 1:
             r = roots.pop()
             rank = len(tensors[r].shape) if tensors[r].shape is not None else None
@@ -282,6 +294,20 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
     return tables + binaries
 
 
+def _last_axis_op(node: gs.Node, graph: gs.Graph) -> bool:
+    """A LayerNormalization with constant scale (and bias) over a last axis of known size, or a
+    Softmax over the last axis (before opset 13 Softmax flattens from its axis: only its last
+    axis is one axis)."""
+    shape = node.inputs[0].shape
+    if shape is None or (node.op == "LayerNormalization" and not isinstance(shape[-1], int)):
+        return False
+    rank = len(shape)
+    axis = int(node.attrs.get("axis", -1 if node.op == "LayerNormalization" or (graph.opset or 13) >= 13 else 1))
+    if axis not in (-1, rank - 1):
+        return False
+    return node.op == "Softmax" or all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name)
+
+
 def non_negative(m: Module, nodes: dict[str, gs.Node]) -> bool:
     """A table whose float function is non-negative on a dense grid of inputs spanning +-2^24
     (Sigmoid, HardSigmoid, Relu, Exp, Softplus, ...): its codes may be unsigned. The table is
@@ -305,7 +331,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     by_first = {m.nodes[0]: m for m in modules if m.kind in ("linear", "pool")}
     by_last: dict[str, list[Module]] = {}
     for m in modules:
-        if m.kind in ("table", "binary"):
+        if m.kind in ("table", "binary", "norm"):
             by_last.setdefault(m.name, []).append(m)
     nodes = {n.name: n for n in graph.nodes}
     inside = {name for m in modules for name in (m.nodes[1:] if m.kind in ("linear", "pool") else m.nodes)}
@@ -326,7 +352,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                 need(m.other)
             plan.requant.append(m.output)
             plan.requant_kind[m.output] = "table" if m.kind == "table" else "module"
-            if m.kind == "table" and non_negative(m, nodes) or \
+            if m.kind == "table" and non_negative(m, nodes) or m.op == "Softmax" or \
                     m.kind == "binary" and m.op in ("Add", "Mul", "MatMul") and \
                     plan.source(m.input) in plan.unsigned and plan.source(m.other) in plan.unsigned:
                 plan.unsigned.add(m.output)

@@ -11,6 +11,13 @@ and every constant is a scalar:
   late_scale:    Mul(x, Clip(Add(x, b), 0, c)) then Mul(k) or Div(1/k), with c k = 1
                  -> Mul(x, HardSigmoid(x; k, b k))                 (x*Clip(x+3,0,6) then /6)
   hard_swish:    Mul(x, HardSigmoid(x; 1/6, 1/2)) -> HardSwish(x)  (opset 14 and later)
+  layer_norm:    d = Sub(x, ReduceMean(x)); Div(d, Sqrt(Add(ReduceMean(Pow(d, 2) or Mul(d, d)), eps)))
+                 [then Mul(gamma)] [then Add(beta)], the means over the last axis
+                 -> LayerNormalization(x, gamma, beta; axis=-1, epsilon=eps)  (opset 17 and later)
+
+Other activations written out (SiLU as x*Sigmoid(x), GELU through Erf or Tanh, Mish through
+Softplus and Tanh) need no rule: any chain of elementwise ops on one tensor is one lookup table
+(passes/form_modules.py), however it is spelled.
 
 Each replacement computes the same function up to float rounding (HardSigmoid(x) = max(0,
 min(1, alpha x + beta)), HardSwish(x) = x HardSigmoid(x; 1/6, 1/2)).
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+import numpy as np
+
 from ..graph_utils import const_value, new_name
 
 REL_TOL = 1e-6
@@ -26,7 +35,7 @@ REL_TOL = 1e-6
 
 def recognize_activations(g: gs.Graph) -> dict[str, int]:
     """Apply the rules above in place until none matches; return how often each one fired."""
-    fired = {"hard_sigmoid": 0, "late_scale": 0, "hard_swish": 0}
+    fired = {"hard_sigmoid": 0, "late_scale": 0, "hard_swish": 0, "layer_norm": 0}
     changed = True
     while changed:
         changed = False
@@ -34,7 +43,7 @@ def recognize_activations(g: gs.Graph) -> dict[str, int]:
             if not node.outputs and not node.inputs:
                 continue
             for name, rule in (("hard_sigmoid", _hard_sigmoid), ("late_scale", _late_scale),
-                               ("hard_swish", _hard_swish)):
+                               ("hard_swish", _hard_swish), ("layer_norm", _layer_norm)):
                 if rule(g, node):
                     fired[name] += 1
                     changed = True
@@ -180,3 +189,78 @@ def _hard_swish(g: gs.Graph, mul: gs.Node) -> bool:
         return True
     return False
 
+
+
+def _last_axis_mean(node: gs.Node) -> gs.Tensor | None:
+    """x of ReduceMean(x) over the last axis only, keeping dims (axes as attribute or input)."""
+    if node is None or node.op != "ReduceMean" or not int(node.attrs.get("keepdims", 1)):
+        return None
+    x = node.inputs[0]
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = const_value(node.inputs[1])
+    if axes is None or np.size(axes) != 1 or x.shape is None:
+        return None
+    a = int(np.reshape(axes, -1)[0])
+    return x if a in (-1, len(x.shape) - 1) else None
+
+
+def _producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def _layer_norm(g: gs.Graph, div: gs.Node) -> bool:
+    if div.op != "Div" or (g.opset or 0) < 17 or len(div.inputs) != 2:
+        return False
+    d, s = div.inputs
+    sub, sqrt = _producer(d), _producer(s)
+    if sub is None or sub.op != "Sub" or sqrt is None or sqrt.op != "Sqrt":
+        return False
+    x = sub.inputs[0]
+    mean = _producer(sub.inputs[1])
+    if _last_axis_mean(mean) is not x:
+        return False
+    add = _producer(sqrt.inputs[0])
+    veps = _binary(add, "Add") if add is not None else None
+    if veps is None:
+        return False
+    var = _producer(veps[0])
+    sq = _producer(var.inputs[0]) if _last_axis_mean(var) is not None else None
+    if sq is None or not ((sq.op == "Pow" and sq.inputs[0] is d and _scalar(sq.inputs[1]) == 2.0) or
+                          (sq.op == "Mul" and sq.inputs[0] is d and sq.inputs[1] is d)):
+        return False
+    inner = [mean, sub, sq, var, add, sqrt]
+    pairs = [(mean, sub), (sq, var), (var, add), (add, sqrt), (sqrt, div)]
+    if any(_only_reader(a.outputs[0], g) is not b for a, b in pairs) or \
+            {id(r) for r in d.outputs} != {id(sq), id(div)} or any(o is d for o in g.outputs):
+        return False
+    width = x.shape[-1] if x.shape is not None else None
+    if not isinstance(width, int):
+        return False
+    out, last = div.outputs[0], div
+    gamma = np.ones(width, np.float32)
+    beta = np.zeros(width, np.float32)
+    affine = []
+    nxt = _only_reader(out, g)
+    for op in ("Mul", "Add"):
+        if nxt is None or nxt.op != op or len(nxt.inputs) != 2:
+            continue
+        k = 1 if nxt.inputs[0] is last.outputs[0] else 0
+        c = const_value(nxt.inputs[k])
+        if c is None or c.size not in (1, width) or c.ndim > 1 and any(n != 1 for n in c.shape[:-1]):
+            break
+        vec = np.broadcast_to(c.reshape(-1), (width,)).astype(np.float32)
+        if op == "Mul":
+            gamma, beta = gamma * vec, beta * vec
+        else:
+            beta = beta + vec
+        affine.append(nxt)
+        last = nxt
+        out = nxt.outputs[0]
+        nxt = _only_reader(out, g)
+    eps = veps[1]
+    _drop(*inner, div, *affine)
+    g.nodes.append(gs.Node("LayerNormalization", new_name(g, "LayerNormalization"), {"axis": -1, "epsilon": float(eps)},
+                           [x, gs.Constant(new_name(g, "ln_scale"), gamma), gs.Constant(new_name(g, "ln_bias"), beta)],
+                           [out]))
+    return True
