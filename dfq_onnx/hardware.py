@@ -94,6 +94,41 @@ module multiplier_requant (
     raise ValueError(f"unknown unit {unit!r}; choose from {UNITS}")
 
 
+def rom_verilog(table) -> str:
+    """Verilog-2005 source of a lookup table as a combinational ROM, module `table_rom`: 8-bit
+    code in, the table's 8-bit entry out (a case statement; Yosys turns it into logic)."""
+    rows = "\n".join(f"            8'd{i}: y = 8'd{int(v) & 0xFF};" for i, v in enumerate(table))
+    return f"""// lookup table: y = table[x]
+module table_rom (
+    input  wire [7:0] x,
+    output reg  [7:0] y
+);
+    always @(*) begin
+        case (x)
+{rows}
+            default: y = 8'd0;
+        endcase
+    end
+endmodule
+"""
+
+
+def synthesize_rom(table, workdir: Path | None = None) -> Synthesis:
+    """Yosys as in `synthesize`, for the ROM of one 256-entry table."""
+    require_tools()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(workdir or tmp)
+        (d / "rom.v").write_text(rom_verilog(table))
+        _run(["yosys", "-q", "-p", "read_verilog rom.v; synth -flatten -top table_rom; opt_clean; "
+              "tee -q -o rom_stat.txt stat -tech cmos; write_verilog -noattr rom_net.v"], d, "yosys synthesis of a table ROM")
+        stat = (d / "rom_stat.txt").read_text()
+        netlist = (d / "rom_net.v").read_text()
+    cells = int(re.search(r"Number of cells:\s+(\d+)", stat).group(1))
+    trans = int(re.search(r"Estimated number of transistors:\s+(\d+)", stat).group(1))
+    types = {k: int(v) for k, v in re.findall(r"^\s+(\$_\w+_)\s+(\d+)", stat, re.M)}
+    return Synthesis("rom", cells, trans, types, netlist)
+
+
 def missing_tools() -> list[str]:
     """The circuit tools (yosys, iverilog, vvp) not found on PATH."""
     return [t for t in TOOLS if shutil.which(t) is None]

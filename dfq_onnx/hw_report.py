@@ -17,7 +17,11 @@ Steps (`dfq-onnx inspect MODEL --hw --calib DATA`):
    (requantizations x toggles per requantization of the unit that does them).
 
 Graph-input quantization exists in both schemes and is left out of both. A dfq pooling module
-whose window is not a power of two divides; it is priced as a multiplier unit.
+whose window is not a power of two divides, and so do integer LayerNorm and Softmax; each is
+priced as a multiplier unit. A lookup table (an activation on 8-bit codes) is a 256 x 8-bit ROM
+per table row (one per channel for PRelu-like tables): Yosys synthesizes the model's first table
+as a case-statement ROM and every row is priced at its transistor count; the dfq totals include
+them (`dfq.tables`).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from .baseline import ort_quantize
 from .calibration_data import DataSource, input_specs
 from .config import QuantConfig
 from .errors import DfqError
-from .fixedpoint import channel_shape, module_accumulator, multiply_requant, qrange, quantize_multiplier, rounding_shift
+from .fixedpoint import binary_accumulator, channel_shape, module_accumulator, multiply_requant, qrange, quantize_multiplier, rounding_shift
 from .report import inspect_model, requant_nodes
 
 PAPER = {"area": 15.0, "energy": 9.0}  # Geng et al., 2019: shift vs multiplier requantizer
@@ -74,10 +78,21 @@ def dfq_requantizers(qm, vals: dict, symbols: dict, batch: int) -> list[dict]:
     inference, channels."""
     out = []
     for m in qm.modules:
-        if not m.integer or m.output is None:
-            continue  # a float island, or a graph output: its int32 sum leaves unrounded
+        if not m.integer or m.output is None or m.kind == "table":
+            continue  # a float island, a graph output (its int32 sum leaves unrounded), a table (a ROM)
+        x = vals[symbols[m.input.name]]
+        if m.kind in ("layernorm", "softmax"):  # a rounding division per element
+            n = int(np.prod(np.shape(x))) // batch
+            out.append({"name": m.name, "unit": "divide", "acc": None, "shift": None,
+                        "unsigned": bool(m.output.unsigned), "elements": n, "channels": 1})
+            continue
+        if m.kind == "binary":
+            acc = binary_accumulator(m, x, vals[symbols[m.other.name]])
+            out.append({"name": m.name, "unit": "shift", "acc": acc, "shift": np.broadcast_to(np.int64(m.shift), acc.shape),
+                        "unsigned": bool(m.output.unsigned), "elements": acc.size // batch, "channels": 1})
+            continue
         res = getattr(m, "residual", None)
-        acc = module_accumulator(m, vals[symbols[m.input.name]], vals[symbols[res.name]] if res else None)
+        acc = module_accumulator(m, x, vals[symbols[res.name]] if res else None)
         s = None if m.shift is None else np.asarray(m.shift).reshape(
             () if np.ndim(m.shift) == 0 else channel_shape(m, acc.ndim))
         out.append({"name": m.name, "unit": "divide" if s is None else "shift", "acc": acc,
@@ -217,7 +232,8 @@ def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | N
     feeds, batch = _first_batch(result.model, calib, preprocess)  # same inputs as the float model
     step(f"capturing accumulators on {batch} calibration samples")
     qm, sym = result.quantized, result.symbols
-    names = [sym[t.name] for m in qm.modules if m.integer for t in (m.input, getattr(m, "residual", None)) if t]
+    names = [sym[t.name] for m in qm.modules if m.integer
+             for t in (m.input, getattr(m, "residual", None), getattr(m, "other", None)) if t]
     vals = _run(result.model, feeds, names, optimize=True)
     dfq = dfq_requantizers(qm, vals, sym, batch)
     units = characterize(stream(dfq, values), step)
@@ -225,6 +241,13 @@ def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | N
     ort_model = ort_quantize(model, calib, num_samples=num_samples, preprocess=preprocess)
     base = ort_requantizers(ort_model, feeds, batch)
     t_dfq, t_ort = totals(dfq, units), totals(base, units)
+    tables = [m for m in qm.modules if m.integer and m.kind == "table"]
+    rows = sum(int(m.table.shape[0]) for m in tables)
+    rom = hw.synthesize_rom(tables[0].table[0]) if tables else None  # priced on the first table's contents
+    t_dfq["tables"] = {"modules": len(tables), "roms": rows, "bits": rows * 256 * hw.OUT_BITS,
+                       "rom_transistors": None if rom is None else rom.transistors,
+                       "transistors": 0 if rom is None else rows * rom.transistors}
+    t_dfq["transistors"] += t_dfq["tables"]["transistors"]
 
     def ratio(k):
         return t_ort[k] / t_dfq[k] if t_dfq[k] else None

@@ -181,6 +181,7 @@ def _stamp(model: onnx.ModelProto, result: ConvertResult, config: QuantConfig) -
         "dfq.modules": json.dumps(result.modules),
         "dfq.requant_points": json.dumps(result.requant_by_kind),
         "dfq.float_islands": json.dumps(result.float_ops, sort_keys=True),
+        "dfq.float_modules": json.dumps(result.facts.get("float_modules", {}), sort_keys=True),
     }
     for p in list(model.metadata_props):
         if p.key.startswith("dfq."):

@@ -80,6 +80,8 @@ def inspect_model(model) -> dict:
 
     meta = {p.key: p.value for p in m.metadata_props}
     modules = json.loads(meta["dfq.modules"]) if "dfq.modules" in meta else None
+    tables = sum(1 for n in g.node if _is_table(n, consts)) or \
+        (sum(1 for x in modules if x.get("kind") == "table") if modules else 0)
     quantized = bool(quantized_ops(m))
     return {
         "opset": default_opset(m),
@@ -91,6 +93,8 @@ def inspect_model(model) -> dict:
         "modules": None if modules is None else len(modules),
         "module_list": modules,
         "float_islands": json.loads(meta["dfq.float_islands"]) if "dfq.float_islands" in meta else None,
+        "float_modules": json.loads(meta["dfq.float_modules"]) if "dfq.float_modules" in meta else None,
+        "tables": tables,
         "scales": {"total": total, "power_of_two": pow2},
         "per_layer_requant_points": None if quantized else per_layer_requant_points(m),
         "producer": meta.get("dfq.producer") or (m.producer_name or None),
@@ -120,9 +124,18 @@ def _requant_kind(n: onnx.NodeProto, producer, consts) -> str | None:
     (see the module docstring), None for any other node."""
     if n.op_type.startswith(SHIFT_OPS):  # RoundingShift and its variants, RoundingDivide
         return "requant"
+    if _is_table(n, consts):  # a lookup table: its entries were rounded once, at conversion
+        return "requant"
     if n.op_type != "QuantizeLinear" or n.input[0] in consts:
         return None
     return "lossless" if _is_lossless(n, producer, consts) else "requant"
+
+
+def _is_table(n: onnx.NodeProto, consts) -> bool:
+    """A Gather of 8-bit codes from a constant table (a multiple of 256 entries): dfq-onnx's lookup
+    table in the integer graph."""
+    t = consts.get(n.input[0]) if n.op_type == "Gather" else None
+    return t is not None and t.dtype in (np.int8, np.uint8) and t.ndim == 1 and t.size % 256 == 0
 
 
 def requant_nodes(model) -> list[onnx.NodeProto]:

@@ -41,7 +41,7 @@ class Module:
     channel_axis: int | None = None  # a table: the (negative) axis its constants vary along, None if scalar
 
     def summary(self) -> dict:
-        return {"name": self.name, "op": self.op, "residual": self.residual is not None,
+        return {"name": self.name, "kind": self.kind, "op": self.op, "residual": self.residual is not None,
                 "activation": self.activation, "output": self.output, "unsigned": self.unsigned}
 
 
