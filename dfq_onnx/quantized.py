@@ -57,13 +57,20 @@ class QTensor:
 
 
 @dataclass(frozen=True, eq=False)
-class LinearModule:
-    """Conv, ConvTranspose, Gemm or MatMul + bias + optional residual + optional activation."""
+class Module:
+    """What every module of the IR has: its name (a node of the float graph), op (a table: its
+    float ops joined by "+"), input codes, output codes and the float graph's name of its output."""
     name: str
     op: str
     input: QTensor
-    output: QTensor | None         # None: a graph output, left as the dequantized int32 sum
-    output_name: str               # the module's output tensor in the float graph
+    output: QTensor | None
+    output_name: str
+
+
+@dataclass(frozen=True, eq=False)
+class LinearModule(Module):
+    """Conv, ConvTranspose, Gemm or MatMul + bias + optional residual + optional activation.
+    output None: a graph output, left as the dequantized int32 sum."""
     attrs: Mapping                 # Conv: strides, pads, dilations, group, kernel_shape, auto_pad; Gemm: transB
     axis: int                      # axis of `weight` that indexes output channels
     weight: np.ndarray             # int8 codes, the float weight's layout
@@ -99,13 +106,8 @@ class LinearModule:
 
 
 @dataclass(frozen=True, eq=False)
-class PoolModule:
+class PoolModule(Module):
     """GlobalAveragePool or AveragePool: integer window sum, then one rounding at the same fraction."""
-    name: str
-    op: str
-    input: QTensor
-    output: QTensor
-    output_name: str
     attrs: Mapping                 # kernel_shape, strides, pads, auto_pad (AveragePool)
     window: int | None             # elements per window (one divisor for every window); None: a
                                    # GlobalAveragePool over dynamic spatial dims, H*W at run time
@@ -118,16 +120,11 @@ class PoolModule:
 
 
 @dataclass(frozen=True, eq=False)
-class TableModule:
+class TableModule(Module):
     """A function of one 8-bit tensor (an activation in any spelling) as a lookup table:
     y = table[c, x - code_min(x)] with table[c, i] = clamp(round_half_even(f_c(v_i) 2^f_y)), v_i
     the i-th input code's value and f_c the float function of the module's nodes (per channel c
     where their constants are). One rounding, at the table's construction."""
-    name: str
-    op: str                        # the float ops, joined by "+"
-    input: QTensor
-    output: QTensor
-    output_name: str
     table: np.ndarray              # (channels or 1, 2^bits) int16 codes of the output
     channel_axis: int | None       # negative axis of the tensor that indexes the table's rows
     integer: bool                  # 8-bit codes in and out (else a float island in the integer graph)
@@ -139,18 +136,13 @@ class TableModule:
 
 
 @dataclass(frozen=True, eq=False)
-class BinaryModule:
+class BinaryModule(Module):
     """Mul, Add, Sub or MatMul of two activations a and b, in integers:
         Mul / MatMul:  sum = a * b (a @ b)                             at fraction f_a + f_b
         Add / Sub:     sum = align(a, a_shift) +- align(b, b_shift)    at fraction sum_frac
         y = clamp(round_half_even(sum / 2^shift), code_min, code_max)
     align(r, k) = r << k (k >= 0) or a rounding right shift by -k, as in LinearModule."""
-    name: str
-    op: str
-    input: QTensor
     other: QTensor
-    output: QTensor
-    output_name: str
     a_shift: int
     b_shift: int
     sum_frac: int
@@ -163,7 +155,7 @@ class BinaryModule:
 
 
 @dataclass(frozen=True, eq=False)
-class LayerNormModule:
+class LayerNormModule(Module):
     """LayerNormalization over the last axis (width N) of 8-bit codes x, in integers, with m =
     mean_bits extra fraction bits for the mean (as many as keep the sum of squares in int32):
         d   = (x << m) - rounding_divide(sum(x) << m, N)
@@ -171,11 +163,6 @@ class LayerNormModule:
         y   = clamp(rounding_shift(rounding_divide(d * gain[c], sd) + offset[c], gain_shift))
     gain[c] = round(gamma[c] sqrt(N) 2^(f_y + gain_shift)), offset[c] = round(beta[c] 2^(f_y + gain_shift)),
     eps_code = round(epsilon N 2^(2 (f_x + m))). Every intermediate is proven to fit int32."""
-    name: str
-    op: str
-    input: QTensor
-    output: QTensor
-    output_name: str
     width: int
     mean_bits: int
     eps_code: int
@@ -190,16 +177,11 @@ class LayerNormModule:
 
 
 @dataclass(frozen=True, eq=False)
-class SoftmaxModule:
+class SoftmaxModule(Module):
     """Softmax over the last axis of 8-bit codes x, in integers: with e[i] = round(exp(-i 2^-f_x)
     2^exp_bits) (i = 0 .. 2^bits - 1, a table),
         E = e[max(x) - x];   y = clamp(rounding_divide(E << f_y, sum(E)))
     sum(E) >= 2^exp_bits (the maximum's own term), so the division is defined."""
-    name: str
-    op: str
-    input: QTensor
-    output: QTensor
-    output_name: str
     width: int
     exp_table: np.ndarray          # (2^bits,) int64
     exp_bits: int
@@ -511,7 +493,7 @@ def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
     shift = frac - out.frac
     bound = terms + ((1 << (shift - 1)) if shift > 0 else 0)
     lo, hi = out.code_range
-    return BinaryModule(m.name, m.op, a, b, out, m.output, ka, kb, frac, shift, lo, hi, bound,
+    return BinaryModule(m.name, m.op, a, out, m.output, b, ka, kb, frac, shift, lo, hi, bound,
                         bound <= INT32_MAX and max(a.bits, b.bits, out.bits) == 8)
 
 

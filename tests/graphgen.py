@@ -747,10 +747,13 @@ def _block_gate(draw, b, t):
 
 
 def _block_attention(draw, b, t):
-    """Attention on [N, T, D] (a rank-2 or rank-4 input is reshaped): optionally LayerNormalization,
+    """Attention on [N, T, D] (a rank-2 input [N, K] as [N, K, 1], a rank-4 one as [N, C*H, W]):
+    optionally LayerNormalization,
     then scores MatMul(q, Transpose(k)) (1/sqrt(e) folded into Wq), Softmax or a bounded table
     activation, and a MatMul with the values."""
-    if t.rank != 3:
+    if t.rank == 2:  # [N, K] -> [N, K, 1]: K positions of one feature (not one position: T = 1 attends to itself)
+        t = b.node("Reshape", [t.name, b.const("shape", np.array([0, -1, 1], np.int64))], (None, t.shape[1], 1))
+    elif t.rank != 3:
         t = b.node("Reshape", [t.name, b.const("shape", np.array([0, -1, t.shape[-1]], np.int64))],
                    (None, int(np.prod(t.shape[1:-1])), t.shape[-1]))
     d = t.shape[-1]

@@ -29,9 +29,9 @@ def run_ort(model_bytes, feeds, level):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def assert_close(actual, expected, what):
+def assert_close(actual, expected, what, tol=1e-4):
     scale = max(float(np.abs(expected).max()), 1e-6)
-    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
 def dims(vi):
@@ -57,6 +57,7 @@ def check_case(case):
             assert d[1] <= MAX_CH and d[2] <= MAX_HW and d[3] <= MAX_HW, (vi.name, d)
 
     data = m.SerializeToString()
+    tol = 1e-3 if "attention" in case.blocks else 1e-4  # products of two activations cancel: float32 order shows
     names = [o.name for o in m.graph.output]
     results = {}
     for level in LEVELS:
@@ -68,14 +69,14 @@ def check_case(case):
                 assert y.dtype == np.float32 and np.all(np.isfinite(y)), name
             results[level, tag] = outs
     for a, b in zip(results[LEVELS[1], "test"], results[LEVELS[0], "test"]):
-        assert_close(a, b, "onnxruntime optimized vs unoptimized")
+        assert_close(a, b, "onnxruntime optimized vs unoptimized", tol)
 
     if case.reference_ok:
         feeds = {INPUT_NAME: x_t[:REF_SAMPLES]}
         ref = ReferenceEvaluator(m).run(None, feeds)
         for name, r, y in zip(names, ref, results[LEVELS[0], "test"]):
             assert r.shape == y[:REF_SAMPLES].shape, (name, r.shape, y.shape)
-            assert_close(y[:REF_SAMPLES], r, f"onnxruntime vs onnx.reference, output {name}")
+            assert_close(y[:REF_SAMPLES], r, f"onnxruntime vs onnx.reference, output {name}", tol)
 
 
 @SETTINGS
