@@ -298,6 +298,24 @@ def conv_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group: int)
     return y
 
 
+def conv_transpose_int(x: np.ndarray, w: np.ndarray, strides, pads, dilations, output_padding) -> np.ndarray:
+    """Integer N-d transposed convolution (group 1), exact in int64, from its definition: every
+    input element scatters w[c_in, :, k] * x to output position i * stride + k * dilation - pad_begin;
+    the output spans (in - 1) * stride + dilation * (kernel - 1) + 1 + output_padding - pads."""
+    x = np.asarray(x, dtype=np.int64)
+    w = np.asarray(w, dtype=np.int64)
+    nd = x.ndim - 2
+    k = w.shape[2:]
+    full = [(x.shape[2 + i] - 1) * strides[i] + dilations[i] * (k[i] - 1) + 1 + output_padding[i] for i in range(nd)]
+    y = np.zeros((x.shape[0], w.shape[1], *full), dtype=np.int64)
+    for idx in np.ndindex(*k):
+        sl = tuple(slice(idx[i] * dilations[i], idx[i] * dilations[i] + (x.shape[2 + i] - 1) * strides[i] + 1, strides[i])
+                   for i in range(nd))
+        y[(slice(None), slice(None)) + sl] += np.einsum("nc...,co->no...", x, w[(slice(None), slice(None)) + idx])
+    crop = tuple(slice(pads[i], full[i] - pads[i + nd]) for i in range(nd))
+    return y[(slice(None), slice(None)) + crop]
+
+
 # --- executor of the quantized IR (quantized.py): one module at a time, in int64 ----------------
 # It reads the IR's fields (duck-typed: no import of the ONNX-side package) and is the bit-exact
 # oracle the integer graph is checked against.
@@ -326,6 +344,10 @@ def module_accumulator(mod, x: np.ndarray, residual: np.ndarray | None = None) -
         a = mod.attrs
         pads = resolve_pads(a["auto_pad"], a["pads"], x.shape[2:], a["kernel_shape"], a["strides"], a["dilations"])
         acc = conv_int(x, mod.weight, a["strides"], pads, a["dilations"], a["group"])
+        cshape = (1, -1) + (1,) * (acc.ndim - 2)
+    elif mod.op == "ConvTranspose":
+        a = mod.attrs
+        acc = conv_transpose_int(x, mod.weight, a["strides"], a["pads"], a["dilations"], a["output_padding"])
         cshape = (1, -1) + (1,) * (acc.ndim - 2)
     elif mod.op in ("Gemm", "MatMul"):
         w = mod.weight.T if mod.attrs.get("transB") else mod.weight

@@ -32,7 +32,7 @@ from .fixedpoint import code_bounds, qrange, quantize
 from .graph_utils import attr_str, bias_of, clip_limits, out_channel_axis
 
 INT32_MAX = (1 << 31) - 1
-INTEGER_LINEAR = ("Conv", "Gemm", "MatMul")      # ops with an integer kernel (ConvInteger, MatMulInteger)
+INTEGER_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops with an integer form (ConvInteger, MatMulInteger)
 INTEGER_ACTIVATIONS = (None, "Relu", "Relu6", "Clip")  # a clamp of the codes
 MAX_NARROWING = 64                                # weight-fraction steps tried before giving up
 MAX_SHIFT = 30                                    # right shifts of the requantizer (int32 sums: 31 would round to 0 or +-1)
@@ -383,7 +383,8 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
     bias_f = None if b is None else np.broadcast_to(np.asarray(b.values, np.float64).reshape(-1), (channels,))
     act_node = nodes[m.nodes[-1]] if m.activation else None
     attrs = _linear_attrs(node)
-    integer = node.op in INTEGER_LINEAR and m.activation in INTEGER_ACTIVATIONS and pre_add is None
+    integer = node.op in INTEGER_LINEAR and m.activation in INTEGER_ACTIVATIONS and pre_add is None and \
+        (node.op != "ConvTranspose" or conv_transpose_pads(attrs) is not None)
 
     rounded = np.zeros(channels, bool)  # channels whose residual is right-shifted (the exact form overflows)
     for _ in range(MAX_NARROWING):
@@ -444,10 +445,26 @@ def _linear_attrs(node: gs.Node) -> dict:
                 "dilations": [int(v) for v in a.get("dilations", [1] * nd)],
                 "group": int(a.get("group", 1)),
                 "kernel_shape": list(np.shape(node.inputs[1].values)[2:]),
-                "auto_pad": attr_str(node, "auto_pad", "NOTSET")}
+                "auto_pad": attr_str(node, "auto_pad", "NOTSET"),
+                "output_padding": [int(v) for v in a.get("output_padding", [0] * nd)],
+                "output_shape": [int(v) for v in a.get("output_shape", [])]}
     if node.op == "Gemm":
         return {"transB": int(node.attrs.get("transB", 0))}
     return {}
+
+
+def conv_transpose_pads(attrs: dict) -> list[int] | None:
+    """The pads of the stride-1 convolution (flipped kernel, input dilated by the stride) that
+    computes a ConvTranspose: dilation (kernel - 1) - pad at the begin, and the same + output_padding
+    at the end. None where that needs a negative pad, an output_shape or an auto_pad."""
+    if attrs.get("output_shape") or attrs["auto_pad"] not in ("NOTSET", "", "VALID"):
+        return None
+    k, d, p, op = attrs["kernel_shape"], attrs["dilations"], attrs["pads"], attrs["output_padding"]
+    nd = len(k)
+    if attrs["auto_pad"] == "VALID":
+        p = [0] * 2 * nd
+    pads = [d[i] * (k[i] - 1) - p[i] for i in range(nd)] + [d[i] * (k[i] - 1) - p[nd + i] + op[i] for i in range(nd)]
+    return pads if min(pads) >= 0 else None
 
 
 # A MatMul of two activations or a Softmax over a dim known only at run time: the int32 sums are

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from ..fixedpoint import channel_shape, pow2_scale
 from ..graph_utils import bias_of, new_name
 from ..quantized import (BinaryModule, LayerNormModule, LinearModule, PoolModule, QuantizedModel, SoftmaxModule,
-                         TableModule)
+                         TableModule, conv_transpose_pads)
 
 DOMAIN = "dfq"
 SHIFT_OP = "RoundingShift"     # requantizer: int32 -> clamp(round(x / 2^s), lo, hi) as int8/uint8 (+ variants)
@@ -359,7 +359,7 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
 def _emit_linear(mod: LinearModule, qt, add, const, shift, float_out=None):
     """One linear module in integers; returns its int8/uint8 output, or its int32 sum when it writes
     the float graph output float_out (dequantized there, no rounding)."""
-    cshape = channel_shape(mod, mod.weight.ndim if mod.op == "Conv" else 2)
+    cshape = channel_shape(mod, mod.weight.ndim if mod.op in ("Conv", "ConvTranspose") else 2)
     x = qt[mod.input.name]
     if mod.op == "Conv":
         a = mod.attrs
@@ -370,6 +370,8 @@ def _emit_linear(mod: LinearModule, qt, add, const, shift, float_out=None):
         else:
             attrs["auto_pad"] = a["auto_pad"]
         acc = _integer_product(add, const, "ConvInteger", x, mod.weight, attrs, mod.name)
+    elif mod.op == "ConvTranspose":
+        acc = _conv_transpose(mod, x, add, const)
     else:
         w = np.ascontiguousarray(mod.weight.T if mod.attrs.get("transB") else mod.weight)
         acc = _integer_product(add, const, "MatMulInteger", x, w, {}, mod.name)
@@ -395,7 +397,7 @@ def _emit_linear(mod: LinearModule, qt, add, const, shift, float_out=None):
         y = acc
         act = mod.activation in ("Relu", "Relu6", "Clip")
         dq = add("DequantizeLinear", [acc, const(f"{mod.name}_acc_scale", pow2_scale(mod.sum_frac))], np.float32,
-                 {"axis": 1 if mod.op == "Conv" else -1}, name=f"{mod.name}_DequantizeLinear",
+                 {"axis": 1 if mod.op in ("Conv", "ConvTranspose") else -1}, name=f"{mod.name}_DequantizeLinear",
                  out=None if act else float_out)
         if act:
             lo, hi = mod.act_limits
@@ -506,6 +508,39 @@ def _emit_softmax(mod: SoftmaxModule, qt, add, const):
     num = add("Mul", [e, const(f"{name}_out_scale", np.int32(1 << mod.output.frac))], np.int32, name=f"{name}_numerator")
     dtype = np.uint8 if mod.output.unsigned else np.int8
     return rounding_divide_node(add, const, num, total, mod.code_min, mod.code_max, dtype, mod.output_name)
+
+
+def _conv_transpose(mod: LinearModule, x, add, const):
+    """A ConvTranspose (group 1) as a ConvInteger: the input codes with stride - 1 zero codes
+    inserted between neighbours (Unsqueeze, Pad with zeros, Reshape to the runtime shape times the
+    strides, Slice off the trailing zeros), then a stride-1 convolution with the kernel flipped and
+    its in/out axes swapped, padded by dilation (kernel - 1) - pad (quantized.conv_transpose_pads)."""
+    a = mod.attrs
+    nd = len(a["kernel_shape"])
+    s = a["strides"]
+    i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    name = mod.name
+    if any(v > 1 for v in s):
+        axes = [3 + 2 * i for i in range(nd)]
+        u = add("Unsqueeze", [x, const(f"{name}_axes", i64(axes))], x.dtype, name=f"{name}_unsqueeze")
+        pads = [0] * (2 + 2 * nd) + [0, 0] + [v for i in range(nd) for v in (0, s[i] - 1)]
+        u = add("Pad", [u, const(f"{name}_dilate_pads", i64(pads))], x.dtype, name=f"{name}_insert_zeros")
+        dims = add("Shape", [x], np.int64, name=f"{name}_shape")
+        head = add("Slice", [dims, const(f"{name}_s0", i64([0])), const(f"{name}_s2", i64([2]))], np.int64,
+                   name=f"{name}_batch_channels")
+        spatial = add("Slice", [dims, const(f"{name}_s2b", i64([2])), const(f"{name}_end", i64([2 + nd]))], np.int64,
+                      name=f"{name}_spatial")
+        spatial = add("Mul", [spatial, const(f"{name}_strides", i64(s))], np.int64, name=f"{name}_spatial_times_stride")
+        target = add("Concat", [head, spatial], np.int64, {"axis": 0}, name=f"{name}_dilated_shape")
+        u = add("Reshape", [u, target], x.dtype, name=f"{name}_dilated")
+        big = np.iinfo(np.int64).max
+        x = add("Slice", [u, const(f"{name}_starts", i64([0] * nd)),
+                          const(f"{name}_ends", i64([-(v - 1) if v > 1 else big for v in s])),
+                          const(f"{name}_slice_axes", i64(list(range(2, 2 + nd))))], x.dtype, name=f"{name}_trim")
+    w = np.ascontiguousarray(np.flip(np.swapaxes(mod.weight, 0, 1), axis=tuple(range(2, 2 + nd))))
+    attrs = {"strides": [1] * nd, "dilations": a["dilations"], "group": 1, "kernel_shape": a["kernel_shape"],
+             "pads": conv_transpose_pads(a)}
+    return _integer_product(add, const, "ConvInteger", x, w, attrs, name)
 
 
 def _as_uint8(add, const, x, name: str):
