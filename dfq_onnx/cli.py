@@ -61,7 +61,9 @@ def main():
     """dfq-onnx: quantize ONNX models with power-of-two scales (requantization by shifts).
 
     Linear layers are merged with their bias, residual Add and activation into unified modules
-    with one requantization each; every scale is an exact power of two.
+    with one requantization each; activations (in any spelling) become 256-entry lookup tables,
+    ops on two activations an integer product or sum with one rounding; every scale is an exact
+    power of two.
     """
 
 
@@ -100,7 +102,8 @@ def main():
               help="[default: qdq; int for --target hw] qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
                    "int: integer-only graph at opset 19 (u8 x u8 ConvInteger/MatMulInteger into int32, int32 "
                    "bias, one dfq.RoundingShift per module: round half to even like QuantizeLinear, so it "
-                   "equals the QDQ graph of --layout unified wherever float32 is exact), float input and output.")
+                   "equals the QDQ graph of --layout unified wherever float32 is exact; activations as table "
+                   "Gathers, integer LayerNorm and Softmax), float input and output.")
 @click.option("--layout", type=click.Choice(["ort", "unified"]), default="ort", show_default=True,
               help="QDQ only. ort: the linear result entering a residual Add gets its own QuantizeLinear, "
                    "so onnxruntime can run that convolution as QLinearConv (and the Add as QLinearAdd "
