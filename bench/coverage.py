@@ -545,6 +545,7 @@ def evaluate(m: Model, fpath: Path, qpath: Path, x: np.ndarray, name: str, batch
     facts = inspect(str(qpath))
     islands = facts.get("float_islands")
     res["float_islands"] = islands
+    res["float_modules"] = facts.get("float_modules")  # modules without an integer form (format=int)
     res["requant_points"] = facts["requant_points"]
     res["nodes"] = facts["nodes"]
     dk = deployed_kernels(qpath)
@@ -779,6 +780,8 @@ def render_modern(cov: dict) -> list[str]:
         if r is None or "error" in r:
             return None
         d = dict(r.get("float_islands") or {})
+        for k, v in (r.get("float_modules") or {}).items():
+            d[k] = d.get(k, 0) + v
         return d
 
     for name, r in cov["models"].items():
