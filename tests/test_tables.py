@@ -57,13 +57,14 @@ def functions(slope):
     }
 
 
-def read(nodes, inits):
-    """The op's output read by a pass-through op (a module that only writes a graph output stays
-    float in QDQ): y -> Reshape, trailing dims merged -> out."""
+def read(nodes, inits, channels=C, op="Conv"):
+    """The op's output read by an identity 1x1 Conv (or MatMul) whose output leaves unrounded (a
+    module that only writes a graph output stays float in QDQ): y -> identity -> out, exactly."""
     for n in nodes:
         n.output[:] = ["r" if o == "y" else o for o in n.output]
-    inits = inits + [numpy_helper.from_array(np.array([0, 0, 0, 0][:2] + [-1], np.int64), "same_shape")]
-    return nodes + [helper.make_node("Reshape", ["r", "same_shape"], ["y"])], inits
+    eye = np.eye(channels, dtype=np.float32)
+    inits = inits + [numpy_helper.from_array(eye.reshape(channels, channels, 1, 1) if op == "Conv" else eye, "identity")]
+    return nodes + [helper.make_node(op, ["r", "identity"], ["y"])], inits
 
 
 def table_model(nodes, inits):
@@ -109,11 +110,12 @@ def test_tables_are_the_float_function_rounded_at_the_output_fraction(name, in_e
 
 
 def binary_model(op, shape_a, shape_b, shape_y):
-    nodes, inits = read([helper.make_node(op, ["a", "b"], ["y"])], [])
+    nodes, inits = read([helper.make_node(op, ["a", "b"], ["y"])], [], shape_y[-1] if op == "MatMul" else shape_y[1],
+                        "MatMul" if op == "MatMul" else "Conv")
     g = helper.make_graph(nodes, "b",
                           [helper.make_tensor_value_info("a", TensorProto.FLOAT, shape_a),
                            helper.make_tensor_value_info("b", TensorProto.FLOAT, shape_b)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_y[:2] + ["m"])], inits)
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_y)], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
 
 

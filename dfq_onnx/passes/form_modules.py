@@ -129,14 +129,21 @@ def find_modules(graph: gs.Graph, integer_graph: bool = False) -> list[Module]:
     integer_graph: for the integer-only graph, where every op must have an integer form. A linear
     module then takes only an activation that is a clamp of its codes (Relu, Clip), and a LeakyRelu
     after it becomes a table (there is no rounding shift with a float slope). Otherwise (QDQ) a
-    table, binary op, LayerNorm or Softmax whose output only leaves the graph stays float: rounding
-    a model's final probabilities to 8 bits would only lose precision there."""
+    table, binary op, LayerNorm or Softmax whose output only leaves the graph (perhaps through
+    Reshape, Flatten, ...) stays float: rounding a model's final probabilities to 8 bits would
+    only lose precision there."""
     modules = _linear_and_pool_modules(graph, ("Relu", "Clip") if integer_graph else ACTIVATION_OPS)
     extra = find_elementwise_modules(graph, modules)
     if not integer_graph:
         tensors = graph.tensors()
         outputs = {t.name for t in graph.outputs}
-        extra = [m for m in extra if not (m.output in outputs and not tensors[m.output].outputs)]
+
+        def only_leaves(t: gs.Tensor) -> bool:
+            """t is read by no op but a pass-through op (Reshape, Flatten, ...) on the way to the outputs."""
+            return (t.name in outputs or bool(t.outputs)) and all(
+                n.op in PASS_THROUGH_OPS and n.op != "Concat" and n.inputs[0] is t and all(only_leaves(o) for o in n.outputs)
+                for n in t.outputs)
+        extra = [m for m in extra if not only_leaves(tensors[m.output])]
     modules += extra
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     return sorted(modules, key=lambda m: order[m.name])
