@@ -368,14 +368,20 @@ def channel_shape(mod, ndim: int) -> tuple:
     return (-1,) + (1,) * (ndim - 2) if mod.op in ("Conv", "ConvTranspose") else (-1,)
 
 
+def table_index_offset(mod) -> np.ndarray:
+    """What a table module adds to an input code to index its flattened table: -code_min, plus
+    the row of each element's channel times the row length where the table has several rows
+    (shaped to broadcast along the table's channel axis)."""
+    offset = np.int64(-mod.input.code_range[0])
+    rows, size = mod.table.shape
+    if rows > 1:
+        offset = offset + np.arange(rows, dtype=np.int64).reshape((-1,) + (1,) * (-mod.channel_axis - 1)) * size
+    return np.asarray(offset)
+
+
 def table_lookup(mod, x: np.ndarray) -> np.ndarray:
     """A table module: the entry of each input code (row: its channel where the table has several)."""
-    x = np.asarray(x, dtype=np.int64)
-    index = x - mod.input.code_range[0]
-    if mod.table.shape[0] > 1:
-        rows = np.arange(mod.table.shape[0], dtype=np.int64).reshape((-1,) + (1,) * (-mod.channel_axis - 1))
-        index = index + rows * mod.table.shape[1]
-    return mod.table.reshape(-1).astype(np.int64)[index]
+    return mod.table.reshape(-1).astype(np.int64)[np.asarray(x, dtype=np.int64) + table_index_offset(mod)]
 
 
 def binary_forward(mod, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -115,18 +115,7 @@ endmodule
 
 def synthesize_rom(table, workdir: Path | None = None) -> Synthesis:
     """Yosys as in `synthesize`, for the ROM of one 256-entry table."""
-    require_tools()
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(workdir or tmp)
-        (d / "rom.v").write_text(rom_verilog(table))
-        _run(["yosys", "-q", "-p", "read_verilog rom.v; synth -flatten -top table_rom; opt_clean; "
-              "tee -q -o rom_stat.txt stat -tech cmos; write_verilog -noattr rom_net.v"], d, "yosys synthesis of a table ROM")
-        stat = (d / "rom_stat.txt").read_text()
-        netlist = (d / "rom_net.v").read_text()
-    cells = int(re.search(r"Number of cells:\s+(\d+)", stat).group(1))
-    trans = int(re.search(r"Estimated number of transistors:\s+(\d+)", stat).group(1))
-    types = {k: int(v) for k, v in re.findall(r"^\s+(\$_\w+_)\s+(\d+)", stat, re.M)}
-    return Synthesis("rom", cells, trans, types, netlist)
+    return _synthesize(rom_verilog(table), "table_rom", "rom", "a table ROM", workdir)
 
 
 def missing_tools() -> list[str]:
@@ -166,14 +155,17 @@ class Synthesis:
 
 def synthesize(unit: str, workdir: Path | None = None) -> Synthesis:
     """Yosys: `synth -flatten` to the generic gate library, `stat -tech cmos`, gate-level netlist."""
+    return _synthesize(verilog(unit), f"{unit}_requant", unit, f"the {unit} requantizer", workdir)
+
+
+def _synthesize(source: str, top: str, unit: str, what: str, workdir: Path | None) -> Synthesis:
     require_tools()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(workdir or tmp)
-        (d / f"{unit}.v").write_text(verilog(unit))
-        top = f"{unit}_requant"
+        (d / f"{unit}.v").write_text(source)
         _run(["yosys", "-q", "-p", f"read_verilog {unit}.v; synth -flatten -top {top}; opt_clean; "
               f"tee -q -o {unit}_stat.txt stat -tech cmos; write_verilog -noattr {unit}_net.v"], d,
-             f"yosys synthesis of the {unit} requantizer")
+             f"yosys synthesis of {what}")
         stat = (d / f"{unit}_stat.txt").read_text()
         netlist = (d / f"{unit}_net.v").read_text()
     cells = int(re.search(r"Number of cells:\s+(\d+)", stat).group(1))

@@ -27,6 +27,7 @@ from typing import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import functions
 from .errors import DfqError
 from .fixedpoint import code_bounds, qrange, quantize
 from .graph_utils import attr_str, bias_of, clip_limits, out_channel_axis
@@ -130,22 +131,17 @@ class TableModule(Module):
     integer: bool                  # 8-bit codes in and out (else a float island in the integer graph)
     kind = "table"
 
-    @property
-    def entries(self) -> int:
-        return int(self.table.size)
-
 
 @dataclass(frozen=True, eq=False)
 class BinaryModule(Module):
     """Mul, Add, Sub or MatMul of two activations a and b, in integers:
         Mul / MatMul:  sum = a * b (a @ b)                             at fraction f_a + f_b
-        Add / Sub:     sum = align(a, a_shift) +- align(b, b_shift)    at fraction sum_frac
-        y = clamp(round_half_even(sum / 2^shift), code_min, code_max)
+        Add / Sub:     sum = align(a, a_shift) +- align(b, b_shift)    at fraction f_a + a_shift
+        y = clamp(round_half_even(sum / 2^shift), code_min, code_max)  (shift = sum's fraction - f_y)
     align(r, k) = r << k (k >= 0) or a rounding right shift by -k, as in LinearModule."""
     other: QTensor
     a_shift: int
     b_shift: int
-    sum_frac: int
     shift: int
     code_min: int
     code_max: int
@@ -182,7 +178,6 @@ class SoftmaxModule(Module):
     2^exp_bits) (i = 0 .. 2^bits - 1, a table),
         E = e[max(x) - x];   y = clamp(rounding_divide(E << f_y, sum(E)))
     sum(E) >= 2^exp_bits (the maximum's own term), so the division is defined."""
-    width: int
     exp_table: np.ndarray          # (2^bits,) int64
     exp_bits: int
     code_min: int
@@ -198,7 +193,7 @@ class QuantizedModel:
     carry their source's QTensor (`tensor()`)."""
     plan: object                   # passes.form_modules.Plan
     tensors: dict[str, QTensor]
-    modules: list                  # LinearModule | PoolModule | TableModule | BinaryModule, in graph order
+    modules: list                  # Module subclasses (linear, pool, table, binary, LayerNorm, Softmax), in graph order
     facts: dict = field(default_factory=dict)
 
     def tensor(self, name: str) -> QTensor:
@@ -477,8 +472,7 @@ def table_entries(m, nodes: dict, x: QTensor, out: QTensor) -> np.ndarray:
     """(channels or 1, 2^bits) codes of a table module: its float function (functions.py, float64)
     at every input code's value, rounded half to even at the output's fraction and clamped to its
     code range (NaN becomes 0)."""
-    from . import functions
-    from .passes.form_modules import chain_spec
+    from .passes.form_modules import chain_spec  # (passes import this module)
     lo, hi = x.code_range
     v = np.ldexp(np.arange(lo, hi + 1, dtype=np.float64), -x.frac)[:, None]
     y = functions.evaluate(chain_spec([nodes[n] for n in m.nodes]), m.input, v)[m.output]
@@ -510,7 +504,7 @@ def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
     shift = frac - out.frac
     bound = terms + ((1 << (shift - 1)) if shift > 0 else 0)
     lo, hi = out.code_range
-    return BinaryModule(m.name, m.op, a, out, m.output, b, ka, kb, frac, shift, lo, hi, bound,
+    return BinaryModule(m.name, m.op, a, out, m.output, b, ka, kb, shift, lo, hi, bound,
                         bound <= INT32_MAX and max(a.bits, b.bits, out.bits) == 8)
 
 
@@ -548,7 +542,7 @@ def _softmax(m, tmap, qm: QuantizedModel) -> SoftmaxModule:
     lo, hi = out.code_range
     bound = max(n << p, int(e[0]) << max(out.frac, 0))
     integer = x.bits == 8 and out.bits == 8 and 0 <= out.frac and p >= 8 and bound <= INT32_MAX
-    return SoftmaxModule(m.name, m.op, x, out, m.output, n, e, p, lo, hi, bound, integer)
+    return SoftmaxModule(m.name, m.op, x, out, m.output, e, p, lo, hi, bound, integer)
 
 
 # A GlobalAveragePool over dynamic spatial dims divides by H*W computed at run time; its int32 sum is

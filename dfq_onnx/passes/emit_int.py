@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from ..fixedpoint import channel_shape, pow2_scale
+from ..fixedpoint import channel_shape, pow2_scale, table_index_offset
 from ..graph_utils import bias_of, new_name
 from ..quantized import (BinaryModule, LayerNormModule, LinearModule, PoolModule, QuantizedModel, SoftmaxModule,
                          TableModule, conv_transpose_pads)
@@ -293,7 +293,7 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
             if isinstance(mod, PoolModule):
                 qt[m.output] = _emit_pool(mod, tmap, qt, add, const, shift)
             elif isinstance(mod, TableModule):
-                qt[m.output] = table_lookup(mod, qt[mod.input.name], None, g)
+                qt[m.output] = _emit_table(mod, qt, add, const)
             elif isinstance(mod, BinaryModule):
                 qt[m.output] = _emit_binary(mod, qt, add, const, shift)
             elif isinstance(mod, LayerNormModule):
@@ -425,26 +425,15 @@ def _integer_product(add, const, op, x, w: np.ndarray, attrs: dict, name: str):
     return add(op, [x, const(f"{name}_weight_uint8", wu), xz, wz], np.int32, attrs, name=f"{name}_{op}")
 
 
-def table_lookup(mod: TableModule, codes: gs.Variable, out: gs.Variable | None, g: gs.Graph) -> gs.Variable:
-    """Append to g a table lookup of the code tensor `codes`: Gather of the table's entries
-    (flattened) at code - code_min, plus the row offset of each element's channel for a
-    per-channel table; written to `out` (new when None). Both renderings use it."""
+def _emit_table(mod: TableModule, qt, add, const):
+    """A table lookup: Gather of the table's entries (flattened) at the code plus
+    fixedpoint.table_index_offset (-code_min, and the channel's row for a per-channel table)."""
     dtype = np.uint8 if mod.output.unsigned else np.int8
-    idx = gs.Variable(new_name(g, f"{mod.name}_index_i32"), dtype=np.int32)
-    g.nodes.append(gs.Node("Cast", new_name(g, f"{mod.name}_index_cast"), {"to": TensorProto.INT32}, [codes], [idx]))
-    offset = np.int64(-mod.input.code_range[0])
-    rows, size = mod.table.shape
-    if rows > 1:
-        offset = offset + np.arange(rows, dtype=np.int64).reshape((-1,) + (1,) * (-mod.channel_axis - 1)) * size
-    shifted = gs.Variable(new_name(g, f"{mod.name}_index"), dtype=np.int32)
-    g.nodes.append(gs.Node("Add", new_name(g, f"{mod.name}_index"), {},
-                           [idx, gs.Constant(new_name(g, f"{mod.name}_index_offset"), np.asarray(offset, np.int32))],
-                           [shifted]))
-    out = out if out is not None else gs.Variable(new_name(g, f"{mod.name}_table_out"), dtype=dtype)
-    g.nodes.append(gs.Node("Gather", new_name(g, f"{mod.name}_table_lookup"), {"axis": 0},
-                           [gs.Constant(new_name(g, f"{mod.name}_table"), mod.table.reshape(-1).astype(dtype)), shifted],
-                           [out]))
-    return out
+    x = add("Cast", [qt[mod.input.name]], np.int32, {"to": TensorProto.INT32}, name=f"{mod.name}_index_cast")
+    x = add("Add", [x, const(f"{mod.name}_index_offset", table_index_offset(mod).astype(np.int32))], np.int32,
+            name=f"{mod.name}_index")
+    return add("Gather", [const(f"{mod.name}_table", mod.table.reshape(-1).astype(dtype)), x], dtype, {"axis": 0},
+               name=f"{mod.name}_table_lookup")
 
 
 def _emit_binary(mod: BinaryModule, qt, add, const, shift):

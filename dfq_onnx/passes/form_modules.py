@@ -7,7 +7,8 @@ its own: it needs one rounding. A chain of elementwise ops that reads one tensor
 however it is spelled: HardSwish, x*Sigmoid(x), GELU through Erf, Mish, PRelu, ...) is a table
 module: on 8-bit codes it is a 256-entry lookup table, one per channel where its constants are
 per channel. An Add, Sub or Mul of two activations and a MatMul of two activations are binary
-modules: an integer product or aligned sum and one rounding. Pass-through ops keep their
+modules: an integer product or aligned sum and one rounding. LayerNormalization and Softmax over
+the last axis are norm modules. Pass-through ops keep their
 input's fraction. Everything else runs in float between a DequantizeLinear and a
 QuantizeLinear: a float island.
 """
@@ -242,14 +243,15 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
     chain that is read outside it (or is a graph output) is a table module's output, computed from
     the root alone. A chain of constant scales and shifts only on a graph input stays float (it is
     the input's normalisation: tabling it would round the input twice). A binary module is an Add,
-    Sub or Mul of two float activations of different roots, or a MatMul of two activations."""
+    Sub or Mul of two float activations of different roots, or a MatMul of two activations; a
+    norm module a LayerNormalization or Softmax over the last axis (_last_axis_op)."""
     claimed = {name for m in modules for name in m.nodes}
     tensors = graph.tensors()
     graph_inputs = {t.name for t in graph.inputs}
     root_of: dict[str, str] = {}
     chains: dict[str, list[gs.Node]] = {}
     axes: dict[str, object] = {}   # root -> (axis, length) of its per-channel constants
-    binaries: list[Module] = []
+    others: list[Module] = []     # binary ops, LayerNorms, Softmaxes
     for node in graph.nodes:
         if node.name in claimed or len(node.outputs) != 1 or not _float(node.outputs[0]):
             continue
@@ -258,7 +260,7 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
             continue
         roots = {root_of.get(t.name, t.name) for t in data}
         if node.op in ("LayerNormalization", "Softmax") and len(data) == 1 and _last_axis_op(node, graph):
-            binaries.append(Module(node.name, "norm", node.op, data[0].name, node.outputs[0].name, (node.name,)))
+            others.append(Module(node.name, "norm", node.op, data[0].name, node.outputs[0].name, (node.name,)))
             continue
         if node.op in functions.ELEMENTWISE and len(roots) == 1:
             r = roots.pop()
@@ -273,7 +275,7 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
             chains.setdefault(r, []).append(node)
         elif len(data) == 2 and len(roots) == 2 and (node.op in ("Add", "Sub", "Mul") or
                                                       (node.op == "MatMul" and weight_of(node) is None)):
-            binaries.append(Module(node.name, "binary", node.op, data[0].name, node.outputs[0].name, (node.name,),
+            others.append(Module(node.name, "binary", node.op, data[0].name, node.outputs[0].name, (node.name,),
                                    other=data[1].name))
     tables: list[Module] = []
     graph_outputs = {t.name for t in graph.outputs}
@@ -298,7 +300,7 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
             axis = axes.get(r)
             tables.append(Module(n.name, "table", "+".join(k.op for k in part), r, out.name,
                                  tuple(k.name for k in part), channel_axis=None if axis is None else axis[0]))
-    return tables + binaries
+    return tables + others
 
 
 def _last_axis_op(node: gs.Node, graph: gs.Graph) -> bool:
@@ -315,15 +317,17 @@ def _last_axis_op(node: gs.Node, graph: gs.Graph) -> bool:
     return node.op == "Softmax" or all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name)
 
 
+_SIGN_GRID = np.concatenate([-np.logspace(-12, 24, 2000, base=2.0), [0.0], np.logspace(-12, 24, 2000, base=2.0)])
+
+
 def non_negative(m: Module, nodes: dict[str, gs.Node]) -> bool:
     """A table whose float function is non-negative on a dense grid of inputs spanning +-2^24
     (Sigmoid, HardSigmoid, Relu, Exp, Softplus, ...): its codes may be unsigned. The table is
     clamped to its code range, so the integer graph and the QDQ graph agree even where the grid
     missed a negative value."""
-    grid = np.concatenate([-np.logspace(-12, 24, 2000, base=2.0), [0.0], np.logspace(-12, 24, 2000, base=2.0)])
     spec = chain_spec([nodes[n] for n in m.nodes])
     with np.errstate(all="ignore"):
-        y = functions.evaluate(spec, m.input, grid[:, None])[m.output]
+        y = functions.evaluate(spec, m.input, _SIGN_GRID[:, None])[m.output]
     y = y[np.isfinite(y)]
     return bool(y.size) and bool(np.all(y >= 0))
 
@@ -336,10 +340,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     plan = Plan(modules)
     tensors = graph.tensors()
     by_first = {m.nodes[0]: m for m in modules if m.kind in ("linear", "pool")}
-    by_last: dict[str, list[Module]] = {}
-    for m in modules:
-        if m.kind in ("table", "binary", "norm"):
-            by_last.setdefault(m.name, []).append(m)
+    by_last = {m.name: m for m in modules if m.kind in ("table", "binary", "norm")}  # named after their last node
     nodes = {n.name: n for n in graph.nodes}
     inside = {name for m in modules for name in (m.nodes[1:] if m.kind in ("linear", "pool") else m.nodes)}
     graph_inputs = {t.name for t in graph.inputs}
@@ -353,7 +354,8 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
         plan.requant_kind[t] = "input" if t in graph_inputs else "island"
 
     for node in graph.nodes:
-        for m in by_last.get(node.name, []):  # tables and binary ops: one rounding at the output
+        m = by_last.get(node.name)
+        if m is not None:  # tables, binary ops, LayerNorm, Softmax: one rounding at the output
             need(m.input)
             if m.other:
                 need(m.other)
