@@ -4,8 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import DfqError
+from .gptq import Sparsity
 
 METHODS = ("mse", "max")
+EFFORTS = ("fast", "default", "max")
+ROUNDINGS = ("auto", "gptq", "nearest")
 FORMATS = ("qdq", "int")
 LAYOUTS = ("ort", "unified")
 TARGETS = ("ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw")
@@ -23,6 +26,10 @@ class QuantConfig:
     align: bool = True            # range alignment between consecutive convolutions (passes/align_ranges.py)
     equalize: bool = False        # cross-layer equalization (passes/equalize.py)
     search_exponents: bool = False  # output-aware activation exponent search (passes/search_exponents.py)
+    effort: str = "default"       # fast | default | max: how much work buys accuracy (see effort_plan)
+    rounding: str = "auto"        # weight rounding: gptq (second order, passes/round_weights.py), nearest, or
+    #                               auto (the effort's choice)
+    sparsity: str | None = None   # "N:M" or a fraction: prune weights (jointly with rounding under gptq)
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
     format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
@@ -56,6 +63,11 @@ class QuantConfig:
             raise DfqError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.target == "hw" and self.format != "int":
             raise DfqError("target hw is integer hardware: it needs the integer-only format (--format int)")
+        if self.effort not in EFFORTS:
+            raise DfqError(f"effort must be one of {', '.join(EFFORTS)}, got {self.effort!r}")
+        if self.rounding not in ROUNDINGS:
+            raise DfqError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        Sparsity.parse(self.sparsity)  # a clear error for a bad spec
         if self.num_samples < 1:
             raise DfqError("number of calibration samples must be at least 1")
         if self.batch_size < 1:
@@ -63,6 +75,15 @@ class QuantConfig:
         for name, bits in self.overrides:
             if not 2 <= int(bits) <= 8:
                 raise DfqError(f"override {name}: weight bits must be 2..8, got {bits}")
+
+    @property
+    def gptq(self) -> bool:
+        """Second-order weight rounding: asked for, or (auto) below 8 weight bits or with sparsity,
+        unless the effort is fast."""
+        if self.rounding != "auto":
+            return self.rounding == "gptq"
+        low = self.weight_bits < 8 or any(int(b) < 8 for _, b in self.overrides)
+        return self.effort != "fast" and (low or self.sparsity is not None)
 
     @property
     def uses_16bit_activations(self) -> bool:

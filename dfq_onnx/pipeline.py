@@ -22,11 +22,16 @@ from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
 from .passes.search_exponents import SAMPLES as SEARCH_SAMPLES, search_exponents
 from .passes.align_ranges import align_ranges
+from .passes.round_weights import SAMPLES as ROUND_SAMPLES, round_weights
+from .gptq import Sparsity
+from .config import U8S8_PAIR_SUM
 from .passes.bias_correction import SAMPLES as BIAS_SAMPLES, correct_biases
 from .passes.fold_batchnorm import fold_batchnorm
 from .passes.form_modules import find_modules, plan_quantization
 from .quantized import QuantizedModel, build as build_quantized, check_finite
 from .report import per_layer_requant_points, quantized_ops
+
+MAX_EFFORT_STAGES = 4  # --effort max: second-order rounding in this many stages, each on the inputs its predecessors left
 
 
 @dataclass
@@ -55,7 +60,8 @@ def fuse(model) -> onnx.ModelProto:
 def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | None = None,
         on_start: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
-        on_search: Callable[[int, int], None] | None = None) -> ConvertResult:
+        on_search: Callable[[int, int], None] | None = None,
+        on_round: Callable[[int, int], None] | None = None) -> ConvertResult:
     """Convert a float model to a power-of-two quantized model (QDQ or integer-only). calib: the
     calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction)."""
     config = config or QuantConfig()
@@ -117,7 +123,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_start is not None:
             on_start(len(data))
         stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                          SEARCH_SAMPLES if config.search_exponents else BIAS_SAMPLES if config.bias_correction else 0)
+                          max(SEARCH_SAMPLES if config.search_exponents else 0, ROUND_SAMPLES if config.gptq else 0,
+                              BIAS_SAMPLES if config.bias_correction else 0))
     align_facts = {"aligned": 0}
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
@@ -137,9 +144,20 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
 
     codes_cache: dict = {}  # bias correction changes biases only: the second build reuses the weight codes
 
-    def quantized_model() -> QuantizedModel:
-        return build_quantized(graph, plan, exps, per_channel=config.per_channel, integer_graph=config.format == "int",
-                               codes_cache=codes_cache)
+    def quantized_model(e=None) -> QuantizedModel:
+        return build_quantized(graph, plan, e or exps, per_channel=config.per_channel,
+                               integer_graph=config.format == "int", codes_cache=codes_cache)
+
+    sparsity = Sparsity.parse(config.sparsity)
+    round_facts = {}
+    if (config.gptq and kept) or sparsity is not None:  # data-free mode: no inputs, so magnitude pruning only
+        exps, round_facts = round_weights(
+            graph, plan, exps, lambda e: emit_qdq(graph, quantized_model(e))[0],
+            first_samples(kept, ROUND_SAMPLES, whole=data is not None and data.fixed_batch is not None),
+            per_channel=config.per_channel, gptq=config.gptq and bool(kept), sparsity=sparsity,
+            pair_limit=U8S8_PAIR_SUM if guarded or (config.target in SATURATION_SAFE_TARGETS and config.format == "qdq") else None,
+            stages=MAX_EFFORT_STAGES if config.effort == "max" else 1, act_order=config.effort == "max",
+            on_stage=on_round)
 
     bias_facts = {"bias_corrected": 0}
     if config.bias_correction and not data_free:  # it measures errors on data, in QDQ (same rounding as int)
@@ -161,7 +179,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     per_layer = per_layer_requant_points(original)
     result = ConvertResult(out, [m.summary() for m in quantized], len(plan.requant), kinds, per_layer,
                            dict(plan.float_ops), time.perf_counter() - t0,
-                           seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts,
+                           seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts, **round_facts,
                                      "narrowed": qm.facts["narrowed"], "residual_rounded": qm.facts["residual_rounded"],
                                      "max_accumulator_bits": qm.facts["max_accumulator_bits"],
                                      "saturation_guarded": len(guarded), "saturation_guarded_modules": guarded,

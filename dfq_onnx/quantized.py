@@ -359,7 +359,8 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
             codes_cache: dict | None = None) -> LinearModule:
     node = nodes[m.name]
     plan = qm.plan
-    w = np.asarray(node.inputs[1].values)
+    w = exps.grid.get(m.name)  # second-order rounding or pruning put it on its grid: quantizing is exact
+    w = np.asarray(node.inputs[1].values) if w is None else w
     bits = exps.weight_bits[m.name]
     frac, axis = channel_fractions(node, exps.weight[m.name], per_channel)
     channels = w.shape[axis]

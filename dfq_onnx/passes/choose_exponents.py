@@ -22,6 +22,8 @@ class Exponents:
     plan: Plan
     weight_bits: dict[str, int] = field(default_factory=dict)  # linear module name -> weight bits
     act_bits: dict[str, int] = field(default_factory=dict)     # requantized tensor -> code bits (8 if absent)
+    grid: dict[str, np.ndarray] = field(default_factory=dict)  # linear module name -> its weight already on its
+    #                                                            grid (passes/round_weights.py), quantized instead
 
     def act_of(self, tensor: str) -> int:
         return self.act[self.plan.source(tensor)]
@@ -112,7 +114,7 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
         if lowered.any():
             weight[name] = fr if per_channel else fr[:1].copy()
             guarded[name] = int(lowered.sum()) if per_channel else len(fr)
-    return Exponents(exps.act, weight, exps.plan, exps.weight_bits, exps.act_bits), guarded
+    return Exponents(exps.act, weight, exps.plan, exps.weight_bits, exps.act_bits, exps.grid), guarded
 
 
 def _channel_extremes(w: np.ndarray, axis: int) -> np.ndarray:

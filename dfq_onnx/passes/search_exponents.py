@@ -89,5 +89,5 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
             moved += 1
     for t in plan.requant:
         act[t] = frac[plan.group(t)]
-    return Exponents(act, exps.weight, plan, exps.weight_bits, exps.act_bits), {"exponents_moved": moved,
+    return Exponents(act, exps.weight, plan, exps.weight_bits, exps.act_bits, exps.grid), {"exponents_moved": moved,
                                                                  "search_sqnr_db": [start, best]}

@@ -1,0 +1,254 @@
+"""Second-order weight rounding and pruning (gptq.py) for every linear module, on the inputs the
+quantized model feeds it.
+
+Each module's input Hessian H = sum x x^T is accumulated in a streaming pass over calibration
+samples of the simulated quantized graph (QDQ, the current weight codes and activation fractions):
+im2col patches for a Conv, one H per group for a grouped or depthwise Conv, the rows of a Gemm's or
+MatMul's input. Modules are taken in stages in graph order; each stage's inputs come from the graph
+in which the stages before it already hold their rounded weights, so a module's rounding sees what
+the modules before it did. Memory: the Hessians of a stage stay within HESSIAN_BUDGET elements
+(float64); a single module whose Hessian alone exceeds MAX_MODULE_ELEMENTS keeps round-to-nearest
+and is reported. The result is a weight on the grid (codes times 2^-f, float32) per module, held
+by the exponents (Exponents.grid): the float graph itself is not changed, so bias correction and
+the output-aware search still measure against the float model.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
+from ..graph_utils import attr_str
+from ..model_io import analysis_session
+from ..quantized import channel_fractions, weight_codes
+from .choose_exponents import Exponents
+from .form_modules import Plan
+
+SAMPLES = 32                 # calibration samples the Hessians are measured on (MobileNetV2 W4A8: 16 gave 5.0 dB, 32 5.7)
+PROBE_BATCH = 4              # samples per onnxruntime run (the module inputs of one run are held at once)
+HESSIAN_BUDGET = 1 << 25     # float64 elements of the Hessians held at once (256 MB)
+MAX_MODULE_ELEMENTS = 1 << 25  # a module whose Hessian is larger keeps round-to-nearest (VGG's K = 25,088 FC)
+
+
+def round_weights(graph: gs.Graph, plan: Plan, exps: Exponents, simulate: Callable[[Exponents], gs.Graph],
+                  batches: list[dict], *, per_channel: bool, gptq: bool, sparsity: Sparsity | None,
+                  pair_limit: int | None = None, stages: int = 1, act_order: bool = False,
+                  on_stage: Callable[[int, int], None] | None = None) -> tuple[Exponents, dict]:
+    """Exponents whose `grid` holds, per rounded module, its weight on its power-of-two grid.
+
+    gptq: second-order rounding (with sparsity: pruning in the same loop, SparseGPT); otherwise
+    sparsity alone prunes by magnitude and rounds to nearest. simulate(exps) is the simulated QDQ
+    graph of `graph` under exps. pair_limit: in a channel whose round-to-nearest codes keep every
+    two same-sign codes within this sum (the x86 saturation guard), the rounded codes must too,
+    else that channel keeps round-to-nearest.
+    Guarantees: fractions (weight and activation) are unchanged; every code lies in the module's
+    b-bit range and inside [min, max] of its round-to-nearest codes per channel, so the int32 range
+    proof and the saturation guard see no larger codes; with sparsity, every module that can hold
+    the pattern has it exactly (n:m per consecutive input channels of one kernel tap, or the
+    fraction per row), and the others are listed in facts["dense"]."""
+    nodes = {n.name: n for n in graph.nodes}
+    todo, skipped, dense = [], {}, []
+    for m in plan.modules:
+        if m.kind != "linear":
+            continue
+        node = nodes[m.name]
+        layout = _layout(node)
+        if layout is None:
+            skipped[m.name] = f"{node.op} is rounded to nearest"
+            continue
+        g, _, k = layout
+        if g * k * k > MAX_MODULE_ELEMENTS:
+            skipped[m.name] = f"its input Hessian would hold {g * k * k:,} values: rounded to nearest"
+            continue
+        if sparsity is not None and not sparsity.applies(_group_width(node)):
+            dense.append(m.name)
+        todo.append(m.name)
+    grid = dict(exps.grid)
+    facts = {"gptq_modules": 0, "gptq_skipped": skipped, "pruned_modules": 0, "dense": dense}
+    if not gptq:  # magnitude pruning (with sparsity) and round to nearest
+        for name in todo:
+            if sparsity is not None and name not in dense:
+                grid[name] = _rounded(nodes[name], exps, per_channel, None, sparsity, pair_limit, dense=False)
+                facts["pruned_modules"] += 1
+        return _with_grid(exps, grid), facts
+    chunks = _stages(todo, nodes, stages)
+    for i, chunk in enumerate(chunks):
+        if on_stage is not None:
+            on_stage(i, len(chunks))
+        current = _with_grid(exps, grid)
+        hessians = _hessians(simulate(current), [nodes[n] for n in chunk], batches)
+        for name in chunk:
+            grid[name] = _rounded(nodes[name], exps, per_channel, hessians.pop(name), sparsity, pair_limit,
+                                  dense=name in dense, act_order=act_order)
+            facts["gptq_modules"] += 1
+            facts["pruned_modules"] += int(sparsity is not None and name not in dense)
+    return _with_grid(exps, grid), facts
+
+
+def _with_grid(exps: Exponents, grid: dict) -> Exponents:
+    return Exponents(exps.act, exps.weight, exps.plan, exps.weight_bits, exps.act_bits, grid)
+
+
+def _stages(names: list[str], nodes: dict, stages: int) -> list[list[str]]:
+    """Modules in graph order cut into at least `stages` runs whose Hessians fit HESSIAN_BUDGET."""
+    per = max(1, -(-len(names) // max(1, stages)))
+    out, size = [[]], 0
+    for name in names:
+        g, _, k = _layout(nodes[name])
+        if out[-1] and (len(out[-1]) >= per or size + g * k * k > HESSIAN_BUDGET):
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += g * k * k
+    return [c for c in out if c]
+
+
+def _layout(node: gs.Node) -> tuple[int, int, int] | None:
+    """(groups, output channels per group, inputs per group) of a linear node's weight as the
+    matrices GPTQ works on, or None where it is not handled (ConvTranspose; Gemm with transA)."""
+    w = np.shape(node.inputs[1].values)
+    if node.op == "Conv":
+        g = int(node.attrs.get("group", 1))
+        return g, w[0] // g, int(np.prod(w[1:]))
+    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+        return (1, w[0], w[1]) if int(node.attrs.get("transB", 0)) else (1, w[1], w[0])
+    if node.op == "MatMul" and len(w) == 2:
+        return 1, w[1], w[0]
+    return None
+
+
+def _group_width(node: gs.Node) -> int:
+    """Inputs that form one consecutive run in the matrices' column order: a Conv's input channels
+    per group (columns are ordered tap by tap, channels inside a tap), a matrix's whole input."""
+    return int(np.shape(node.inputs[1].values)[1]) if node.op == "Conv" else _layout(node)[2]
+
+
+def _to_matrices(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """The weight as [G, C/G, K]; a Conv's columns ordered (kernel taps..., input channel)."""
+    g, c, k = _layout(node)
+    if node.op == "Conv":
+        return np.moveaxis(w.reshape(g, c, w.shape[1], *w.shape[2:]), 2, -1).reshape(g, c, k)
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return w.reshape(1, c, k)
+    return w.T.reshape(1, c, k)
+
+
+def _from_matrices(node: gs.Node, m: np.ndarray, shape: tuple) -> np.ndarray:
+    if node.op == "Conv":
+        g, c, _ = m.shape
+        return np.moveaxis(m.reshape(g, c, *shape[2:], shape[1]), -1, 2).reshape(shape)
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return m.reshape(shape)
+    return m[0].T.reshape(shape)
+
+
+def _rounded(node: gs.Node, exps: Exponents, per_channel: bool, hessian: Hessian | None, sparsity: Sparsity | None,
+             pair_limit: int | None, *, dense: bool, act_order: bool = False) -> np.ndarray:
+    """The node's weight on its grid (float32): GPTQ (hessian given) or magnitude pruning + RTN."""
+    w = np.asarray(node.inputs[1].values)
+    bits = exps.weight_bits[node.name]
+    frac, axis = channel_fractions(node, exps.weight[node.name], per_channel)
+    rtn = weight_codes(w, frac, bits, axis)
+    g, c, k = _layout(node)
+    fr = frac.reshape(g, c)
+    rtn_m = _to_matrices(node, rtn.astype(np.int64))
+    bounds = (rtn_m.min(axis=2), rtn_m.max(axis=2))
+    prune = None if dense else sparsity
+    if hessian is None:
+        q = rtn_m.copy()
+        if prune is not None:
+            q[magnitude_mask(_to_matrices(node, w), prune)] = 0
+    else:
+        q = quantize_columns(_to_matrices(node, w), hessian.h, fr, bits, act_order=act_order, sparsity=prune,
+                             bounds=bounds)
+        if pair_limit is not None:  # a channel that was safe under round-to-nearest stays safe
+            unsafe = (_top2(q) > pair_limit) & (_top2(rtn_m) <= pair_limit) | (_top2(-q) > pair_limit) & (_top2(-rtn_m) <= pair_limit)
+            if unsafe.any():
+                q[unsafe] = rtn_m[unsafe] if prune is None else np.where(magnitude_mask(rtn_m[unsafe], prune), 0, rtn_m[unsafe])
+    codes = _from_matrices(node, q, w.shape)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return np.ldexp(codes.astype(np.float64), -frac.reshape(shape)).astype(np.float32)
+
+
+def _top2(q: np.ndarray) -> np.ndarray:
+    """Per row (last axis), the sum of the two largest positive entries."""
+    pos = np.maximum(q, 0)
+    if pos.shape[-1] < 2:
+        return pos[..., 0]
+    top = np.partition(pos, pos.shape[-1] - 2, axis=-1)[..., -2:]
+    return top.sum(axis=-1)
+
+
+def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -> dict[str, Hessian]:
+    """The input Hessian of each node of `linear` in `simulated` (matched by name), streamed over
+    `batches` in runs of PROBE_BATCH samples."""
+    probe = simulated.copy()
+    pnodes = {n.name: n for n in probe.nodes}
+    names = [n.name for n in linear if n.name in pnodes]
+    inputs = [pnodes[n].inputs[0] for n in names]
+    for t in inputs:
+        if t.dtype is None:
+            t.dtype = np.float32
+    probe.outputs = list({t.name: t for t in inputs}.values())
+    probe.cleanup()
+    sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", basic=True)
+    fixed = any(t.shape and isinstance(t.shape[0], int) for t in simulated.inputs)
+    small = batches if fixed else [{k: v[i:i + PROBE_BATCH] for k, v in b.items()}
+                                   for b in batches for i in range(0, len(next(iter(b.values()))), PROBE_BATCH)]
+    by_name = {n.name: n for n in linear}
+    out: dict[str, Hessian] = {}
+    wanted = [t.name for t in probe.outputs]
+    for batch in small:
+        values = dict(zip(wanted, sess.run(wanted, batch)))
+        for name, t in zip(names, inputs):
+            hs = _hessian(by_name[name], values[t.name])
+            out[name] = out[name].merge(hs) if name in out else hs
+    return out
+
+
+def _hessian(node: gs.Node, x: np.ndarray) -> Hessian:
+    """The Hessian of the layer's input vectors in x (one batch); a pointwise Conv's pixels are its
+    rows, so its Hessian is x x^T per sample with no copy of x."""
+    a = node.attrs
+    nd = np.ndim(x) - 2
+    if node.op == "Conv" and all(v == 1 for v in list(np.shape(node.inputs[1].values)[2:]) + list(a.get("strides", [])))\
+            and not any(a.get("pads", [])) and attr_str(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID"):
+        g = int(a.get("group", 1))
+        xr = np.asarray(x, np.float32).reshape(x.shape[0], g, x.shape[1] // g, -1)
+        h = np.matmul(xr, xr.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
+        return Hessian(h, int(x.shape[0] * np.prod(x.shape[2:2 + nd])))
+    return Hessian.of(_rows(node, x))
+
+
+def _rows(node: gs.Node, x: np.ndarray) -> np.ndarray:
+    """The layer's input vectors as [G, n, K], in the column order of _to_matrices (float32)."""
+    g, _, k = _layout(node)
+    x = np.asarray(x, np.float32)
+    if node.op != "Conv":
+        return x.reshape(1, -1, k)
+    nd = x.ndim - 2
+    ks = list(np.shape(node.inputs[1].values)[2:])
+    s = list(node.attrs.get("strides", [1] * nd))
+    d = list(node.attrs.get("dilations", [1] * nd))
+    ext = [d[i] * (ks[i] - 1) + 1 for i in range(nd)]
+    pads = list(node.attrs.get("pads", [0] * 2 * nd))
+    auto = attr_str(node, "auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max((-(-x.shape[2 + i] // s[i]) - 1) * s[i] + ext[i] - x.shape[2 + i], 0) for i in range(nd)]
+        small = [t // 2 for t in total]
+        big = [t - t // 2 for t in total]
+        pads = (small + big) if auto == "SAME_UPPER" else (big + small)
+    elif auto == "VALID":
+        pads = [0] * 2 * nd
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
+    v = sliding_window_view(xp, ext, axis=tuple(range(2, 2 + nd)))
+    v = v[(slice(None), slice(None)) + tuple(slice(None, None, si) for si in s) + tuple(slice(None, None, di) for di in d)]
+    n, cin = x.shape[:2]
+    outs = v.shape[2:2 + nd]
+    v = v.reshape(n, g, cin // g, *outs, *ks)
+    perm = [1, 0] + list(range(3, 3 + nd)) + list(range(3 + nd, 3 + 2 * nd)) + [2]
+    return np.ascontiguousarray(v.transpose(perm)).reshape(g, -1, k)
