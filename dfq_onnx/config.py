@@ -26,7 +26,9 @@ class QuantConfig:
     align: bool = True            # range alignment between consecutive convolutions (passes/align_ranges.py)
     equalize: bool = False        # cross-layer equalization (passes/equalize.py)
     search_exponents: bool = False  # output-aware activation exponent search (passes/search_exponents.py)
-    effort: str = "default"       # fast | default | max: how much work buys accuracy (see effort_plan)
+    effort: str = "default"       # fast: round to nearest; default: second-order rounding below 8 weight bits;
+    #                               max: second-order rounding at every width (in stages, activation order) and
+    #                               the output-aware exponent search
     rounding: str = "auto"        # weight rounding: gptq (second order, passes/round_weights.py), nearest, or
     #                               auto (the effort's choice)
     sparsity: str | None = None   # "N:M" or a fraction: prune weights (jointly with rounding under gptq)
@@ -78,12 +80,17 @@ class QuantConfig:
 
     @property
     def gptq(self) -> bool:
-        """Second-order weight rounding: asked for, or (auto) below 8 weight bits or with sparsity,
-        unless the effort is fast."""
+        """Second-order weight rounding: asked for, or (auto) at effort max, or at effort default below
+        8 weight bits or with sparsity."""
         if self.rounding != "auto":
             return self.rounding == "gptq"
         low = self.weight_bits < 8 or any(int(b) < 8 for _, b in self.overrides)
-        return self.effort != "fast" and (low or self.sparsity is not None)
+        return self.effort == "max" or (self.effort == "default" and (low or self.sparsity is not None))
+
+    @property
+    def searches(self) -> bool:
+        """The output-aware exponent search runs: asked for, or at effort max."""
+        return self.search_exponents or self.effort == "max"
 
     @property
     def uses_16bit_activations(self) -> bool:

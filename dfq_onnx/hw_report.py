@@ -213,8 +213,24 @@ def totals(requantizers: list[dict], units: dict) -> dict:
     }
 
 
+def zero_skipping(qm, points: list[dict]) -> dict:
+    """Multiplications per inference of the integer linear modules, and how many of them have a
+    zero weight (what an accelerator that skips zero weights saves): per output channel, its output
+    elements per inference times its zero codes."""
+    elements = {r["name"]: r["elements"] for r in points}
+    macs = zero = 0
+    for m in qm.modules:
+        if m.kind != "linear" or not m.integer or m.name not in elements:
+            continue
+        q = np.moveaxis(np.asarray(m.weight), m.axis, 0).reshape(m.weight.shape[m.axis], -1)
+        per_channel = elements[m.name] // q.shape[0]
+        macs += per_channel * q.size
+        zero += per_channel * int(np.count_nonzero(q == 0))
+    return {"macs": macs, "zero_weight_macs": zero, "fraction": zero / macs if macs else 0.0}
+
+
 def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | None = None, values: int = 4096,
-                    on_step: Callable[[str], None] | None = None) -> dict:
+                    sparsity: str | None = None, on_step: Callable[[str], None] | None = None) -> dict:
     """The report described in the module docstring, as a JSON-able dict."""
     from .pipeline import run
 
@@ -228,7 +244,7 @@ def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | N
         raise DfqError("--values must be at least 2")
     step = on_step or (lambda _: None)
     step("converting to dfq-onnx's integer graph")
-    result = run(model, calib, QuantConfig(format="int", num_samples=num_samples), preprocess=preprocess)
+    result = run(model, calib, QuantConfig(format="int", num_samples=num_samples, sparsity=sparsity), preprocess=preprocess)
     feeds, batch = _first_batch(result.model, calib, preprocess)  # same inputs as the float model
     step(f"capturing accumulators on {batch} calibration samples")
     qm, sym = result.quantized, result.symbols
@@ -264,6 +280,7 @@ def hardware_report(model, calib, *, num_samples: int = 128, preprocess: str | N
         "dfq": t_dfq,
         "ort": t_ort,
         "ratios": {k: ratio(k) for k in ("requantizers", "transistors", "parameter_bits", "requantizations", "toggles")},
+        "zero_skipping": zero_skipping(qm, dfq),
         "dfq_points": [{k: r[k] for k in ("name", "unit", "elements", "channels")} for r in dfq],
         "ort_points": base,
     }

@@ -123,7 +123,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_start is not None:
             on_start(len(data))
         stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                          max(SEARCH_SAMPLES if config.search_exponents else 0, ROUND_SAMPLES if config.gptq else 0,
+                          max(SEARCH_SAMPLES if config.searches else 0, ROUND_SAMPLES if config.gptq else 0,
                               BIAS_SAMPLES if config.bias_correction else 0))
     align_facts = {"aligned": 0}
     if config.align:
@@ -138,7 +138,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq":
         exps, guarded = guard_saturation(graph, exps, config.per_channel)
     search_facts = {}
-    if config.search_exponents and kept:  # data-free mode has no samples to search on
+    if config.searches and kept:  # data-free mode has no samples to search on
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
                                               on_group=on_search)
 

@@ -78,6 +78,7 @@ def inspect_model(model) -> dict:
     total = sum(int(np.asarray(s).size) for s in scale_tensors.values())
     pow2 = sum(int(np.sum(is_pow2(np.asarray(s, dtype=np.float64)))) for s in scale_tensors.values())
 
+    sparsity = _weight_sparsity(g, producer, consts)
     meta = {p.key: p.value for p in m.metadata_props}
     modules = json.loads(meta["dfq.modules"]) if "dfq.modules" in meta else None
     tables = sum(1 for n in g.node if _is_table(n, consts)) or \
@@ -90,6 +91,7 @@ def inspect_model(model) -> dict:
         "requant_points": requant,
         "requant_lossless": lossless,
         "weight_quantizers": len(quantized_consts),
+        "weight_sparsity": sparsity,  # per integer weight constant: its zero codes
         "modules": None if modules is None else len(modules),
         "module_list": modules,
         "float_islands": json.loads(meta["dfq.float_islands"]) if "dfq.float_islands" in meta else None,
@@ -99,6 +101,28 @@ def inspect_model(model) -> dict:
         "per_layer_requant_points": None if quantized else per_layer_requant_points(m),
         "producer": meta.get("dfq.producer") or (m.producer_name or None),
     }
+
+
+def _weight_sparsity(g, producer, consts) -> list[dict]:
+    """Per integer weight of a linear op (behind a DequantizeLinear, or a ConvInteger/MatMulInteger
+    weight), its codes equal to the zero point (zero weights) and its size."""
+    rows = {}
+    for n in g.node:
+        if len(n.input) < 2:
+            continue
+        if n.op_type in INTEGER_LINEAR and n.input[1] in consts:
+            name, zp = n.input[1], consts[n.input[3]] if len(n.input) > 3 and n.input[3] in consts else 0
+        elif n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.input[1] in producer \
+                and producer[n.input[1]].op_type == "DequantizeLinear" and producer[n.input[1]].input[0] in consts:
+            dq = producer[n.input[1]]
+            name, zp = dq.input[0], consts[dq.input[2]] if len(dq.input) > 2 and dq.input[2] in consts else 0
+        else:
+            continue
+        w = np.asarray(consts[name])
+        if w.dtype.kind in "iu":
+            rows[name] = {"weight": name, "zeros": int(np.count_nonzero(w == np.asarray(zp).reshape(-1)[0])),
+                          "size": int(w.size)}
+    return [rows[k] for k in sorted(rows)]
 
 
 def per_layer_requant_points(model: onnx.ModelProto) -> int:

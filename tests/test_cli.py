@@ -88,7 +88,7 @@ def bad_npz(path, **arrays):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "no_linear", "bad_names", "bad_shape", "bad_dtype",
-                                  "nan", "same_path", "no_folder", "bad_preprocess", "empty_folder"])
+                                  "nan", "same_path", "no_folder", "bad_preprocess", "empty_folder", "bad_sparsity"])
 def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
     x = np.load(CALIB)["input"][:8]
     model, calib, out = SHIPPED, CALIB, tmp_path / "out.onnx"
@@ -97,7 +97,7 @@ def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
                "no_linear": "nothing to quantize", "bad_names": "missing model input",
                "bad_shape": "shape", "bad_dtype": "dtype", "nan": "NaN", "same_path": "equals the input",
                "no_folder": "does not exist", "bad_preprocess": "preprocess",
-               "empty_folder": "no .npy files or images"}[case]
+               "empty_folder": "no .npy files or images", "bad_sparsity": "sparsity must be"}[case]
     if case == "missing":
         model = tmp_path / "nope.onnx"
     elif case == "not_onnx":
@@ -124,6 +124,8 @@ def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
         out = tmp_path / "no" / "such" / "out.onnx"
     elif case == "bad_preprocess":
         extra = ["--preprocess", "zoom=2"]
+    elif case == "bad_sparsity":
+        extra = ["--sparsity", "4:2"]
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         calib = tmp_path / "empty"

@@ -91,3 +91,35 @@ def test_sparsity_is_in_the_written_model_and_the_joint_update_pays(spec, refere
         figures[rounding] = sqnr(r.model, x, ref)
     (s_joint, a_joint), (s_mag, a_mag) = figures["gptq"], figures["nearest"]
     assert s_joint > s_mag + 3 and a_joint >= 0.95 and a_joint > a_mag, figures
+
+
+def test_inspect_reports_sparsity_and_zero_skipping_saves_what_the_shapes_say(tmp_path, calib_data):
+    """inspect's zero counts against the pattern's own arithmetic (half of every prunable weight
+    tensor); the multiplications against each Conv/Gemm output's size in the float model under
+    onnxruntime times the weights per output channel."""
+    from dfq_onnx.hw_report import zero_skipping
+    from dfq_onnx.report import inspect_model
+
+    r = run(SHIPPED, CALIB, QuantConfig(sparsity="2:4", format="int"))
+    path = tmp_path / "sparse_int.onnx"
+    onnx.save(r.model, path)
+    rows = inspect_model(path)["weight_sparsity"]
+    assert len(rows) == 7
+    assert sum(1 for w in rows if w["zeros"] == w["size"] // 2) == 6  # the dense stem aside
+    float_model = onnx.load(SHIPPED)
+    linear = [n for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
+    probe = onnx.load(SHIPPED)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in linear)
+    outs = run_ort(probe, {"input": calib_data[:1]})[1:]
+    weights = {i.name: numpy_helper.to_array(i) for i in float_model.graph.initializer}
+    qm = r.quantized
+    points = []
+    expected_macs = 0
+    for n, y in zip(linear, outs):
+        m = next(m for m in qm.modules if m.kind == "linear" and m.name == n.name)
+        w = weights[n.input[1]]
+        expected_macs += y.size * (w.size // y.shape[1])
+        points.append({"name": m.name, "elements": y.size})
+    z = zero_skipping(qm, points)
+    assert z["macs"] == expected_macs
+    assert 0.45 < z["fraction"] < 0.5  # half of every pruned layer's multiplications; the stem's stay
