@@ -301,7 +301,13 @@ def _print_summary(s: dict) -> None:
     if "equalized" in f:
         t.add_row("equalization", f"{f['equalized']} convolution pairs ({f['equalize_skipped']} left alone: Relu6/Clip "
                                   "between them)")
-    if "exponents_moved" in f:
+    if "local_search_groups" in f:
+        sq = f.get("search_sqnr_db")
+        t.add_row("exponent search", f"fast: {f['local_search_proposed']} of {f['local_search_groups']} activation groups "
+                  "do better at their readers' outputs one fraction off" +
+                  (f"; {'kept' if f['exponents_moved'] else 'not kept'} (model output SQNR on the search samples "
+                   f"{sq[0]:.2f} -> {sq[1]:.2f} dB)" if sq else ""))
+    elif "exponents_moved" in f:
         a, b = f["search_sqnr_db"]
         t.add_row("exponent search", f"{f['exponents_moved']} activation fractions moved (output SQNR on the search "
                                      f"samples {a:.2f} -> {b:.2f} dB)")

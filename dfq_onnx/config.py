@@ -26,9 +26,10 @@ class QuantConfig:
     align: bool = True            # range alignment between consecutive convolutions (passes/align_ranges.py)
     equalize: bool = False        # cross-layer equalization (passes/equalize.py)
     search_exponents: bool = False  # output-aware activation exponent search (passes/search_exponents.py)
-    effort: str = "default"       # fast: round to nearest; default: second-order rounding below 8 weight bits;
-    #                               max: second-order rounding at every width (in stages, activation order) and
-    #                               the output-aware exponent search
+    effort: str = "default"       # fast: round to nearest, histogram exponents. default: the fast output-aware
+    #                               exponent search (passes/search_exponents.local_search) and second-order
+    #                               rounding below 8 weight bits. max: second-order rounding at every width (in
+    #                               stages, activation order) and the full exponent search
     rounding: str = "auto"        # weight rounding: gptq (second order, passes/round_weights.py), nearest, or
     #                               auto (the effort's choice)
     sparsity: str | None = None   # "N:M" or a fraction: prune weights (jointly with rounding under gptq)

@@ -20,7 +20,7 @@ from .passes.choose_exponents import choose_exponents, guard_saturation
 from .passes.emit_int import DOMAIN as INT_DOMAIN, INT_OPSET, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
-from .passes.search_exponents import SAMPLES as SEARCH_SAMPLES, search_exponents
+from .passes.search_exponents import LOCAL_SAMPLES, SAMPLES as SEARCH_SAMPLES, local_search, search_exponents
 from .passes.align_ranges import align_ranges
 from .passes.round_weights import SAMPLES as ROUND_SAMPLES, round_weights
 from .gptq import Sparsity
@@ -123,7 +123,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_start is not None:
             on_start(len(data))
         stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                          max(SEARCH_SAMPLES if config.searches else 0, ROUND_SAMPLES if config.gptq else 0,
+                          max(SEARCH_SAMPLES if config.searches else LOCAL_SAMPLES if config.effort == "default" else 0, ROUND_SAMPLES if config.gptq else 0,
                               BIAS_SAMPLES if config.bias_correction else 0))
     align_facts = {"aligned": 0}
     if config.align:
@@ -138,6 +138,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq":
         exps, guarded = guard_saturation(graph, exps, config.per_channel)
     search_facts = {}
+    if config.effort == "default" and kept and not config.searches:  # the fast search; max runs the full one
+        exps, search_facts = local_search(graph, plan, exps, first_samples(kept, LOCAL_SAMPLES, whole=data.fixed_batch is not None),
+                                          per_channel=config.per_channel)
     if config.searches and kept:  # data-free mode has no samples to search on
         exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
                                               on_group=on_search)

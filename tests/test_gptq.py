@@ -101,8 +101,11 @@ def test_conv_hessian_is_the_output_energy_of_any_weight(group, cg, co, k, strid
     else:
         attrs["auto_pad"] = auto
     x = rng.integers(-8, 8, size=(2, cin, size, size + 1)).astype(np.float32)
-    node = gs.Node("Conv", "conv", attrs=attrs, inputs=[gs.Variable("x"), gs.Constant("w", np.zeros((cout, cg, k, k), np.float32))],
-                   outputs=[gs.Variable("y")])
+    xin = gs.Variable("x", np.float32, ["N"] + list(x.shape[1:]))
+    y_t = gs.Variable("y", np.float32)
+    node = gs.Node("Conv", "conv", attrs=attrs, inputs=[xin, gs.Constant("w", np.zeros((cout, cg, k, k), np.float32))],
+                   outputs=[y_t])
+    graph = gs.Graph(nodes=[node], inputs=[xin], outputs=[y_t], opset=13)
     m = rng.integers(-4, 4, size=(group, co, cg * k * k)).astype(np.float32)
     w = rw._from_matrices(node, m, (cout, cg, k, k))
     onnx_attrs = {a: v for a, v in attrs.items() if a != "kernel_shape"}
@@ -113,6 +116,7 @@ def test_conv_hessian_is_the_output_energy_of_any_weight(group, cg, co, k, strid
         [onnx.numpy_helper.from_array(w, "w")]), opset_imports=[onnx.helper.make_opsetid("", 13)])
     y = run_ort(model, {"x": x})[0].astype(np.float64)
     energy = (y ** 2).sum(axis=(0, 2, 3)).reshape(group, co)
-    h = rw._hessian(node, x).h
-    np.testing.assert_allclose(np.einsum("gck,gkl,gcl->gc", m, h, m), energy, rtol=1e-6)
+    hessian = rw._hessians(graph, [node], [{"x": x[:1]}, {"x": x[1:]}])["conv"]   # two shards, merged
+    np.testing.assert_allclose(np.einsum("gck,gkl,gcl->gc", m, hessian.h, m), energy, rtol=1e-6)
+    assert hessian.count == y.shape[0] * y.shape[2] * y.shape[3]
     assert np.allclose(rw._to_matrices(node, w), m)

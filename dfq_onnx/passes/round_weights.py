@@ -14,14 +14,15 @@ the output-aware search still measure against the float model.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
-from ..graph_utils import attr_str
+from ..graph_utils import add_node, attr_str, new_name
 from ..model_io import analysis_session
 from ..quantized import channel_fractions, weight_codes
 from .choose_exponents import Exponents
@@ -89,7 +90,7 @@ def round_weights(graph: gs.Graph, plan: Plan, exps: Exponents, simulate: Callab
 
 
 def _with_grid(exps: Exponents, grid: dict) -> Exponents:
-    return Exponents(exps.act, exps.weight, exps.plan, exps.weight_bits, exps.act_bits, grid)
+    return replace(exps, grid=grid)
 
 
 def _stages(names: list[str], nodes: dict, stages: int) -> list[list[str]]:
@@ -151,7 +152,7 @@ def _rounded(node: gs.Node, exps: Exponents, per_channel: bool, hessian: Hessian
     w = np.asarray(node.inputs[1].values)
     bits = exps.weight_bits[node.name]
     frac, axis = channel_fractions(node, exps.weight[node.name], per_channel)
-    rtn = weight_codes(w, frac, bits, axis)
+    rtn = weight_codes(w, frac, bits, axis, exps.limit.get(node.name))  # the guard may clamp some channels
     g, c, k = _layout(node)
     fr = frac.reshape(g, c)
     rtn_m = _to_matrices(node, rtn.astype(np.int64))
@@ -185,70 +186,68 @@ def _top2(q: np.ndarray) -> np.ndarray:
 
 def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -> dict[str, Hessian]:
     """The input Hessian of each node of `linear` in `simulated` (matched by name), streamed over
-    `batches` in runs of PROBE_BATCH samples."""
+    `batches` in runs of PROBE_BATCH samples. onnxruntime computes each one inside the graph
+    (_hessian_nodes), so only [G, K, K] sums per module reach numpy, accumulated in float64."""
     probe = simulated.copy()
     pnodes = {n.name: n for n in probe.nodes}
     names = [n.name for n in linear if n.name in pnodes]
-    inputs = [pnodes[n].inputs[0] for n in names]
-    for t in inputs:
-        if t.dtype is None:
-            t.dtype = np.float32
-    probe.outputs = list({t.name: t for t in inputs}.values())
+    by_name = {n.name: n for n in linear}
+    outs = []
+    for name in names:
+        outs += _hessian_nodes(probe, by_name[name], pnodes[name].inputs[0])
+    probe.outputs = outs
     probe.cleanup()
     sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", basic=True)
     fixed = any(t.shape and isinstance(t.shape[0], int) for t in simulated.inputs)
     small = batches if fixed else [{k: v[i:i + PROBE_BATCH] for k, v in b.items()}
                                    for b in batches for i in range(0, len(next(iter(b.values()))), PROBE_BATCH)]
-    by_name = {n.name: n for n in linear}
     out: dict[str, Hessian] = {}
-    wanted = [t.name for t in probe.outputs]
+    wanted = [t.name for t in outs]
     for batch in small:
-        values = dict(zip(wanted, sess.run(wanted, batch)))
-        for name, t in zip(names, inputs):
-            hs = _hessian(by_name[name], values[t.name])
+        values = sess.run(wanted, batch)
+        for i, name in enumerate(names):
+            hs = Hessian(values[2 * i].astype(np.float64), int(values[2 * i + 1]))
             out[name] = out[name].merge(hs) if name in out else hs
     return out
 
 
-def _hessian(node: gs.Node, x: np.ndarray) -> Hessian:
-    """The Hessian of the layer's input vectors in x (one batch); a pointwise Conv's pixels are its
-    rows, so its Hessian is x x^T per sample with no copy of x."""
-    a = node.attrs
-    nd = np.ndim(x) - 2
-    if node.op == "Conv" and all(v == 1 for v in list(np.shape(node.inputs[1].values)[2:]) + list(a.get("strides", [])))\
-            and not any(a.get("pads", [])) and attr_str(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID"):
-        g = int(a.get("group", 1))
-        xr = np.asarray(x, np.float32).reshape(x.shape[0], g, x.shape[1] // g, -1)
-        h = np.matmul(xr, xr.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
-        return Hessian(h, int(x.shape[0] * np.prod(x.shape[2:2 + nd])))
-    return Hessian.of(_rows(node, x))
+def _hessian_nodes(g: gs.Graph, node: gs.Node, x: gs.Tensor) -> list[gs.Variable]:
+    """Nodes appended to g that compute, from x (what g feeds the linear node `node`), its Hessian [G, K, K] (the
+    sum of x x^T over the batch's input vectors, in the column order of _to_matrices) and the
+    number of those vectors. A Conv's input vectors are its im2col patches: a grouped Conv with a
+    one-hot kernel writes them as channels (output channel t Cg + c of a group is its input
+    channel c at kernel tap t), strides, pads and dilations included; a pointwise Conv's are its
+    pixels. Gemm/MatMul: the rows of x."""
+    ngroups, _, k = _layout(node)
+    base = f"{node.name}/hessian"
 
+    def op(kind: str, inputs: list, attrs: dict | None = None, dtype=np.float32) -> gs.Variable:
+        return add_node(g, kind, inputs, attrs, f"{base}/{kind}", dtype=dtype)
 
-def _rows(node: gs.Node, x: np.ndarray) -> np.ndarray:
-    """The layer's input vectors as [G, n, K], in the column order of _to_matrices (float32)."""
-    g, _, k = _layout(node)
-    x = np.asarray(x, np.float32)
-    if node.op != "Conv":
-        return x.reshape(1, -1, k)
-    nd = x.ndim - 2
-    ks = list(np.shape(node.inputs[1].values)[2:])
-    s = list(node.attrs.get("strides", [1] * nd))
-    d = list(node.attrs.get("dilations", [1] * nd))
-    ext = [d[i] * (ks[i] - 1) + 1 for i in range(nd)]
-    pads = list(node.attrs.get("pads", [0] * 2 * nd))
-    auto = attr_str(node, "auto_pad", "NOTSET")
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        total = [max((-(-x.shape[2 + i] // s[i]) - 1) * s[i] + ext[i] - x.shape[2 + i], 0) for i in range(nd)]
-        small = [t // 2 for t in total]
-        big = [t - t // 2 for t in total]
-        pads = (small + big) if auto == "SAME_UPPER" else (big + small)
-    elif auto == "VALID":
-        pads = [0] * 2 * nd
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[nd + i]) for i in range(nd)])
-    v = sliding_window_view(xp, ext, axis=tuple(range(2, 2 + nd)))
-    v = v[(slice(None), slice(None)) + tuple(slice(None, None, si) for si in s) + tuple(slice(None, None, di) for di in d)]
-    n, cin = x.shape[:2]
-    outs = v.shape[2:2 + nd]
-    v = v.reshape(n, g, cin // g, *outs, *ks)
-    perm = [1, 0] + list(range(3, 3 + nd)) + list(range(3 + nd, 3 + 2 * nd)) + [2]
-    return np.ascontiguousarray(v.transpose(perm)).reshape(g, -1, k)
+    def const(v) -> gs.Constant:
+        return gs.Constant(new_name(g, f"{base}/c"), np.asarray(v, np.int64))
+
+    if node.op == "Conv":
+        w_shape = np.shape(node.inputs[1].values)
+        cg, taps = int(w_shape[1]), [int(v) for v in w_shape[2:]]
+        a = node.attrs
+        pointwise = all(v == 1 for v in taps + list(a.get("strides", []))) and not any(a.get("pads", [])) \
+            and attr_str(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        if not pointwise:
+            t = int(np.prod(taps))
+            onehot = np.zeros((ngroups, t, cg, cg, t), np.float32)  # [group, tap, channel | in channel, tap]
+            onehot[:, np.arange(t)[:, None], np.arange(cg)[None, :], np.arange(cg)[None, :], np.arange(t)[:, None]] = 1
+            attrs = {key: a[key] for key in ("strides", "pads", "dilations", "auto_pad") if key in a}
+            x = op("Conv", [x, gs.Constant(new_name(g, f"{base}/onehot"), onehot.reshape(ngroups * k, cg, *taps))],
+                   {**attrs, "group": ngroups, "kernel_shape": taps})
+        cols = op("Reshape", [x, const([0, ngroups, k, -1])])               # [N, G, K, positions]
+        h = op("ReduceSum", [op("MatMul", [cols, op("Transpose", [cols], {"perm": [0, 1, 3, 2]})]), const([0])],
+               {"keepdims": 0})
+        shape = op("Shape", [cols], dtype=np.int64)
+        count = op("Mul", [op("Gather", [shape, const(0)], dtype=np.int64), op("Gather", [shape, const(3)], dtype=np.int64)],
+                   dtype=np.int64)
+        return [h, count]
+    rows = op("Reshape", [x, const([-1, k])])                               # [n, K]
+    h = op("Unsqueeze", [op("MatMul", [op("Transpose", [rows], {"perm": [1, 0]}), rows]), const([0])])
+    count = op("Gather", [op("Shape", [rows], dtype=np.int64), const(0)], dtype=np.int64)
+    return [h, count]

@@ -11,6 +11,8 @@ choose_exponents decided; biases stay float there (their int32 rounding is negli
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Callable
 
 import numpy as np
@@ -18,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from ..fixedpoint import pow2_scale
 from ..quantized import quantized_weight
+from ..graph_utils import add_node, new_name
 from ..model_io import analysis_session
 from .choose_exponents import Exponents
 from .emit_qdq import CODE_DTYPES
@@ -33,45 +36,7 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
     """Return exponents with some activation fractions moved by one, and facts
     {"exponents_moved": n, "search_sqnr_db": [before, after]}. Guarantees: weight fractions and
     group structure are unchanged; the output SQNR on `batches` does not decrease."""
-    g = graph.copy()
-    tmap = g.tensors()
-    groups = list(dict.fromkeys(plan.group(t) for t in plan.requant))
-    scale_in = {grp: gs.Variable(f"dfq_search_scale_{i}", dtype=np.float32, shape=[]) for i, grp in enumerate(groups)}
-    for node in g.nodes:  # weights as the quantized graph has them
-        if node.name in exps.weight:
-            node.inputs[1] = gs.Constant(node.inputs[1].name + "_search",
-                                         quantized_weight(node, exps.weight[node.name], exps.weight_bits[node.name], per_channel))
-    for t in plan.requant:
-        src = tmap[t]
-        dtype = CODE_DTYPES[(exps.bits_of(t), t in plan.unsigned)]
-        zp = gs.Constant(f"{t}_search_zp", np.zeros((), dtype))
-        q = gs.Variable(f"{t}_search_q", dtype=dtype)
-        dq = gs.Variable(f"{t}_search_dq", dtype=np.float32, shape=src.shape)
-        readers = list(src.outputs)
-        s = scale_in[plan.group(t)]
-        g.nodes.append(gs.Node("QuantizeLinear", f"{t}_search_Q", inputs=[src, s, zp], outputs=[q]))
-        g.nodes.append(gs.Node("DequantizeLinear", f"{t}_search_DQ", inputs=[q, s, zp], outputs=[dq]))
-        for n in readers:
-            n.inputs = [dq if i is src else i for i in n.inputs]
-        if src in g.outputs:
-            g.outputs = [dq if o is src else o for o in g.outputs]
-    ref_graph = graph.copy()
-    ref_graph.outputs = ref_graph.outputs[:1]
-    ref = np.concatenate([analysis_session(ref_graph, "onnxruntime cannot run the model").run(None, b)[0]
-                          for b in batches]).astype(np.float64)
-    g.inputs = list(g.inputs) + list(scale_in.values())
-    g.outputs = g.outputs[:1]
-    g.cleanup().toposort()
-    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", optimize=False)
-    act = dict(exps.act)
-    frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
-
-    def sqnr(fr: dict) -> float:
-        feeds = {scale_in[grp].name: np.asarray(pow2_scale(f), np.float32) for grp, f in fr.items()}
-        y = np.concatenate([sess.run(None, {**b, **feeds})[0] for b in batches]).astype(np.float64)
-        noise = float(np.sum((ref - y) ** 2))
-        return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
-
+    sqnr, groups, frac = _output_sqnr(graph, plan, exps, batches, per_channel)
     start = best = sqnr(frac)
     moved = 0
     for i, grp in enumerate(groups):
@@ -87,7 +52,184 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
         if choice != base:
             frac[grp] = choice
             moved += 1
+    act = dict(exps.act)
     for t in plan.requant:
         act[t] = frac[plan.group(t)]
-    return Exponents(act, exps.weight, plan, exps.weight_bits, exps.act_bits, exps.grid), {"exponents_moved": moved,
+    return replace(exps, act=act), {"exponents_moved": moved,
                                                                  "search_sqnr_db": [start, best]}
+
+
+def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict], per_channel: bool,
+                 ref: np.ndarray | None = None):
+    """(sqnr, groups, fractions): sqnr(fractions by group) is the SQNR of the model's first output
+    on `batches` in the simulated quantized graph with those activation fractions (exps' weights,
+    float biases), against the float graph; groups in graph order; exps' fraction of each group.
+    The graph is built once, every activation scale a graph input: a call is one onnxruntime run.
+    ref: the float graph's first output on `batches`, if already computed."""
+    g = graph.copy()
+    tmap = g.tensors()
+    groups = list(dict.fromkeys(plan.group(t) for t in plan.requant))
+    scale_in = {grp: gs.Variable(f"dfq_search_scale_{i}", dtype=np.float32, shape=[]) for i, grp in enumerate(groups)}
+    for node in g.nodes:  # weights as the quantized graph has them
+        if node.name in exps.grid:  # already on its grid (second-order rounding)
+            node.inputs[1] = gs.Constant(node.inputs[1].name + "_search", exps.grid[node.name])
+        elif node.name in exps.weight:
+            node.inputs[1] = gs.Constant(node.inputs[1].name + "_search",
+                                         quantized_weight(node, exps.weight[node.name], exps.weight_bits[node.name],
+                                                          per_channel, exps.limit.get(node.name)))
+    for t in plan.requant:
+        src = tmap[t]
+        dtype = CODE_DTYPES[(exps.bits_of(t), t in plan.unsigned)]
+        zp = gs.Constant(f"{t}_search_zp", np.zeros((), dtype))
+        q = gs.Variable(f"{t}_search_q", dtype=dtype)
+        dq = gs.Variable(f"{t}_search_dq", dtype=np.float32, shape=src.shape)
+        readers = list(src.outputs)
+        s = scale_in[plan.group(t)]
+        g.nodes.append(gs.Node("QuantizeLinear", f"{t}_search_Q", inputs=[src, s, zp], outputs=[q]))
+        g.nodes.append(gs.Node("DequantizeLinear", f"{t}_search_DQ", inputs=[q, s, zp], outputs=[dq]))
+        for n in readers:
+            n.inputs = [dq if i is src else i for i in n.inputs]
+        if src in g.outputs:
+            g.outputs = [dq if o is src else o for o in g.outputs]
+    if ref is None:
+        ref_graph = graph.copy()
+        ref_graph.outputs = ref_graph.outputs[:1]
+        ref = np.concatenate([analysis_session(ref_graph, "onnxruntime cannot run the model").run(None, b)[0]
+                              for b in batches]).astype(np.float64)
+    g.inputs = list(g.inputs) + list(scale_in.values())
+    g.outputs = g.outputs[:1]
+    g.cleanup().toposort()
+    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", optimize=False)
+    act = dict(exps.act)
+    frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
+
+    def sqnr(fr: dict) -> float:
+        feeds = {scale_in[grp].name: np.asarray(pow2_scale(f), np.float32) for grp, f in fr.items()}
+        y = np.concatenate([sess.run(None, {**b, **feeds})[0] for b in batches]).astype(np.float64)
+        noise = float(np.sum((ref - y) ** 2))
+        return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
+
+    return sqnr, groups, frac
+
+
+LOCAL_SAMPLES = 32  # calibration samples the local search measures on
+LOCAL_MIN_GAIN = 0.02
+LOCAL_CONFIRM_DB = 0.1  # the proposed moves are kept when the model's output SQNR rises by more than this  # a fraction moves when the weighted error falls by more than this share
+
+
+def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict], *,
+                 per_channel: bool) -> tuple[Exponents, dict]:
+    """The fast output-aware search: each activation group's fraction f is compared with f - 1
+    and f + 1 by the error it causes at the outputs of the modules that read it (each reader's
+    float nodes run again on the rounded tensor: weights, bias, residual, activation), not at the
+    tensor itself. So a channel that feeds large weights counts more, errors that add up
+    coherently (clipping the bright pixels of a whole region) count as they do, and an error a
+    Relu discards counts for nothing, where the histogram rule weighs every value of the tensor
+    alike. One onnxruntime run of the float graph per batch measures every candidate.
+
+    Guarantees: weight fractions are unchanged; a group moves by at most one, and only when every
+    tensor in it is read by modules alone (directly or through a Pad) and the error energy falls
+    by more than LOCAL_MIN_GAIN of itself. Facts: {"exponents_moved": n, "local_search_groups": groups measured}."""
+    cost, ref = reader_errors(graph, plan, exps, batches)
+    proposal = {}
+    for grp, c in cost.items():
+        best = min((-1, 1), key=lambda d: c[d])
+        if c[best] < (1 - LOCAL_MIN_GAIN) * c[0]:
+            proposal[grp] = best
+    facts = {"exponents_moved": 0, "local_search_groups": len(cost), "local_search_proposed": len(proposal)}
+    if not proposal:
+        return exps, facts
+    sqnr, _, frac = _output_sqnr(graph, plan, exps, batches, per_channel, ref)
+    before, after = sqnr(frac), sqnr({grp: f + proposal.get(grp, 0) for grp, f in frac.items()})
+    facts["search_sqnr_db"] = [before, max(before, after)]
+    if after <= before + LOCAL_CONFIRM_DB:  # the model's output does not confirm it: keep the histogram rule's choice
+        return exps, facts
+    act = {t: f + proposal.get(plan.group(t), 0) for t, f in exps.act.items()}
+    facts["exponents_moved"] = len(proposal)
+    return replace(exps, act=act), facts
+
+
+def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict]) -> tuple[dict, np.ndarray]:
+    """({group: {d: energy}}, ref): for each activation group read by modules alone, the squared
+    error at its readers' outputs with the group at fraction f + d (d = -1, 0, 1), summed over
+    `batches` (see local_search); ref: the float graph's first output on the batches."""
+    g = graph.copy()
+    tmap = g.tensors()
+    readers = _module_readers(g, plan)
+    groups: dict[str, list[str]] = {}
+    for t in plan.requant:
+        groups.setdefault(plan.group(t), []).append(t)
+    candidates = [grp for grp, ts in groups.items() if all(t in readers for t in ts)]
+    outs, where = [], {}
+    for grp in candidates:
+        f = exps.act[groups[grp][0]]
+        for t in groups[grp]:
+            dtype = CODE_DTYPES[(exps.bits_of(t), t in plan.unsigned)]
+            for d in (-1, 0, 1):
+                where[(t, d)] = len(outs)
+                outs.append(_reader_error(g, tmap[t], f + d, dtype, readers[t]))
+    first = g.outputs[0]
+    g.outputs = [first] + outs
+    g.cleanup()
+    sess = analysis_session(g, "exponent search: onnxruntime cannot run the model")
+    totals, ref = np.zeros(len(outs)), []
+    for b in batches:
+        values = sess.run([first.name] + [o.name for o in outs], b)
+        ref.append(values[0])
+        totals += np.asarray([float(v) for v in values[1:]])
+    cost = {grp: {d: float(sum(totals[where[(t, d)]] for t in groups[grp])) for d in (-1, 0, 1)} for grp in candidates}
+    return cost, np.concatenate(ref).astype(np.float64)
+
+
+def _module_readers(g: gs.Graph, plan: Plan) -> dict[str, list[tuple[list[gs.Node], object]]]:
+    """tensor -> its readers as (Pad nodes between, the module that reads it), for requantized
+    tensors read by modules alone (a graph output is read by the user: left out)."""
+    owner = {n: m for m in plan.modules for n in m.nodes}
+    tmap = g.tensors()
+    out = {}
+    for name in plan.requant:
+        t = tmap[name]
+        if not t.outputs or t in g.outputs:
+            continue
+        found, ok = {}, True
+        for n in t.outputs:
+            pads, node = [], n
+            if node.op == "Pad" and node.inputs[0] is t and len(node.outputs[0].outputs) == 1:
+                pads, node = [node], node.outputs[0].outputs[0]
+            m = owner.get(node.name)
+            if m is None or (pads and node.name != m.name):
+                ok = False
+                break
+            found[m.name] = (pads, m)
+        if ok and found:
+            out[name] = list(found.values())
+    return out
+
+
+def _reader_error(g: gs.Graph, x: gs.Tensor, f: int, dtype, readers) -> gs.Variable:
+    """A new scalar: the squared error that rounding x at fraction f causes at the outputs of the
+    modules that read it (each module's nodes run again on the rounded x; everything else they
+    read is the float graph's)."""
+    if x.dtype is None:
+        x.dtype = np.float32
+    nodes = {n.name: n for n in g.nodes}
+    scale = gs.Constant(new_name(g, f"{x.name}_ls_scale"), np.asarray(pow2_scale(f), np.float32))
+    zp = gs.Constant(new_name(g, f"{x.name}_ls_zp"), np.zeros((), dtype))
+    q = add_node(g, "QuantizeLinear", [x, scale, zp], None, f"{x.name}_ls_q", dtype=dtype)
+    xq = add_node(g, "DequantizeLinear", [q, scale, zp], None, f"{x.name}_ls_dq")
+    total = None
+    for pads, m in readers:
+        swap = {x.name: xq}
+        for p in pads:
+            swap[p.outputs[0].name] = add_node(g, "Pad", [xq] + list(p.inputs[1:]), dict(p.attrs), f"{x.name}_ls_pad")
+        inside = [nodes[name] for name in m.nodes]
+        start = next((i + 1 for i, n in enumerate(inside) if x.name in {o.name for o in n.outputs}), 0)
+        for n in inside[start:]:  # the module again from where it reads x, on the rounded x
+            outs = [gs.Variable(new_name(g, f"{o.name}_ls"), dtype=o.dtype, shape=o.shape) for o in n.outputs]
+            g.nodes.append(gs.Node(n.op, new_name(g, f"{n.name}_ls"), dict(n.attrs),
+                                   [swap.get(i.name, i) for i in n.inputs], outs))
+            swap.update({o.name: c for o, c in zip(n.outputs, outs)})
+        diff = add_node(g, "Sub", [swap[m.output], g.tensors()[m.output]], None, f"{x.name}_ls_e")
+        energy = add_node(g, "ReduceSumSquare", [diff], {"keepdims": 0}, f"{x.name}_ls_energy")
+        total = energy if total is None else add_node(g, "Add", [total, energy], None, f"{x.name}_ls_sum")
+    return total

@@ -1,0 +1,98 @@
+"""The fast exponent search (passes/search_exponents.local_search). Oracles: onnx.reference (a
+second runtime) running the fused float model's modules on values rounded by plain numpy, and
+onnxruntime's QDQ arithmetic for the model output."""
+import numpy as np
+import onnx
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from dfq_onnx import QuantConfig
+from dfq_onnx.calibration_data import DataSource, input_specs
+from dfq_onnx.fixedpoint import quantize
+from dfq_onnx.model_io import load_light, to_graph, to_model
+from dfq_onnx.passes.calibrate import calibrate
+from dfq_onnx.passes.canonicalize import canonicalize
+from dfq_onnx.passes.choose_exponents import choose_exponents
+from dfq_onnx.passes.fold_batchnorm import fold_batchnorm
+from dfq_onnx.passes.form_modules import find_modules, plan_quantization
+from dfq_onnx.passes.search_exponents import reader_errors
+from dfq_onnx.pipeline import run
+from helpers import CALIB, SHIPPED, TEST, run_ort
+
+
+@pytest.fixture(scope="module")
+def fused():
+    original, weights = load_light(str(SHIPPED))
+    graph = fold_batchnorm(canonicalize(to_graph(original, weights)))
+    plan = plan_quantization(graph, find_modules(graph), residual_requant=True)
+    data = DataSource(str(CALIB), input_specs(original), num_samples=16)
+    stats = calibrate(graph, plan.requant, data, 8)
+    exps = choose_exponents(graph, plan, stats, weight_bits=8, act_bits=8, per_channel=True, method="mse")
+    return graph, original, plan, exps
+
+
+def test_reader_errors_are_the_readers_output_errors_in_a_second_runtime(fused):
+    """Every measured group, at f - 1, f and f + 1: the squared difference of its reading modules'
+    outputs (float nodes, onnx.reference) between the tensor rounded in numpy and the float one."""
+    graph, original, plan, exps = fused
+    x = np.load(CALIB)["input"][:8]
+    cost, ref = reader_errors(graph, plan, exps, [{"input": x}])
+    model = to_model(graph, original)
+    # every tensor of the fused model as an output, from both runtimes' point of view
+    names = [t for n in model.graph.node for t in n.output]
+    probe = onnx.load_from_string(model.SerializeToString())
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names)
+    values = dict(zip(names, run_ort(probe, {"input": x}, optimize=False)))
+    values["input"] = x
+    np.testing.assert_allclose(ref, values[model.graph.output[0].name], rtol=1e-5, atol=1e-5)
+    assert "input" in cost and len(cost) >= 5
+    checked = 0
+    for grp, by_d in cost.items():
+        if grp != plan.group(grp):
+            continue
+        made_inside = {o for m in plan.modules for n in model.graph.node if n.name in m.nodes for o in n.output}
+        readers = [m for m in plan.modules if grp in _module_inputs(m, model)
+                   or (grp in made_inside and grp in {i for n in model.graph.node if n.name in m.nodes for i in n.input})]
+        for d in (-1, 0, 1):
+            f = exps.act[grp]
+            xq = (quantize(values[grp], f + d, 8, grp in plan.unsigned) * 2.0 ** -(f + d)).astype(np.float32)
+            want = 0.0
+            for m in readers:
+                ins = list(dict.fromkeys([grp] + _module_inputs(m, model)))
+                sub = onnx.utils.Extractor(probe).extract_model(ins, [m.output])
+                feeds = {i.name: (xq if i.name == grp else values[i.name]) for i in sub.graph.input}
+                y = ReferenceEvaluator(sub).run(None, feeds)[0].astype(np.float64)
+                want += float(np.sum((y - values[m.output]) ** 2))
+            assert by_d[d] == pytest.approx(want, rel=2e-3, abs=1e-6), (grp, d)
+            checked += 1
+    assert checked >= 15
+
+
+def _module_inputs(m, model) -> list[str]:
+    """The tensors a module's nodes read from outside the module (not initializers)."""
+    inits = {i.name for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.name in m.nodes]
+    made = {o for n in nodes for o in n.output}
+    return list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made and i not in inits))
+
+
+def test_fast_search_never_lowers_held_out_accuracy_much_and_keeps_its_promise(test_data):
+    """Where it moves fractions, the model's output SQNR on the search samples rose by more than
+    0.1 dB; on the shipped model (where the histogram rule is already right) it must leave held-out
+    digits within 0.3 dB of the fast effort's model."""
+    x = test_data[0]
+    ref = run_ort(SHIPPED, {"input": x})[0].astype(np.float64)
+
+    def sqnr(model):
+        y = run_ort(model, {"input": x}, optimize=False)[0].astype(np.float64)
+        return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - y) ** 2))
+
+    default = run(SHIPPED, CALIB, QuantConfig())
+    fast = run(SHIPPED, CALIB, QuantConfig(effort="fast"))
+    f = default.facts
+    assert f["local_search_groups"] >= 5 and "local_search_groups" not in fast.facts
+    if f["exponents_moved"]:
+        a, b = f["search_sqnr_db"]
+        assert b > a + 0.1
+    assert sqnr(default.model) > sqnr(fast.model) - 0.3
