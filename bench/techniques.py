@@ -1,9 +1,10 @@
-"""Each accuracy technique off and on, on MobileNetV2 and EfficientNet-Lite0; adds a section to BENCHMARKS.md.
+"""Each accuracy technique off and on, on MobileNetV2, EfficientNet-Lite0 and open_nsfw; adds a section to BENCHMARKS.md.
 
   python bench/techniques.py          # after bench/run.py (models and data in bench/cache)
 
 Converts in-process with dfq_onnx.pipeline.run on the benchmark's 128 calibration samples, with
-the SETTINGS below (each a QuantConfig; W4A8 on MobileNetV2 only). Each result runs under
+the SETTINGS below (each a QuantConfig; open_nsfw, the ResNet-class model, with the rounding and
+sparsity rows only). Each result runs under
 dfq_onnx.validate on the 320 evaluation crops:
 top-1 agreement with float deployed (default onnxruntime optimizations) and simulated (none), and
 output SQNR. Results go to bench/cache/techniques.json; BENCHMARKS.md is re-rendered.
@@ -24,25 +25,34 @@ import run as bench_run  # noqa: E402
 import zoo  # noqa: E402
 
 SETTINGS = {  # label -> QuantConfig fields (num_samples added), plus "calib": "none" for data-free
-    "plain": dict(align=False, bias_correction=False),
-    "alignment": dict(bias_correction=False),
-    "bias correction": dict(align=False),
-    "alignment + bias correction (default)": dict(),
-    "default + exponent search (--search-exponents)": dict(search_exponents=True),
+    "plain (--effort fast --no-align --no-bias-correction)": dict(align=False, bias_correction=False, effort="fast"),
+    "alignment (--effort fast --no-bias-correction)": dict(bias_correction=False, effort="fast"),
+    "bias correction (--effort fast --no-align)": dict(align=False, effort="fast"),
+    "alignment + bias correction (--effort fast)": dict(effort="fast"),
+    "+ fast exponent search (default, --effort default)": dict(),
+    "default + second-order rounding (--rounding gptq)": dict(rounding="gptq"),
+    "default + full exponent search (--search-exponents)": dict(search_exponents=True),
+    "--effort max (second-order rounding in 4 stages + full search)": dict(effort="max"),
     "default + equalization (--equalize)": dict(equalize=True),
     "per-tensor weights, default": dict(per_channel=False),
     "per-tensor weights + equalization": dict(per_channel=False, equalize=True),
     "default, --max-drop 5 (raises modules to W8A16)": dict(max_drop=5.0),
     "W8A16 (--act-bits 16)": dict(act_bits=16),
     "data-free (--calib none)": dict(calib="none"),
-    "W4A8 plain": dict(weight_bits=4, align=False, bias_correction=False),
-    "W4A8 alignment": dict(weight_bits=4, bias_correction=False),
-    "W4A8 bias correction": dict(weight_bits=4, align=False),
-    "W4A8 alignment + bias correction": dict(weight_bits=4),
-    "W4A8 alignment + bias correction + exponent search": dict(weight_bits=4, search_exponents=True),
-    "W4A8 equalization + alignment + bias correction": dict(weight_bits=4, equalize=True),
+    "W4A8 plain (--effort fast --no-align --no-bias-correction)": dict(weight_bits=4, align=False, bias_correction=False,
+                                                                     effort="fast"),
+    "W4A8 alignment + bias correction, rounded to nearest (--effort fast)": dict(weight_bits=4, effort="fast"),
+    "W4A8 default (second-order rounding + fast search)": dict(weight_bits=4),
+    "W4A8 --effort max": dict(weight_bits=4, effort="max"),
+    "W4A8 equalization + alignment + bias correction (--effort fast)": dict(weight_bits=4, equalize=True, effort="fast"),
+    "2:4 sparsity + W8A8, magnitude pruning then rounding (--rounding nearest)": dict(sparsity="2:4", rounding="nearest"),
+    "2:4 sparsity + W8A8, joint Hessian update (default)": dict(sparsity="2:4"),
+    "50 % unstructured sparsity + W8A8, joint Hessian update": dict(sparsity="0.5"),
 }
-MODELS = {"mobilenet_v2": list(SETTINGS), "efficientnet_lite0": [k for k in SETTINGS if not k.startswith("W4")]}
+MODELS = {"mobilenet_v2": list(SETTINGS),
+          "efficientnet_lite0": [k for k in SETTINGS if "plain" not in k and "equalization" not in k],
+          "open_nsfw": [k for k in SETTINGS if k.startswith(("alignment + bias", "+ fast", "default + second", "2:4",
+                                                                 "50 %"))]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,23 +74,19 @@ def round_weights(graph: gs.Graph, plan: Plan, exps: Exponents, simulate: Callab
             if sparsity is not None and name not in dense:
                 grid[name] = _rounded(nodes[name], exps, per_channel, None, sparsity, pair_limit, dense=False)
                 facts["pruned_modules"] += 1
-        return _with_grid(exps, grid), facts
+        return replace(exps, grid=grid), facts
     chunks = _stages(todo, nodes, stages)
     for i, chunk in enumerate(chunks):
         if on_stage is not None:
             on_stage(i, len(chunks))
-        current = _with_grid(exps, grid)
+        current = replace(exps, grid=grid)
         hessians = _hessians(simulate(current), [nodes[n] for n in chunk], batches)
         for name in chunk:
             grid[name] = _rounded(nodes[name], exps, per_channel, hessians.pop(name), sparsity, pair_limit,
                                   dense=name in dense, act_order=act_order)
             facts["gptq_modules"] += 1
             facts["pruned_modules"] += int(sparsity is not None and name not in dense)
-    return _with_grid(exps, grid), facts
-
-
-def _with_grid(exps: Exponents, grid: dict) -> Exponents:
-    return replace(exps, grid=grid)
+    return replace(exps, grid=grid), facts
 
 
 def _stages(names: list[str], nodes: dict, stages: int) -> list[list[str]]:
