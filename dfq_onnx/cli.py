@@ -127,7 +127,7 @@ def main():
 @click.option("--effort", type=click.Choice(["fast", "default", "max"]), default="default", show_default=True,
               help="fast: histogram exponents, weights rounded to nearest. default: the fast output-aware "
                    "exponent search (each activation fraction judged at the outputs of the modules that read it, "
-                   "kept if the model output on 32 calibration samples confirms it) and second-order (GPTQ) "
+                   "kept if the model output on 32 other calibration samples confirms it) and second-order (GPTQ) "
                    "rounding below 8 weight bits or with --sparsity. max: second-order rounding at every width (in "
                    "4 stages, columns in activation order) plus the full --search-exponents (minutes on ImageNet "
                    "models).")

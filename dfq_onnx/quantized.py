@@ -234,39 +234,30 @@ def channel_slices(fn, w: np.ndarray, axis: int) -> list:
     return in_slices(part, channels, max(1, CHUNK_ELEMENTS // per))
 
 
-def weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int, limit: np.ndarray | None = None) -> np.ndarray:
-    """int8 codes of a float weight at a fraction per slice along `axis` (round half to even),
-    clamped to +-limit per slice where a limit is given (the saturation guard's clamped channels).
+def weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int8 codes of a float weight at a fraction per slice along `axis` (round half to even).
     Elementwise, so computed in slices along the first axis: the float64 and int64 temporaries
     of the arithmetic stay small whatever the weight's size."""
     w = np.asarray(w)
     f = _along(frac, np.ndim(w), axis)
-    lim = None if limit is None else _along(limit, np.ndim(w), axis)
-
-    def codes(x, fr, li):
-        q = quantize(x, fr, bits)
-        return (q if li is None else np.clip(q, -li, li)).astype(np.int8)
-
     if w.size <= CHUNK_ELEMENTS or w.ndim == 0:
-        return codes(w, f, lim)
+        return quantize(w, f, bits).astype(np.int8)
     out = np.empty(w.shape, np.int8)
 
     def part(a: int, b: int) -> None:
-        out[a:b] = codes(w[a:b], f[a:b] if f.shape[0] > 1 else f,
-                         None if lim is None else lim[a:b] if lim.shape[0] > 1 else lim)
+        out[a:b] = quantize(w[a:b], f[a:b] if f.shape[0] > 1 else f, bits).astype(np.int8)
 
     in_slices(part, w.shape[0], max(1, CHUNK_ELEMENTS // max(1, w.size // w.shape[0])))
     return out
 
 
-def cached_weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int, cache: dict | None,
-                        limit: np.ndarray | None = None) -> np.ndarray:
+def cached_weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int, cache: dict | None) -> np.ndarray:
     """weight_codes, looked up in `cache` (kept by the caller across builds of one graph) by the
-    weight array itself, the fractions, bits, axis and limits. The codes are read-only."""
-    key = (id(w), np.asarray(frac, np.int64).tobytes(), bits, axis, None if limit is None else np.asarray(limit).tobytes())
+    weight array itself, the fractions, bits and axis. The codes are read-only."""
+    key = (id(w), np.asarray(frac, np.int64).tobytes(), bits, axis)
     if cache is not None and key in cache and cache[key][0] is w:
         return cache[key][1]
-    q = weight_codes(w, frac, bits, axis, limit)
+    q = weight_codes(w, frac, bits, axis)
     q.setflags(write=False)
     if cache is not None:
         cache[key] = (w, q)
@@ -289,16 +280,15 @@ def channel_fractions(node: gs.Node, frac, per_channel: bool) -> tuple[np.ndarra
     return fr, axis
 
 
-def node_weight_codes(node: gs.Node, frac, bits: int, per_channel: bool,
-                      limit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def node_weight_codes(node: gs.Node, frac, bits: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """(codes, fraction per output channel, channel axis) of a linear node's weight at `frac`."""
     fr, axis = channel_fractions(node, frac, per_channel)
-    return weight_codes(np.asarray(node.inputs[1].values), fr, bits, axis, limit), fr, axis
+    return weight_codes(np.asarray(node.inputs[1].values), fr, bits, axis), fr, axis
 
 
-def quantized_weight(node: gs.Node, frac, bits: int, per_channel: bool, limit: np.ndarray | None = None) -> np.ndarray:
+def quantized_weight(node: gs.Node, frac, bits: int, per_channel: bool) -> np.ndarray:
     """The float values of a node's weight after quantization: what every simulation uses."""
-    q, fr, axis = node_weight_codes(node, frac, bits, per_channel, limit)
+    q, fr, axis = node_weight_codes(node, frac, bits, per_channel)
     return np.ldexp(q.astype(np.float64), -_along(fr, q.ndim, axis)).astype(np.float32)
 
 
@@ -394,7 +384,7 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
 
     rounded = np.zeros(channels, bool)  # channels whose residual is right-shifted (the exact form overflows)
     for _ in range(MAX_NARROWING):
-        q = cached_weight_codes(w, frac, bits, axis, codes_cache, exps.limit.get(m.name))
+        q = cached_weight_codes(w, frac, bits, axis, codes_cache)
         acc_frac = x.frac + frac
         bq = None if bias_f is None else bias_codes(bias_f, acc_frac)
         bound = _sum_abs_per_channel(q, axis) * x.max_abs_code + (0 if bq is None else np.abs(bq))

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..config import U8S8_PAIR_SUM
-from ..fixedpoint import activation_fraction, qrange, weight_fractions
+from ..fixedpoint import activation_fraction, weight_fractions
 from ..graph_utils import out_channel_axis
 from ..quantized import CHUNK_ELEMENTS, channel_fractions, channel_slices, weight_codes
 from .calibrate import TensorStats
@@ -24,8 +24,6 @@ class Exponents:
     act_bits: dict[str, int] = field(default_factory=dict)     # requantized tensor -> code bits (8 if absent)
     grid: dict[str, np.ndarray] = field(default_factory=dict)  # linear module name -> its weight already on its
     #                                                            grid (passes/round_weights.py), quantized instead
-    limit: dict[str, np.ndarray] = field(default_factory=dict)  # linear module name -> largest |code| per output
-    #                                                             channel (guard_saturation's clamped channels)
 
     def act_of(self, tensor: str) -> int:
         return self.act[self.plan.source(tensor)]
@@ -91,12 +89,11 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
     pair: the channel is safe for every input iff its two largest positive codes, and its two
     most negative ones, add up to at most U8S8_PAIR_SUM in magnitude (255 x 128 <= 32767).
     Guarantees: a channel that is unsafe at its chosen fraction has the fraction lowered by one
-    (its codes halve) until it is safe, or (per channel, where that loses less: _clamp_where_better)
-    keeps its fraction with its codes clamped to +-64 (Exponents.limit); every other channel, and every activation fraction, is unchanged. A per-tensor
-    weight is lowered as a whole. Quantization is monotone, so the four extreme weights of a
-    channel decide which channels are unsafe."""
+    (its codes halve) until it is safe; every other channel, and every activation fraction, is
+    unchanged. A per-tensor weight is lowered as a whole. Quantization is monotone, so the four
+    extreme weights of a channel decide it: the weight tensor is never quantized here."""
     nodes = {n.name: n for n in graph.nodes}
-    weight, guarded, limits = dict(exps.weight), {}, dict(exps.limit)
+    weight, guarded = dict(exps.weight), {}
     for name, frac in exps.weight.items():
         node = nodes[name]
         w = np.asarray(node.inputs[1].values)
@@ -115,35 +112,9 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
             fr = fr - risky
             lowered |= risky
         if lowered.any():
-            if per_channel:
-                fr, lim = _clamp_where_better(w, axis, np.asarray(channel_fractions(node, frac, True)[0]), fr, lowered,
-                                              exps.weight_bits[name])
-                if lim is not None:
-                    limits[name] = lim
             weight[name] = fr if per_channel else fr[:1].copy()
             guarded[name] = int(lowered.sum()) if per_channel else len(fr)
-    return replace(exps, weight=weight, limit=limits), guarded
-
-
-def _clamp_where_better(w: np.ndarray, axis: int, f0: np.ndarray, fr: np.ndarray, lowered: np.ndarray,
-                        bits: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per guarded channel: its lowered fraction (fr), or its own fraction f0 with codes clamped to
-    +-U8S8_PAIR_SUM / 2 (then any two add up to at most U8S8_PAIR_SUM), whichever has the smaller
-    squared weight error. Returns (fractions, code limit per channel, or None if none is clamped).
-    Only guarded channels are quantized, a few at a time (small temporaries)."""
-    lim = U8S8_PAIR_SUM // 2
-    idx = np.flatnonzero(lowered)
-    per = max(1, CHUNK_ELEMENTS // max(1, w.size // w.shape[axis]))
-    better = np.zeros(len(fr), bool)
-    for a in range(0, len(idx), per):
-        ch = idx[a:a + per]
-        wm = np.moveaxis(np.take(w, ch, axis=axis), axis, 0).reshape(len(ch), -1).astype(np.float64)
-        low = np.ldexp(weight_codes(wm, fr[ch], bits, 0).astype(np.float64), -fr[ch][:, None])
-        clamped = np.ldexp(weight_codes(wm, f0[ch], bits, 0, np.full(len(ch), lim)).astype(np.float64), -f0[ch][:, None])
-        better[ch] = ((wm - clamped) ** 2).sum(1) < ((wm - low) ** 2).sum(1)
-    if not better.any():
-        return fr, None
-    return np.where(better, f0, fr), np.where(better, lim, -qrange(bits)[0]).astype(np.int64)
+    return replace(exps, weight=weight), guarded
 
 
 def _channel_extremes(w: np.ndarray, axis: int) -> np.ndarray:

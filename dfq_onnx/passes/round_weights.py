@@ -148,7 +148,7 @@ def _rounded(node: gs.Node, exps: Exponents, per_channel: bool, hessian: Hessian
     w = np.asarray(node.inputs[1].values)
     bits = exps.weight_bits[node.name]
     frac, axis = channel_fractions(node, exps.weight[node.name], per_channel)
-    rtn = weight_codes(w, frac, bits, axis, exps.limit.get(node.name))  # the guard may clamp some channels
+    rtn = weight_codes(w, frac, bits, axis)
     g, c, k = _layout(node)
     fr = frac.reshape(g, c)
     rtn_m = _to_matrices(node, rtn.astype(np.int64))
