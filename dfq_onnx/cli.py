@@ -312,8 +312,11 @@ def _print_summary(s: dict) -> None:
                    f"{sq[0]:.2f} -> {sq[1]:.2f} dB)" if sq else ""))
     elif "exponents_moved" in f:
         a, b = f["search_sqnr_db"]
-        t.add_row("exponent search", f"{f['exponents_moved']} activation fractions moved (output SQNR on the search "
-                                     f"samples {a:.2f} -> {b:.2f} dB)")
+        held = f.get("search_confirmed_db")
+        t.add_row("exponent search", f"full: {f['exponents_moved']} activation fractions moved (output SQNR on the "
+                  f"search samples {a:.2f} -> {b:.2f} dB" +
+                  (f"; on the confirming samples {held[0]:.2f} -> {held[1]:.2f} dB"
+                   + ("" if f["exponents_moved"] else ": not confirmed, none kept") if held else "") + ")")
     if f.get("gptq_modules") or f.get("pruned_modules") or f.get("gptq_skipped"):
         skipped = f.get("gptq_skipped", {})
         t.add_row("weight rounding", (f"second order (GPTQ) in {f['gptq_modules']} modules" if f.get("gptq_modules")

@@ -20,7 +20,7 @@ from .passes.choose_exponents import choose_exponents, guard_saturation
 from .passes.emit_int import DOMAIN as INT_DOMAIN, INT_OPSET, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
-from .passes.search_exponents import LOCAL_SAMPLES, SAMPLES as SEARCH_SAMPLES, local_search, search_exponents
+from .passes.search_exponents import CONFIRM_SAMPLES, LOCAL_SAMPLES, SAMPLES as SEARCH_SAMPLES, local_search, search_exponents
 from .passes.align_ranges import align_ranges
 from .passes.round_weights import SAMPLES as ROUND_SAMPLES, round_weights
 from .gptq import Sparsity
@@ -123,7 +123,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_start is not None:
             on_start(len(data))
         stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                          max(SEARCH_SAMPLES if config.searches else LOCAL_SAMPLES if config.effort == "default" else 0, ROUND_SAMPLES if config.gptq else 0,
+                          max(SEARCH_SAMPLES + CONFIRM_SAMPLES if config.searches else LOCAL_SAMPLES if config.effort == "default" else 0, ROUND_SAMPLES if config.gptq else 0,
                               BIAS_SAMPLES if config.bias_correction else 0))
     align_facts = {"aligned": 0}
     if config.align:
@@ -137,19 +137,28 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     guarded: dict[str, int] = {}
     if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq":
         exps, guarded = guard_saturation(graph, exps, config.per_channel)
-    search_facts = {}
-    if config.effort == "default" and kept and not config.searches:  # the fast search; max runs the full one
-        exps, search_facts = local_search(graph, plan, exps, first_samples(kept, LOCAL_SAMPLES, whole=data.fixed_batch is not None),
-                                          per_channel=config.per_channel)
-    if config.searches and kept:  # data-free mode has no samples to search on
-        exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
-                                              on_group=on_search)
-
     codes_cache: dict = {}  # bias correction changes biases only: the second build reuses the weight codes
 
-    def quantized_model(e=None) -> QuantizedModel:
-        return build_quantized(graph, plan, e or exps, per_channel=config.per_channel,
+    def quantized_model(e=None, g=None) -> QuantizedModel:
+        return build_quantized(g or graph, plan, e or exps, per_channel=config.per_channel,
                                integer_graph=config.format == "int", codes_cache=codes_cache)
+
+    search_facts = {}
+    fast_search = config.effort == "default" and not config.searches
+    if kept and (fast_search or config.searches):  # data-free mode has no samples to search on
+        # the searches judge the model with its biases corrected, as it will be deployed (judged without,
+        # moves that only undo clipping bias won: the shipped model's full search lost 2 dB on test digits)
+        corrected = None
+        if config.bias_correction:
+            corrected = correct_biases(graph, plan, emit_qdq(graph, quantized_model())[0],
+                                       first_samples(kept, BIAS_SAMPLES, whole=data.fixed_batch is not None))[0]
+        if fast_search:
+            exps, search_facts = local_search(graph, plan, exps,
+                                              first_samples(kept, LOCAL_SAMPLES, whole=data.fixed_batch is not None),
+                                              per_channel=config.per_channel, corrected=corrected)
+        else:
+            exps, search_facts = search_exponents(graph, plan, exps, kept, per_channel=config.per_channel,
+                                                  on_group=on_search, corrected=corrected)
 
     sparsity = Sparsity.parse(config.sparsity)
     round_facts = {}

@@ -155,8 +155,8 @@ def test_target_checks():
 
 
 def test_exponent_search_improves_held_out_w4(calib_data, test_data):
-    """The search measures on 64 calibration samples (before bias correction); its starting point
-    is the plain conversion's own output SQNR there, and its gain holds on the test digits."""
+    """The search measures on 64 calibration samples; its starting point is the fast conversion's
+    own output SQNR there, and its gain holds on the test digits."""
     x, _ = test_data
     ref = run_ort(SHIPPED, {"input": x})[0].astype(np.float64)
 
@@ -168,9 +168,10 @@ def test_exponent_search_improves_held_out_w4(calib_data, test_data):
     before, after = searched.facts["search_sqnr_db"]
     assert after >= before and searched.facts["exponents_moved"] >= 1
     c = calib_data[:64]
-    no_bc = run(SHIPPED, CALIB, QuantConfig(weight_bits=4, bias_correction=False, rounding="nearest")).model
-    # the search graph keeps biases in float: within 0.2 dB of the int32-bias model
-    assert sqnr(no_bc, c, run_ort(SHIPPED, {"input": c})[0].astype(np.float64)) == pytest.approx(before, abs=0.2)
+    # the search judges the model as it will be deployed, biases corrected (on the first 16 samples, before
+    # any move); its graph keeps those biases in float (measured 0.7 dB above the int32-bias model at W4)
+    plain = run(SHIPPED, CALIB, QuantConfig(weight_bits=4, rounding="nearest", effort="fast")).model
+    assert sqnr(plain, c, run_ort(SHIPPED, {"input": c})[0].astype(np.float64)) == pytest.approx(before, abs=1.0)
     assert sqnr(searched.model, x) > sqnr(run(SHIPPED, CALIB, QuantConfig(weight_bits=4, rounding="nearest")).model, x) + 0.5
 
 
