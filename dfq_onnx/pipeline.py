@@ -139,19 +139,20 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         exps, guarded = guard_saturation(graph, exps, config.per_channel)
     codes_cache: dict = {}  # bias correction changes biases only: the second build reuses the weight codes
 
-    def quantized_model(e=None, g=None) -> QuantizedModel:
-        return build_quantized(g or graph, plan, e or exps, per_channel=config.per_channel,
+    def quantized_model(e=None) -> QuantizedModel:
+        return build_quantized(graph, plan, e or exps, per_channel=config.per_channel,
                                integer_graph=config.format == "int", codes_cache=codes_cache)
 
     search_facts = {}
+    corrected, pre_bias_facts, searched_from = None, {}, None
     fast_search = config.effort == "default" and not config.searches
     if kept and (fast_search or config.searches):  # data-free mode has no samples to search on
         # the searches judge the model with its biases corrected, as it will be deployed (judged without,
         # moves that only undo clipping bias won: the shipped model's full search lost 2 dB on test digits)
-        corrected = None
         if config.bias_correction:
-            corrected = correct_biases(graph, plan, emit_qdq(graph, quantized_model())[0],
-                                       first_samples(kept, BIAS_SAMPLES, whole=data.fixed_batch is not None))[0]
+            corrected, pre_bias_facts = correct_biases(graph, plan, emit_qdq(graph, quantized_model())[0],
+                                                       first_samples(kept, BIAS_SAMPLES, whole=data.fixed_batch is not None))
+            searched_from = dict(exps.act)
         if fast_search:
             exps, search_facts = local_search(graph, plan, exps,
                                               first_samples(kept, LOCAL_SAMPLES, whole=data.fixed_batch is not None),
@@ -172,7 +173,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             on_stage=on_round)
 
     bias_facts = {"bias_corrected": 0}
-    if config.bias_correction and not data_free:  # it measures errors on data, in QDQ (same rounding as int)
+    if corrected is not None and exps.act == searched_from and not exps.grid:  # nothing moved since: already done
+        graph, bias_facts = corrected, pre_bias_facts
+    elif config.bias_correction and not data_free:  # it measures errors on data, in QDQ (same rounding as int)
         simulated = emit_qdq(graph, quantized_model())[0]
         graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES, whole=data.fixed_batch is not None))
     qm = quantized_model()
