@@ -163,7 +163,7 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
         return exps, facts
     sqnr, _, frac = _output_sqnr(graph, plan, exps, half[1], per_channel, corrected=corrected)
     before, after = sqnr(frac), sqnr({grp: f + proposal.get(grp, 0) for grp, f in frac.items()})
-    facts["search_sqnr_db"] = [before, max(before, after)]
+    facts["search_sqnr_db"] = [before, after]  # after: with the proposal, kept or not
     if after <= before + LOCAL_CONFIRM_DB:  # the model's output does not confirm it: keep the histogram rule's choice
         return exps, facts
     act = {t: f + proposal.get(plan.group(t), 0) for t, f in exps.act.items()}
