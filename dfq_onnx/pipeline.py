@@ -122,9 +122,10 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     else:
         if on_start is not None:
             on_start(len(data))
-        stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept,
-                          max(SEARCH_SAMPLES + CONFIRM_SAMPLES if config.searches else LOCAL_SAMPLES if config.effort == "default" else 0, ROUND_SAMPLES if config.gptq else 0,
-                              BIAS_SAMPLES if config.bias_correction else 0))
+        keep = max(SEARCH_SAMPLES + CONFIRM_SAMPLES if config.searches else
+                   LOCAL_SAMPLES if config.effort == "default" else 0,
+                   ROUND_SAMPLES if config.gptq else 0, BIAS_SAMPLES if config.bias_correction else 0)
+        stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept, keep)
     align_facts = {"aligned": 0}
     if config.align:
         graph, stats, align_facts = align_ranges(graph, plan, stats, act_bits=config.act_bits, method=config.method)
@@ -135,7 +136,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                             module_weight_bits=dict(config.overrides), module_act_bits=act_bits_of)
     # the QDQ graph runs on onnxruntime's u8 x s8 kernels; the integer graph's u8 x u8 ones cannot saturate
     guarded: dict[str, int] = {}
-    if config.target in SATURATION_SAFE_TARGETS and config.format == "qdq":
+    pair_safe = config.target in SATURATION_SAFE_TARGETS and config.format == "qdq"
+    if pair_safe:
         exps, guarded = guard_saturation(graph, exps, config.per_channel)
     codes_cache: dict = {}  # bias correction changes biases only: the second build reuses the weight codes
 
@@ -168,7 +170,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             graph, plan, exps, lambda e: emit_qdq(graph, quantized_model(e))[0],
             first_samples(kept, ROUND_SAMPLES, whole=data is not None and data.fixed_batch is not None),
             per_channel=config.per_channel, gptq=config.gptq and bool(kept), sparsity=sparsity,
-            pair_limit=U8S8_PAIR_SUM if guarded or (config.target in SATURATION_SAFE_TARGETS and config.format == "qdq") else None,
+            pair_limit=U8S8_PAIR_SUM if pair_safe else None,
             stages=MAX_EFFORT_STAGES if config.effort == "max" else 1, act_order=config.effort == "max",
             on_stage=on_round)
 

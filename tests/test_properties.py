@@ -28,6 +28,7 @@ from helpers import run_ort
 from test_integer import with_outputs
 
 GRAPHS = int(os.environ.get("DFQ_GRAPHS", 300))
+ORT_FUNCTION_ABS_ERROR = 1e-7  # bound on onnxruntime's float32 elementwise functions, absolute
 # The bit-width floor of property 3 is checked with DFQ_SQNR_FLOOR=1 only: it still finds graphs
 # below it (ConvTranspose -> MaxPool -> MatMul(180->1)+Relu -> MatMul: QDQ 7.0 dB where the noise
 # model predicts 32 dB), an open accuracy problem, not a rounding error (QDQ and int agree there).
@@ -149,6 +150,8 @@ def test_integer_graph_qdq_graph_ir_and_float_agree(case):
         # LayerNorm and Softmax approximate (square root, mean, exp table; see test_transformer.py)
         tol = {"table": 1, "softmax": 1, "layernorm": 2}.get(m.kind) if m.kind in ("table", "softmax", "layernorm") \
             else 0 if m.acc_bound < FLOAT32_EXACT else 1
+        if m.kind == "table":  # onnxruntime's float32 Sigmoid/Tanh approximate (measured: 4.5e-8 off at
+            tol += int(np.ldexp(ORT_FUNCTION_ABS_ERROR, m.output.frac))  # sigmoid(-15)): shows at fractions past 23
         assert diff.max(initial=0) <= tol, (m.name, m.kind, diff.max())
 
     # 4. every node accounted for: module, pass-through or float island

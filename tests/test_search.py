@@ -17,7 +17,7 @@ from dfq_onnx.passes.fold_batchnorm import fold_batchnorm
 from dfq_onnx.passes.form_modules import find_modules, plan_quantization
 from dfq_onnx.passes.search_exponents import reader_errors
 from dfq_onnx.pipeline import run
-from helpers import CALIB, SHIPPED, TEST, run_ort
+from helpers import CALIB, SHIPPED, run_ort
 
 
 @pytest.fixture(scope="module")
