@@ -101,10 +101,7 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
         ext = _channel_extremes(w, axis)
         lowered = np.zeros(len(fr), dtype=bool)
         while True:
-            c = weight_codes(ext, fr, exps.weight_bits[name], 1).astype(np.int64)
-            pos = np.maximum(c[0], 0) + np.maximum(c[1], 0)
-            neg = np.minimum(c[2], 0) + np.minimum(c[3], 0)
-            risky = (pos > U8S8_PAIR_SUM) | (neg < -U8S8_PAIR_SUM)
+            risky = pair_sums_exceed(weight_codes(ext, fr, exps.weight_bits[name], 1).T)
             if not risky.any():
                 break
             if not per_channel:
@@ -115,6 +112,18 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
             weight[name] = fr if per_channel else fr[:1].copy()
             guarded[name] = int(lowered.sum()) if per_channel else len(fr)
     return replace(exps, weight=weight), guarded
+
+
+def pair_sums_exceed(codes: np.ndarray, limit: int = U8S8_PAIR_SUM) -> np.ndarray:
+    """Per row (last axis) of integer codes: whether its two largest positive codes, or its two
+    most negative ones, add up past `limit` in magnitude (the x86 u8 x s8 saturation rule)."""
+    q = np.asarray(codes, np.int64)
+
+    def top2(v: np.ndarray) -> np.ndarray:
+        v = np.maximum(v, 0)
+        return v[..., 0] if v.shape[-1] < 2 else np.partition(v, v.shape[-1] - 2, axis=-1)[..., -2:].sum(axis=-1)
+
+    return (top2(q) > limit) | (top2(-q) > limit)
 
 
 def _channel_extremes(w: np.ndarray, axis: int) -> np.ndarray:

@@ -236,7 +236,6 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
     g = graph.copy()
     g.__dict__.pop("_dfq_used_names", None)
     tmap = g.tensors()
-    nodes = {n.name: n for n in g.nodes}
     order = list(g.nodes)
     facts = {"float_modules": {}, "residual_rounded": qm.facts.get("residual_rounded", 0)}
     qt: dict[str, gs.Variable] = {}     # tensor name -> integer version

@@ -25,7 +25,7 @@ from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
 from ..graph_utils import add_node, attr_str, new_name
 from ..model_io import analysis_session
 from ..quantized import channel_fractions, weight_codes
-from .choose_exponents import Exponents
+from .choose_exponents import Exponents, pair_sums_exceed
 from .form_modules import Plan
 
 SAMPLES = 32                 # calibration samples the Hessians are measured on (MobileNetV2 W4A8: 16 gave 5.0 dB, 32 5.7)
@@ -162,22 +162,13 @@ def _rounded(node: gs.Node, exps: Exponents, per_channel: bool, hessian: Hessian
         q = quantize_columns(_to_matrices(node, w), hessian.h, fr, bits, act_order=act_order, sparsity=prune,
                              bounds=bounds)
         if pair_limit is not None:  # a channel that was safe under round-to-nearest stays safe
-            unsafe = (_top2(q) > pair_limit) & (_top2(rtn_m) <= pair_limit) | (_top2(-q) > pair_limit) & (_top2(-rtn_m) <= pair_limit)
+            unsafe = pair_sums_exceed(q, pair_limit) & ~pair_sums_exceed(rtn_m, pair_limit)
             if unsafe.any():
                 q[unsafe] = rtn_m[unsafe] if prune is None else np.where(magnitude_mask(rtn_m[unsafe], prune), 0, rtn_m[unsafe])
     codes = _from_matrices(node, q, w.shape)
     shape = [1] * w.ndim
     shape[axis] = -1
     return np.ldexp(codes.astype(np.float64), -frac.reshape(shape)).astype(np.float32)
-
-
-def _top2(q: np.ndarray) -> np.ndarray:
-    """Per row (last axis), the sum of the two largest positive entries."""
-    pos = np.maximum(q, 0)
-    if pos.shape[-1] < 2:
-        return pos[..., 0]
-    top = np.partition(pos, pos.shape[-1] - 2, axis=-1)[..., -2:]
-    return top.sum(axis=-1)
 
 
 def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -> dict[str, Hessian]:
