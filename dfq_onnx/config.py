@@ -9,7 +9,8 @@ from .gptq import Sparsity
 METHODS = ("mse", "max")
 EFFORTS = ("fast", "default", "max")
 ROUNDINGS = ("auto", "gptq", "nearest")
-FORMATS = ("qdq", "int")
+FORMATS = ("qdq", "int", "c", "qonnx")
+INTEGER_FORMATS = ("int", "c")  # rendered from the integer graph's IR (unified modules, no float requantizer)
 LAYOUTS = ("ort", "unified")
 TARGETS = ("ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw")
 SATURATION_SAFE_TARGETS = ("ort", "ort-x86")  # weights one bit coarser where int16 pair sums could saturate
@@ -35,7 +36,10 @@ class QuantConfig:
     sparsity: str | None = None   # "N:M" or a fraction: prune weights (jointly with rounding under gptq)
     num_samples: int = 128        # calibration samples used
     batch_size: int = 8          # calibration batch size (1 for models with a fixed batch of 1)
-    format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels) or "int" (integer-only graph)
+    format: str = "qdq"           # "qdq" (ONNX Runtime int8 kernels), "int" (integer-only graph), "c" (a C99
+    #                               library of the integer graph's IR, passes/emit_c.py) or "qonnx" (the QDQ
+    #                               graph with QONNX Quant nodes, passes/emit_qonnx.py)
+    prefix: str = "model"         # format c: the library's name (NAME.c, NAME.h, NAME_run)
     target: str = "ort"           # deployment: ort (any onnxruntime CPU, the safe default) and ort-x86 (no VNNI):
     #                               weight codes kept within +-64 where they could saturate int16 pair sums;
     #                               ort-x86-vnni | ort-arm: no limit; hw: the integer-only graph
@@ -54,7 +58,7 @@ class QuantConfig:
         for name, bits in self.act_overrides:
             if int(bits) not in (8, 16):
                 raise DfqError(f"override {name}: activation bits must be 8 or 16, got {bits}")
-        if self.uses_16bit_activations and self.format == "int":
+        if self.uses_16bit_activations and self.integer:
             raise DfqError("16-bit activations need --format qdq: the integer graph's ConvInteger takes 8-bit inputs")
         if self.method not in METHODS:
             raise DfqError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -64,7 +68,7 @@ class QuantConfig:
             raise DfqError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.target not in TARGETS:
             raise DfqError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.target == "hw" and self.format != "int":
+        if self.target == "hw" and not self.integer:
             raise DfqError("target hw is integer hardware: it needs the integer-only format (--format int)")
         if self.effort not in EFFORTS:
             raise DfqError(f"effort must be one of {', '.join(EFFORTS)}, got {self.effort!r}")
@@ -92,6 +96,11 @@ class QuantConfig:
     def searches(self) -> bool:
         """The output-aware exponent search runs: asked for, or at effort max."""
         return self.search_exponents or self.effort == "max"
+
+    @property
+    def integer(self) -> bool:
+        """The integer graph's IR is built (one requantization per unified module)."""
+        return self.format in INTEGER_FORMATS
 
     @property
     def uses_16bit_activations(self) -> bool:

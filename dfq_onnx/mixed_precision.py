@@ -35,7 +35,7 @@ def convert_max_drop(model, calib, config: QuantConfig, max_drop: float, *, prep
                      on_step: Callable[[str], None] | None = None) -> tuple[ConvertResult, dict]:
     """The conversion meeting --max-drop (see the module docstring) and facts: agreement of each
     candidate measured, the raised modules, whether the target was met."""
-    if config.format == "int":
+    if config.integer:
         raise DfqError("--max-drop raises modules to 16-bit outputs: it needs --format qdq")
     if not 0 <= max_drop <= 100:
         raise DfqError(f"--max-drop must be between 0 and 100 points, got {max_drop}")

@@ -17,6 +17,8 @@ from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
 from .passes.choose_exponents import choose_exponents, guard_saturation
+from .passes.emit_c import CLibrary, emit_c, shape_feeds
+from .passes.emit_qonnx import to_qonnx
 from .passes.emit_int import DOMAIN as INT_DOMAIN, INT_OPSET, emit_int, rounding_functions
 from .passes.emit_qdq import INT16_QDQ_OPSET, emit_qdq
 from .passes.equalize import equalize
@@ -47,6 +49,7 @@ class ConvertResult:
     facts: dict = field(default_factory=dict)
     quantized: QuantizedModel | None = None  # the quantized IR every format renders
     symbols: dict = field(default_factory=dict)  # float tensor name -> the tensor of its integer codes
+    library: CLibrary | None = None  # format c: the C sources (model: the integer graph they were checked against)
 
 
 def fuse(model) -> onnx.ModelProto:
@@ -68,7 +71,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     t0 = time.perf_counter()
     # the model's structure, and its weights as numpy arrays held once: every graph below shares them
     original, weights = load_light(model, INT16_QDQ_OPSET if config.uses_16bit_activations else
-                                   INT_OPSET if config.format == "int" else MIN_OPSET)
+                                   INT_OPSET if config.integer else MIN_OPSET)
     done = quantized_ops(original)
     if done:
         raise DfqError(f"the model is already quantized ({', '.join(done[:4])}{', ...' if len(done) > 4 else ''}); "
@@ -92,7 +95,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             if t in bn_moments:
                 mu, var = bn_moments[t]
                 bn_moments[t] = (mu / s, var / s ** 2)
-    modules = find_modules(graph, integer_graph=config.format == "int")
+    modules = find_modules(graph, integer_graph=config.integer)
     if not any(m.kind != "pool" for m in modules):
         raise DfqError("model has no Conv, ConvTranspose, Gemm or MatMul with a constant weight, no activation "
                        "function and no op on two activations: nothing to quantize")
@@ -107,7 +110,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     quantized = [m for m in modules if m.name not in config.keep_float]  # the others run as float ops
     if not quantized:
         raise DfqError("--keep-float names every module: nothing left to quantize")
-    plan = plan_quantization(graph, quantized, residual_requant=config.format == "qdq" and config.layout == "ort")
+    plan = plan_quantization(graph, quantized, residual_requant=not config.integer and config.layout == "ort")
     seen = [0]
 
     def counted(n: int) -> None:
@@ -136,14 +139,14 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                             module_weight_bits=dict(config.overrides), module_act_bits=act_bits_of)
     # the QDQ graph runs on onnxruntime's u8 x s8 kernels; the integer graph's u8 x u8 ones cannot saturate
     guarded: dict[str, int] = {}
-    pair_safe = config.target in SATURATION_SAFE_TARGETS and config.format == "qdq"
+    pair_safe = config.target in SATURATION_SAFE_TARGETS and not config.integer
     if pair_safe:
         exps, guarded = guard_saturation(graph, exps, config.per_channel)
     codes_cache: dict = {}  # bias correction changes biases only: the second build reuses the weight codes
 
     def quantized_model(e=None) -> QuantizedModel:
         return build_quantized(graph, plan, e or exps, per_channel=config.per_channel,
-                               integer_graph=config.format == "int", codes_cache=codes_cache)
+                               integer_graph=config.integer, codes_cache=codes_cache)
 
     search_facts = {}
     corrected, pre_bias_facts, searched_from = None, {}, None
@@ -182,13 +185,18 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         graph, bias_facts = correct_biases(graph, plan, simulated, first_samples(kept, BIAS_SAMPLES, whole=data.fixed_batch is not None))
     qm = quantized_model()
     symbols = {}
-    if config.format == "int":
+    library = None
+    if config.format == "c":  # shapes fixed by one calibration batch (a zero input in data-free mode)
+        library = emit_c(graph, qm, shape_feeds(data, original), config.prefix)
+    if config.integer:
         graph, facts, symbols = emit_int(graph, qm)
     else:
         graph, facts, symbols = emit_qdq(graph, qm)
 
     out = to_model(graph, original)
-    if config.format == "int":
+    if config.format == "qonnx":
+        out = to_qonnx(out, qm)
+    if config.integer:
         opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
         out.functions.extend(rounding_functions(opset))
         out.opset_import.add(domain=INT_DOMAIN, version=1)
@@ -201,7 +209,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                                      "max_accumulator_bits": qm.facts["max_accumulator_bits"],
                                      "saturation_guarded": len(guarded), "saturation_guarded_modules": guarded,
                                      "saturation_guarded_channels": sum(guarded.values())},
-                           qm, symbols)
+                           qm, symbols, library)
     _stamp(out, result, config)
     onnx.checker.check_model(out)
     return result

@@ -1,0 +1,873 @@
+"""Write the quantized model as a portable C99 library: one .c and one .h, int8/uint8 codes and
+int32 sums only, no float (but for an optional wrapper), no malloc.
+
+The generator renders the quantized IR (quantized.py): every weight code, bias, shift, clamp and
+table comes from its modules, computed exactly as fixedpoint.py executes them. What the IR does
+not hold is the graph around the modules: the ops that move codes without arithmetic
+(plan.passthrough) and the static shape of every tensor, which come from the float graph the IR
+was built on and from one onnxruntime run of it on a calibration sample (so dynamic dims are
+fixed to that sample's shape, batch included).
+
+Memory: every activation tensor lives in one static arena, laid out at generation time by the
+tensors' lifetimes (first fit; a tensor is freed after its last reader), plus one int32 scratch
+region for the accumulators of the module being computed. Reshape, Flatten, Squeeze and Unsqueeze
+alias their input. Constants (weights, biases, shifts, tables, index maps) are `static const`
+arrays, so they can stay in flash.
+
+Arithmetic, all in int32 (the IR proves every sum fits):
+- rounding right shift, ties to even: through uint32 with an offset of 2^31 (order-preserving, so
+  a logical shift floors), as the integer ONNX graph's RoundingShift does; no right shift of a
+  negative value, no left shift of one (left shifts are multiplications by 2^k);
+- rounding division, ties to even: C's truncating division corrected to floor, then the remainder
+  compared with half the divisor.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import DfqError
+from ..fixedpoint import qrange, resolve_pads
+from ..graph_utils import attr_str
+from ..model_io import analysis_session
+from ..quantized import QuantizedModel, conv_transpose_pads
+
+ALIAS_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")   # same elements in the same order
+GATHER_OPS = ("Transpose", "Slice", "Pad", "Resize", "Split")  # each output element is one input element (or 0)
+ALIGN = 16                                                    # arena offsets (bytes)
+FLOAT32_EXACT = 1 << 24                                       # index maps are computed in float32
+
+
+@dataclass
+class Tensor:
+    """A tensor of the C program: its codes' C type, static shape and (once laid out) its place."""
+    name: str
+    ctype: str                   # int8_t, uint8_t or int32_t
+    shape: tuple
+    alias: str | None = None     # shares this tensor's memory
+    frac: int = 0
+    offset: int | None = None    # in the arena (bytes); None: a graph input (the caller's buffer)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * (4 if self.ctype == "int32_t" else 1)
+
+
+@dataclass
+class Step:
+    """One function of the C program: reads `inputs`, writes `outputs` (tensor names)."""
+    name: str
+    what: str
+    inputs: list
+    outputs: list
+    body: str                    # C statements; x0.. are the inputs, y0.. the outputs, acc the scratch
+    consts: list = field(default_factory=list)   # C definitions of its constants
+    scratch: int = 0             # int32 elements of scratch it needs
+    const_bytes: int = 0
+
+
+@dataclass
+class CLibrary:
+    source: str
+    header: str
+    prefix: str
+    facts: dict
+
+
+# --- the C runtime: the only arithmetic the steps use ------------------------------------------
+RUNTIME = {
+    "dfq_rshift": r"""
+/* round(v / 2^s), ties to even, for 1 <= s <= 30: v + 2^31 as uint32 keeps the order, so a
+   logical shift floors; the parity of floor(v / 2^s) is that of the biased quotient (s <= 30) */
+static int32_t dfq_rshift(int32_t v, int s) {
+    uint32_t u = (uint32_t)v + 0x80000000u;
+    uint32_t t = u + ((1u << (s - 1)) - 1u) + ((u >> s) & 1u);
+    return (int32_t)(t >> s) - (int32_t)(1u << (31 - s));
+}
+""",
+    "dfq_align": r"""
+/* v * 2^s for s >= 0, round(v / 2^-s) for s < 0 (the exact sum is proven to fit int32) */
+static int32_t dfq_align(int32_t v, int s) {
+    return s >= 0 ? v * (int32_t)(1u << s) : dfq_rshift(v, -s);
+}
+""",
+    "dfq_requant": r"""
+/* the requantizer: round(v / 2^s) (v * 2^-s for s < 0), clamped to [lo, hi] */
+static int32_t dfq_requant(int32_t v, int s, int32_t lo, int32_t hi) {
+    if (s > 0) {
+        v = dfq_rshift(v, s);
+    } else if (s < 0) {
+        int l = -s;
+        if (l > 30) {
+            v = v > 0 ? hi : v < 0 ? lo : 0;
+        } else {
+            int32_t top = (int32_t)(0x7fffffffu >> l);  /* larger values saturate anyway */
+            v = v > top ? top : v < -top ? -top : v;
+            v *= (int32_t)(1u << l);
+        }
+    }
+    return v < lo ? lo : v > hi ? hi : v;
+}
+""",
+    "dfq_rdiv": r"""
+/* round(v / n), ties to even, n > 0 */
+static int32_t dfq_rdiv(int32_t v, int32_t n) {
+    int32_t q = v / n, r = v % n;
+    if (r < 0) { q -= 1; r += n; }
+    if (r > n - r || (r == n - r && q % 2 != 0)) q += 1;
+    return q;
+}
+""",
+    "dfq_isqrt": r"""
+/* floor(sqrt(v)), v >= 0 */
+static int32_t dfq_isqrt(int32_t v) {
+    uint32_t x = (uint32_t)v, r = 0, b = 1u << 30;
+    while (b > x) b >>= 2;
+    while (b) {
+        if (x >= r + b) { x -= r + b; r = (r >> 1) + b; } else { r >>= 1; }
+        b >>= 2;
+    }
+    return (int32_t)r;
+}
+""",
+    "dfq_lo_hi": r"""
+static int dfq_lo(int a, int s) { return a <= 0 ? 0 : (a + s - 1) / s; }
+static int dfq_hi(int b, int s, int n) { int k = b < 0 ? 0 : b / s + 1; return k < n ? k : n; }
+""",
+}
+RUNTIME_NEEDS = {"dfq_align": ("dfq_rshift",), "dfq_requant": ("dfq_rshift",)}
+
+
+def _runtime(text: str) -> str:
+    """The runtime functions `text` calls (and theirs), in definition order."""
+    used = {n for n in RUNTIME if re.search(r"\b" + (n if n != "dfq_lo_hi" else "dfq_lo") + r"\(", text)}
+    for n in list(used):
+        used.update(RUNTIME_NEEDS.get(n, ()))
+    return "\n".join(RUNTIME[n] for n in RUNTIME if n in used)
+
+
+
+def _ident(name: str) -> str:
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return s if s and not s[0].isdigit() else "_" + s
+
+
+def _array(name: str, ctype: str, values) -> tuple[str, int]:
+    """A static const C array definition and its size in bytes."""
+    v = np.asarray(values).reshape(-1).astype(np.int64)
+    body = ",\n".join(",".join(str(int(x)) for x in v[i:i + 32]) for i in range(0, max(len(v), 1), 32)) if len(v) else "0"
+    width = {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4}[ctype]
+    return f"static const {ctype} {name}[{max(len(v), 1)}] = {{\n{body}}};\n", width * max(len(v), 1)
+
+
+def _small_ctype(v) -> str:
+    v = np.asarray(v, np.int64)
+    if v.size == 0 or (v.min() >= -128 and v.max() <= 127):
+        return "int8_t"
+    if v.min() >= -32768 and v.max() <= 32767:
+        return "int16_t"
+    return "int32_t"
+
+
+def _code_ctype(qt) -> str:
+    if qt is None:
+        return "int32_t"
+    if qt.bits != 8:
+        raise DfqError(f"C output needs 8-bit codes; {qt.name} has {qt.bits}-bit codes")
+    return "uint8_t" if qt.unsigned else "int8_t"
+
+
+class _Builder:
+    def __init__(self, graph: gs.Graph, qm: QuantizedModel, values: dict[str, np.ndarray]):
+        self.graph, self.qm, self.plan = graph, qm, qm.plan
+        self.values = values
+        self.tensors: dict[str, Tensor] = {}
+        self.steps: list[Step] = []
+
+    # tensors -----------------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple:
+        if name not in self.values:
+            raise DfqError(f"no static shape for tensor {name!r}")
+        return tuple(int(d) for d in np.shape(self.values[name]))
+
+    def add_tensor(self, name: str, ctype: str, alias: str | None = None, frac: int = 0) -> Tensor:
+        t = Tensor(name, ctype, self.shape(name), alias, frac)
+        self.tensors[name] = t
+        return t
+
+    def code_tensor(self, name: str, alias: str | None = None) -> Tensor:
+        qt = self.qm.tensor(name)
+        return self.add_tensor(name, _code_ctype(qt), alias, qt.frac)
+
+    def step(self, what: str, inputs: list, outputs: list, body: str, consts=(), scratch: int = 0) -> None:
+        k = len(self.steps)
+        defs, nbytes = [], 0
+        for cname, ctype, v in consts:
+            d, b = _array(f"s{k}_{cname}", ctype, v)
+            defs.append(d)
+            nbytes += b
+        body = re.sub(r"\bK_(\w+)", lambda m: f"s{k}_{m.group(1)}", body)
+        self.steps.append(Step(f"step{k}", what, list(inputs), list(outputs), body, defs, scratch, nbytes))
+
+    def t(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    # modules -----------------------------------------------------------------------------------
+    def module(self, mod) -> None:
+        if not mod.integer:
+            raise DfqError(f"C output needs integer modules; {mod.op} {mod.name} has no integer form")
+        kind = mod.kind
+        if kind == "linear":
+            out = self.add_tensor(mod.output_name, _code_ctype(mod.output),
+                                  frac=int(mod.output.frac) if mod.output is not None else 0)
+            if mod.op == "Conv":
+                self._conv(mod, out)
+            elif mod.op == "ConvTranspose":
+                self._conv_transpose(mod, out)
+            else:
+                self._dense(mod, out)
+        elif kind == "pool":
+            self._pool(mod, self.code_tensor(mod.output_name))
+        elif kind == "table":
+            self._table(mod, self.code_tensor(mod.output_name))
+        elif kind == "binary":
+            self._binary(mod, self.code_tensor(mod.output_name))
+        elif kind == "layernorm":
+            self._layer_norm(mod, self.code_tensor(mod.output_name))
+        elif kind == "softmax":
+            self._softmax(mod, self.code_tensor(mod.output_name))
+        else:
+            raise DfqError(f"C output: no kernel for module kind {kind}")
+
+    def _requant_tail(self, mod, out: Tensor, ch: str, at: str, consts: list) -> str:
+        """C statements turning int32 `v` (channel index `ch`) into the output element y0[at]."""
+        lines = []
+        if mod.residual is not None:
+            if np.any(mod.acc_shift > 0):
+                consts.append(("acc_shift", "int8_t", mod.acc_shift))
+                lines.append(f"v = v * (int32_t)(1u << K_acc_shift[{ch}]);")
+            consts.append(("res_shift", "int8_t", mod.residual_shift))
+            lines.append(f"v += dfq_align((int32_t)x1[{at}], K_res_shift[{ch}]);")
+        if mod.output is None:  # a graph output: the int32 sum, unrounded
+            lines.append(f"y0[{at}] = v;")
+        else:
+            consts.append(("shift", "int8_t", mod.shift))
+            lines.append(f"y0[{at}] = ({out.ctype})dfq_requant(v, K_shift[{ch}], {mod.code_min}, {mod.code_max});")
+        return "\n".join(lines)
+
+    def _inputs(self, mod) -> list:
+        return [mod.input.name] + ([mod.residual.name] if getattr(mod, "residual", None) is not None else [])
+
+    def _conv(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        a = mod.attrs
+        nd = len(a["kernel_shape"])
+        if nd not in (1, 2):
+            raise DfqError(f"C output: Conv {mod.name} is {nd}-d (1-d and 2-d convolutions are supported)")
+        xs, ys = x.shape, out.shape
+        pads = resolve_pads(a["auto_pad"], a["pads"], xs[2:], a["kernel_shape"], a["strides"], a["dilations"])
+        if nd == 1:  # as 2-d with height 1
+            xs, ys = xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:]
+            k, s, d, pt, pl = (1, a["kernel_shape"][0]), (1, a["strides"][0]), (1, a["dilations"][0]), 0, pads[0]
+        else:
+            k, s, d, pt, pl = a["kernel_shape"], a["strides"], a["dilations"], pads[0], pads[1]
+        n, cin, h, w = xs
+        _, cout, oh, ow = ys
+        g = a["group"]
+        cin_g, cout_g = cin // g, cout // g
+        consts = [("w", "int8_t", mod.weight)]
+        bias = "K_bias[oc]" if mod.bias is not None else "0"
+        if mod.bias is not None:
+            consts.append(("bias", "int32_t", mod.bias))
+        pointwise = tuple(k) == (1, 1) and tuple(s) == (1, 1) and pt == 0 and pl == 0 and oh == h and ow == w
+        if pointwise:
+            inner = f"""for (int p = 0; p < {oh * ow}; p++) acc[p] += wv * xc[p];"""
+        else:
+            inner = f"""const int oy0 = dfq_lo({pt} - ky * {d[0]}, {s[0]}), oy1 = dfq_hi({h - 1 + pt} - ky * {d[0]}, {s[0]}, {oh});
+const int ox0 = dfq_lo({pl} - kx * {d[1]}, {s[1]}), ox1 = dfq_hi({w - 1 + pl} - kx * {d[1]}, {s[1]}, {ow});
+for (int oy = oy0; oy < oy1; oy++) {{
+    int32_t *ar = acc + oy * {ow};
+    const {x.ctype} *xr = xc + (oy * {s[0]} + ky * {d[0]} - {pt}) * {w} + kx * {d[1]} - {pl};
+    for (int ox = ox0; ox < ox1; ox++) ar[ox] += wv * xr[ox * {s[1]}];
+}}"""
+        tail = self._requant_tail(mod, out, "oc", f"(b * {cout} + oc) * {oh * ow} + p", consts)
+        body = f"""for (int b = 0; b < {n}; b++) {{
+for (int oc = 0; oc < {cout}; oc++) {{
+    const int g = oc / {cout_g};
+    for (int p = 0; p < {oh * ow}; p++) acc[p] = {bias};
+    for (int ic = 0; ic < {cin_g}; ic++) {{
+        const {x.ctype} *xc = x0 + (b * {cin} + g * {cin_g} + ic) * {h * w};
+        for (int ky = 0; ky < {k[0]}; ky++) for (int kx = 0; kx < {k[1]}; kx++) {{
+            const int32_t wv = K_w[((oc * {cin_g} + ic) * {k[0]} + ky) * {k[1]} + kx];
+            if (wv == 0) continue;
+            {inner}
+        }}
+    }}
+    for (int p = 0; p < {oh * ow}; p++) {{
+        int32_t v = acc[p];
+        {tail}
+    }}
+}}
+}}"""
+        self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts, oh * ow)
+
+    def _conv_transpose(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        a = mod.attrs
+        nd = len(a["kernel_shape"])
+        if nd not in (1, 2) or conv_transpose_pads(a) is None:
+            raise DfqError(f"C output: ConvTranspose {mod.name} is not a 1-d or 2-d transposed convolution "
+                           "with explicit pads")
+        pads = [0] * 2 * nd if a["auto_pad"] == "VALID" else a["pads"]
+        xs, ys = x.shape, out.shape
+        if nd == 1:
+            xs, ys = xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:]
+            k, s, d, pt, pl = (1, a["kernel_shape"][0]), (1, a["strides"][0]), (1, a["dilations"][0]), 0, pads[0]
+        else:
+            k, s, d, pt, pl = a["kernel_shape"], a["strides"], a["dilations"], pads[0], pads[1]
+        n, cin, h, w = xs
+        _, cout, oh, ow = ys
+        consts = [("w", "int8_t", mod.weight)]  # [cin, cout, kh, kw]
+        bias = "K_bias[oc]" if mod.bias is not None else "0"
+        if mod.bias is not None:
+            consts.append(("bias", "int32_t", mod.bias))
+        tail = self._requant_tail(mod, out, "oc", f"(b * {cout} + oc) * {oh * ow} + p", consts)
+        body = f"""for (int b = 0; b < {n}; b++) {{
+for (int oc = 0; oc < {cout}; oc++) for (int p = 0; p < {oh * ow}; p++) acc[oc * {oh * ow} + p] = {bias};
+for (int ic = 0; ic < {cin}; ic++) for (int iy = 0; iy < {h}; iy++) for (int ix = 0; ix < {w}; ix++) {{
+    const int32_t xv = x0[((b * {cin} + ic) * {h} + iy) * {w} + ix];
+    if (xv == 0) continue;
+    for (int oc = 0; oc < {cout}; oc++) for (int ky = 0; ky < {k[0]}; ky++) {{
+        const int oy = iy * {s[0]} + ky * {d[0]} - {pt};
+        if (oy < 0 || oy >= {oh}) continue;
+        for (int kx = 0; kx < {k[1]}; kx++) {{
+            const int ox = ix * {s[1]} + kx * {d[1]} - {pl};
+            if (ox < 0 || ox >= {ow}) continue;
+            acc[(oc * {oh} + oy) * {ow} + ox] += xv * K_w[((ic * {cout} + oc) * {k[0]} + ky) * {k[1]} + kx];
+        }}
+    }}
+}}
+for (int oc = 0; oc < {cout}; oc++) for (int p = 0; p < {oh * ow}; p++) {{
+    int32_t v = acc[oc * {oh * ow} + p];
+    {tail}
+}}
+}}"""
+        self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts, cout * oh * ow)
+
+    def _dense(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        if mod.weight.ndim != 2:
+            raise DfqError(f"C output: {mod.op} {mod.name} has a {mod.weight.ndim}-d weight (2-d supported)")
+        w = mod.weight if mod.attrs.get("transB") else mod.weight.T  # [C, K]: each channel's row contiguous
+        c, kk = w.shape
+        rows = x.size // kk
+        consts = [("w", "int8_t", w)]
+        bias = "K_bias[c]" if mod.bias is not None else "0"
+        if mod.bias is not None:
+            consts.append(("bias", "int32_t", mod.bias))
+        tail = self._requant_tail(mod, out, "c", f"r * {c} + c", consts)
+        body = f"""for (int r = 0; r < {rows}; r++) {{
+    const {x.ctype} *xr = x0 + r * {kk};
+    for (int c = 0; c < {c}; c++) {{
+        const int8_t *wc = K_w + c * {kk};
+        int32_t v = {bias};
+        for (int k = 0; k < {kk}; k++) v += (int32_t)xr[k] * wc[k];
+        {tail}
+    }}
+}}"""
+        self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts)
+
+    def _pool(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        if len(x.shape) != 4:
+            raise DfqError(f"C output: {mod.op} {mod.name} needs a 4-d input")
+        n, c, h, w = x.shape
+        oh, ow = out.shape[2:]
+        if mod.op == "GlobalAveragePool":
+            window = h * w
+            total = f"""for (int p = 0; p < {h * w}; p++) v += xc[p];"""
+            loop = f"""const {x.ctype} *xc = x0 + (b * {c} + ch) * {h * w};
+int32_t v = 0;
+{total}
+y0[b * {c} + ch] = ({out.ctype})FINISH;"""
+        else:
+            a = mod.attrs
+            k, s = a["kernel_shape"], a["strides"]
+            pads = resolve_pads(a["auto_pad"], a["pads"], (h, w), k, s, [1, 1])
+            window = int(np.prod(k))
+            loop = f"""const {x.ctype} *xc = x0 + (b * {c} + ch) * {h * w};
+for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{
+    int32_t v = 0;
+    for (int ky = 0; ky < {k[0]}; ky++) {{
+        const int iy = oy * {s[0]} + ky - {pads[0]};
+        if (iy < 0 || iy >= {h}) continue;
+        for (int kx = 0; kx < {k[1]}; kx++) {{
+            const int ix = ox * {s[1]} + kx - {pads[1]};
+            if (ix >= 0 && ix < {w}) v += xc[iy * {w} + ix];
+        }}
+    }}
+    y0[((b * {c} + ch) * {oh} + oy) * {ow} + ox] = ({out.ctype})FINISH;
+}}"""
+        finish = (f"dfq_requant(v, {mod.shift}, {mod.code_min}, {mod.code_max})" if mod.shift is not None else
+                  f"dfq_requant(dfq_rdiv(v, {window}), 0, {mod.code_min}, {mod.code_max})")
+        body = f"""for (int b = 0; b < {n}; b++) for (int ch = 0; ch < {c}; ch++) {{
+{loop.replace("FINISH", finish)}
+}}"""
+        self.step(f"{mod.op} {mod.name}", [x.name], [out.name], body)
+
+    def _table(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        rows, size = mod.table.shape
+        consts = [("table", out.ctype, mod.table)]
+        lo = mod.input.code_range[0]
+        if rows > 1:
+            axis = len(x.shape) + mod.channel_axis
+            inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+            row = f"((i / {inner}) % {x.shape[axis]}) * {size} + "
+        else:
+            row = ""
+        body = f"""for (int i = 0; i < {x.size}; i++) y0[i] = K_table[{row}(int32_t)x0[i] - ({lo})];"""
+        self.step(f"table {mod.op} {mod.name}", [x.name], [out.name], body, consts)
+
+    def _binary(self, mod, out: Tensor) -> None:
+        a, b = self.t(mod.input.name), self.t(mod.other.name)
+        fin = f"y0[{{o}}] = ({out.ctype})dfq_requant(v, {mod.shift}, {mod.code_min}, {mod.code_max});"
+        if mod.op == "MatMul":
+            if len(a.shape) < 2 or len(b.shape) < 2:
+                raise DfqError(f"C output: MatMul {mod.name} needs operands of rank 2 or more")
+            m, kk = a.shape[-2:]
+            nn = b.shape[-1]
+            lead = out.shape[:-2]
+            sa = _broadcast_strides(a.shape[:-2], lead, m * kk)
+            sb = _broadcast_strides(b.shape[:-2], lead, kk * nn)
+            loops, ia, ib, io = _nest(lead, [sa, sb], "l")
+            body = loops + f"""
+for (int i = 0; i < {m}; i++) for (int j = 0; j < {nn}; j++) {{
+    int32_t v = 0;
+    for (int k = 0; k < {kk}; k++) v += (int32_t)x0[{ia} + i * {kk} + k] * (int32_t)x1[{ib} + k * {nn} + j];
+    {fin.format(o=f"({io}) * {m * nn} + i * {nn} + j")}
+}}""" + "}" * len(lead)
+            self.step(f"MatMul {mod.name}", [a.name, b.name], [out.name], body)
+            return
+        shape = out.shape
+        sa = _broadcast_strides(a.shape, shape, 1)
+        sb = _broadcast_strides(b.shape, shape, 1)
+        loops, ia, ib, io = _nest(shape, [sa, sb], "i")
+        if mod.op == "Mul":
+            v = f"(int32_t)x0[{ia}] * (int32_t)x1[{ib}]"
+        else:
+            v = (f"dfq_align((int32_t)x0[{ia}], {mod.a_shift}) {'+' if mod.op == 'Add' else '-'} "
+                 f"dfq_align((int32_t)x1[{ib}], {mod.b_shift})")
+        body = loops + f"\nint32_t v = {v};\n{fin.format(o=io)}\n" + "}" * len(shape)
+        self.step(f"{mod.op} {mod.name}", [a.name, b.name], [out.name], body)
+
+    def _layer_norm(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        n = mod.width
+        consts = [("gain", "int32_t", mod.gain), ("offset", "int32_t", mod.offset)]
+        m = 1 << mod.mean_bits
+        body = f"""for (int r = 0; r < {x.size // n}; r++) {{
+    const {x.ctype} *xr = x0 + r * {n};
+    int32_t total = 0, sq = {mod.eps_code};
+    for (int i = 0; i < {n}; i++) total += xr[i];
+    const int32_t mean = dfq_rdiv(total * {m}, {n});
+    for (int i = 0; i < {n}; i++) {{ int32_t d = xr[i] * {m} - mean; sq += d * d; }}
+    int32_t sd = dfq_isqrt(sq);
+    if (sd < 1) sd = 1;
+    for (int i = 0; i < {n}; i++) {{
+        const int32_t d = xr[i] * {m} - mean;
+        const int32_t q = dfq_rdiv(d * K_gain[i], sd) + K_offset[i];
+        y0[r * {n} + i] = ({out.ctype})dfq_requant(q, {mod.gain_shift}, {mod.code_min}, {mod.code_max});
+    }}
+}}"""
+        self.step(f"LayerNormalization {mod.name}", [x.name], [out.name], body, consts)
+
+    def _softmax(self, mod, out: Tensor) -> None:
+        x = self.t(mod.input.name)
+        n = x.shape[-1]
+        consts = [("exp", "int32_t", mod.exp_table)]
+        body = f"""for (int r = 0; r < {x.size // n}; r++) {{
+    const {x.ctype} *xr = x0 + r * {n};
+    int32_t top = xr[0], total = 0;
+    for (int i = 1; i < {n}; i++) if (xr[i] > top) top = xr[i];
+    for (int i = 0; i < {n}; i++) total += K_exp[top - xr[i]];
+    for (int i = 0; i < {n}; i++) {{
+        const int32_t e = K_exp[top - xr[i]] * {1 << mod.output.frac};
+        y0[r * {n} + i] = ({out.ctype})dfq_requant(dfq_rdiv(e, total), 0, {mod.code_min}, {mod.code_max});
+    }}
+}}"""
+        self.step(f"Softmax {mod.name}", [x.name], [out.name], body, consts)
+
+    # ops that move codes -----------------------------------------------------------------------
+    def passthrough(self, node: gs.Node) -> None:
+        data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name and t.name in self.tensors]
+        src = self.t(node.inputs[0].name)
+        if node.op in ALIAS_OPS:
+            out = node.outputs[0].name
+            self.tensors[out] = Tensor(out, src.ctype, self.shape(out), src.name, src.frac)
+            return
+        outs = [self.add_tensor(t.name, src.ctype, frac=src.frac) for t in node.outputs]
+        if node.op == "MaxPool":
+            self._max_pool(node, src, outs[0])
+        elif node.op == "Concat":
+            self._concat(node, data, outs[0])
+        elif node.op in GATHER_OPS:
+            for k, out in enumerate(outs):
+                idx = self._index_map(node, src, k)
+                body = f"""for (int i = 0; i < {out.size}; i++) y0[i] = K_index[i] < 0 ? 0 : x0[K_index[i]];"""
+                self.step(f"{node.op} {node.name}", [src.name], [out.name], body, [("index", "int32_t", idx)])
+        else:
+            raise DfqError(f"C output: no kernel for {node.op} {node.name}")
+
+    def _max_pool(self, node: gs.Node, x: Tensor, out: Tensor) -> None:
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            raise DfqError(f"C output: MaxPool {node.name}'s indices output is read")
+        if len(x.shape) not in (3, 4):
+            raise DfqError(f"C output: MaxPool {node.name} needs a 3-d or 4-d input")
+        xs, ys = x.shape, out.shape
+        k = [int(v) for v in node.attrs["kernel_shape"]]
+        nd = len(k)
+        s = [int(v) for v in node.attrs.get("strides", [1] * nd)]
+        d = [int(v) for v in node.attrs.get("dilations", [1] * nd)]
+        pads = resolve_pads(attr_str(node, "auto_pad", "NOTSET"), [int(v) for v in node.attrs.get("pads", [])],
+                            xs[2:], k, s, d)
+        if nd == 1:
+            xs, ys, k, s, d, pads = xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:], [1] + k, [1] + s, [1] + d, \
+                [0, pads[0], 0, pads[1]]
+        n, c, h, w = xs
+        oh, ow = ys[2:]
+        lo = 0 if x.ctype == "uint8_t" else -128
+        body = f"""for (int b = 0; b < {n}; b++) for (int ch = 0; ch < {c}; ch++) {{
+const {x.ctype} *xc = x0 + (b * {c} + ch) * {h * w};
+for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{
+    int32_t v = {lo};
+    for (int ky = 0; ky < {k[0]}; ky++) {{
+        const int iy = oy * {s[0]} + ky * {d[0]} - {pads[0]};
+        if (iy < 0 || iy >= {h}) continue;
+        for (int kx = 0; kx < {k[1]}; kx++) {{
+            const int ix = ox * {s[1]} + kx * {d[1]} - {pads[1]};
+            if (ix >= 0 && ix < {w} && xc[iy * {w} + ix] > v) v = xc[iy * {w} + ix];
+        }}
+    }}
+    y0[((b * {c} + ch) * {oh} + oy) * {ow} + ox] = ({x.ctype})v;
+}}
+}}"""
+        self.step(f"MaxPool {node.name}", [x.name], [out.name], body)
+
+    def _concat(self, node: gs.Node, data: list, out: Tensor) -> None:
+        axis = int(node.attrs.get("axis", 0)) % len(out.shape)
+        outer = int(np.prod(out.shape[:axis], dtype=np.int64))
+        ins = [self.t(t.name) for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+        if len(ins) != len(node.inputs):
+            raise DfqError(f"C output: Concat {node.name} has a constant input")
+        lines, at = [], 0
+        total = out.size // max(outer, 1)
+        for j, t in enumerate(ins):
+            inner = t.size // max(outer, 1)
+            lines.append(f"for (int i = 0; i < {inner}; i++) y0[o * {total} + {at} + i] = x{j}[o * {inner} + i];")
+            at += inner
+        body = f"for (int o = 0; o < {outer}; o++) {{\n" + "\n".join(lines) + "\n}"
+        self.step(f"Concat {node.name}", [t.name for t in ins], [out.name], body)
+
+    def _index_map(self, node: gs.Node, x: Tensor, k: int) -> np.ndarray:
+        """Which input element each element of output k is (-1: a zero of a constant pad): the node
+        run by onnxruntime on the input's flat indices + 1 (exact in float32)."""
+        if x.size >= FLOAT32_EXACT:
+            raise DfqError(f"C output: {node.op} {node.name}'s input has {x.size} elements (index maps need < 2^24)")
+        inp = gs.Variable("dfq_index_in", np.float32, list(x.shape))
+        inputs = [inp]
+        for t in node.inputs[1:]:
+            if not t.name:
+                inputs.append(gs.Variable.empty())
+            elif isinstance(t, gs.Constant):
+                inputs.append(gs.Constant(t.name, np.asarray(t.values)))
+            else:
+                v = self.values.get(t.name)
+                if v is None:
+                    raise DfqError(f"C output: {node.op} {node.name}: input {t.name} is not known statically")
+                inputs.append(gs.Constant(t.name, np.asarray(v)))
+        if node.op == "Pad" and len(inputs) > 2 and inputs[2].name:
+            inputs[2] = gs.Constant("dfq_pad_zero", np.zeros((), np.float32))
+        outs = [gs.Variable(f"dfq_index_out{j}", np.float32) for j in range(len(node.outputs))]
+        g = gs.Graph(nodes=[gs.Node(node.op, node.name, dict(node.attrs), inputs, outs)], inputs=[inp],
+                     outputs=[outs[k]], opset=self.graph.opset)
+        sess = analysis_session(g, f"C output: onnxruntime cannot run {node.op} {node.name} on indices")
+        flat = np.arange(1, x.size + 1, dtype=np.float32).reshape(x.shape)
+        y = sess.run(None, {inp.name: flat})[0]
+        return np.rint(y).astype(np.int64).reshape(-1) - 1
+
+
+def _broadcast_strides(shape: tuple, out: tuple, unit: int) -> list[int]:
+    """Element strides of a tensor of `shape` (row-major, each step `unit` elements) read at the
+    indices of the broadcast output shape `out` (0 along broadcast dims)."""
+    shape = (1,) * (len(out) - len(shape)) + tuple(shape)
+    strides, acc = [], unit
+    for d in reversed(shape):
+        strides.append(0 if d == 1 else acc)
+        acc *= d
+    return list(reversed(strides))
+
+
+def _nest(shape: tuple, operand_strides: list, var: str) -> tuple[str, str, str, str]:
+    """Nested for-loops over `shape` (opened, not closed) and the index expressions of two operands
+    with the given strides and of the row-major output."""
+    loops = "".join(f"for (int {var}{d} = 0; {var}{d} < {n}; {var}{d}++) {{\n" for d, n in enumerate(shape))
+    out_strides = _broadcast_strides(shape, shape, 1)
+
+    def expr(strides):
+        terms = [f"{var}{d} * {s}" for d, s in enumerate(strides) if s]
+        return " + ".join(terms) or "0"
+
+    out_full = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    del out_strides
+    return loops, expr(operand_strides[0]), expr(operand_strides[1]), expr(out_full)
+
+
+def tensor_values(graph: gs.Graph, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The values of `names` in `graph` on `feeds` (one onnxruntime run)."""
+    g = graph.copy()
+    tmap = g.tensors()
+    g.outputs = [tmap[n] for n in names]
+    for t in g.outputs:
+        if t.dtype is None:
+            t.dtype = np.float32
+    g.cleanup()
+    sess = analysis_session(g, "C output: onnxruntime cannot run the model")
+    fed = {k: v for k, v in feeds.items() if k in {i.name for i in g.inputs}}
+    return dict(zip(names, sess.run(names, fed)))
+
+
+def shape_feeds(data, model) -> dict[str, np.ndarray]:
+    """One input batch that fixes the C program's shapes: the first calibration batch (batch 1
+    unless the model's batch dim is fixed), or zeros where there is no data (every dim must then be
+    static)."""
+    if data is not None:
+        return next(iter(data.batches(1)))
+    from ..calibration_data import input_specs
+    feeds = {}
+    for s in input_specs(model):
+        if any(d is None for d in s.shape[1:]):
+            raise DfqError(f"C output: input {s.name} has dynamic dims {list(s.shape)}; give calibration data "
+                           "(--calib) to fix its shape")
+        feeds[s.name] = np.zeros((s.shape[0] or 1,) + tuple(s.shape[1:]), s.dtype)
+    return feeds
+
+
+def program(graph: gs.Graph, qm: QuantizedModel, feeds: dict[str, np.ndarray]) -> _Builder:
+    """The steps of the C program: each integer module of `qm` and each op that moves codes, in the
+    graph's order, on static shapes measured on `feeds` (one batch)."""
+    plan = qm.plan
+    if plan.float_nodes:
+        ops = ", ".join(f"{op} ({n})" for op, n in sorted(plan.float_ops.items()))
+        raise DfqError(f"C output needs an integer-only model; these ops stay float: {ops}")
+    ir = {m.name: m for m in qm.modules}
+    inputs = [t for t in graph.inputs]
+    names = sorted({t.name for n in graph.nodes for t in n.inputs + n.outputs
+                    if t.name and not isinstance(t, gs.Constant)} - {t.name for t in inputs})
+    values = tensor_values(graph, feeds, names)
+    values.update({t.name: feeds[t.name] for t in inputs})
+    b = _Builder(graph, qm, values)
+    for t in inputs:
+        if t.name not in plan.requant:
+            raise DfqError(f"C output: graph input {t.name} is not quantized (read by no integer module)")
+        b.code_tensor(t.name).offset = None
+    removed = set()
+    for m in plan.modules:
+        removed.update(m.nodes)
+    shape_nodes = set(plan.shape_nodes)
+    for node in graph.nodes:
+        mod = ir.get(node.name)
+        if mod is not None:
+            b.module(mod)
+            continue
+        if node.name in removed or node.name in shape_nodes:
+            continue
+        out = node.outputs[0].name if node.outputs else None
+        if out in plan.passthrough:
+            b.passthrough(node)
+            continue
+        raise DfqError(f"C output: {node.op} {node.name} has no integer form")
+    for t in graph.outputs:
+        if t.name not in b.tensors:
+            raise DfqError(f"C output: graph output {t.name} is not computed in integers")
+    return b
+
+
+def _root(tensors: dict, name: str) -> str:
+    while tensors[name].alias is not None:
+        name = tensors[name].alias
+    return name
+
+
+def layout(b: _Builder, graph_inputs: list[str], graph_outputs: list[str], reuse: bool = True) -> tuple[int, int]:
+    """Arena offsets of every tensor by first fit over lifetimes (reuse=False: every tensor its own
+    place, for inspection), and the scratch offset; returns (arena bytes, scratch offset)."""
+    tensors = b.tensors
+    last = {}
+    for k, st in enumerate(b.steps):
+        for n in st.inputs + st.outputs:
+            last[_root(tensors, n)] = k
+    for n in graph_outputs:
+        last[_root(tensors, n)] = len(b.steps)
+    live: list[tuple[int, int, str]] = []  # (offset, end, root)
+    top = 0
+    for k, st in enumerate(b.steps):
+        for n in st.outputs:
+            r = _root(tensors, n)
+            if r in graph_inputs or tensors[r].offset is not None:
+                continue
+            size = -(-tensors[r].nbytes // ALIGN) * ALIGN
+            spot = 0
+            for off, end, _ in sorted(live):
+                if off - spot >= size:
+                    break
+                spot = max(spot, end)
+            tensors[r].offset = spot
+            live.append((spot, spot + size, r))
+            top = max(top, spot + size)
+        if reuse:
+            live = [e for e in live if last.get(e[2], -1) > k]
+    scratch = max((st.scratch for st in b.steps), default=0)
+    return top + scratch * 4, top
+
+
+def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
+    """The .c and .h texts of the program (see the module docstring)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise DfqError(f"C prefix {prefix!r} is not a C identifier")
+    graph_inputs = [t.name for t in b.graph.inputs]
+    graph_outputs = [t.name for t in b.graph.outputs]
+    arena, scratch_at = layout(b, graph_inputs, graph_outputs, reuse)
+    P = prefix.upper()
+    tensors = b.tensors
+
+    def ptr(name: str, const: bool) -> str:
+        r = _root(tensors, name)
+        t = tensors[name]
+        if r in graph_inputs:
+            return in_names[graph_inputs.index(r)]
+        return f"({'const ' if const else ''}{t.ctype} *)(dfq_arena_bytes + {tensors[r].offset})"
+
+    single = len(graph_inputs) == 1 and len(graph_outputs) == 1
+    in_names = ["in"] if single else [f"in{i}" for i in range(len(graph_inputs))]
+    out_names = ["out"] if single else [f"out{i}" for i in range(len(graph_outputs))]
+    in_macros = ["INPUT"] if len(graph_inputs) == 1 else [f"INPUT{i}" for i in range(len(graph_inputs))]
+    out_macros = ["OUTPUT"] if len(graph_outputs) == 1 else [f"OUTPUT{i}" for i in range(len(graph_outputs))]
+    params = [f"const {tensors[n].ctype} *{v}" for n, v in zip(graph_inputs, in_names)] + \
+             [f"{tensors[n].ctype} *{v}" for n, v in zip(graph_outputs, out_names)]
+    fparams = [f"const float *{v}" for v in in_names] + [f"float *{v}" for v in out_names]
+
+    c = [f"/* {prefix}.c: generated by dfq-onnx from the quantized model; integer arithmetic only.\n"
+         f"   Arena: {arena} bytes; constants: {sum(s.const_bytes for s in b.steps)} bytes. */",
+         f'#include "{prefix}.h"', "#include <string.h>", "",
+         f"int32_t {prefix}_arena[{max(1, -(-arena // 4))}];",
+         f"#define dfq_arena_bytes ((unsigned char *){prefix}_arena)", "/* RUNTIME */"]
+    for k, st in enumerate(b.steps):
+        args = [f"const {tensors[n].ctype} *x{j}" for j, n in enumerate(st.inputs)] + \
+               [f"{tensors[n].ctype} *y{j}" for j, n in enumerate(st.outputs)] + ["int32_t *acc"]
+        c.append(f"/* {st.what} */")
+        c.extend(st.consts)
+        used = "" if re.search(r"\bacc\b", st.body) else "    (void)acc;\n"
+        c.append(f"static void {st.name}({', '.join(args)}) {{\n{used}{st.body}\n}}\n")
+    run = [f"int {prefix}_run({', '.join(params)}) {{",
+           f"    int32_t *acc = (int32_t *)(dfq_arena_bytes + {scratch_at});"]
+    for st in b.steps:
+        args = [ptr(n, True) for n in st.inputs] + [ptr(n, False) for n in st.outputs] + ["acc"]
+        run.append(f"    {st.name}({', '.join(args)});")
+    for n, v, m in zip(graph_outputs, out_names, out_macros):
+        src = ptr(n, True)
+        run.append(f"    memcpy({v}, {src}, sizeof({v}[0]) * {P}_{m}_SIZE);")
+    run += ["    return 0;", "}", ""]
+    text = "\n".join(c + run)
+    text = text.replace("/* RUNTIME */", _runtime(text))
+    # float wrapper
+    wrap = [f"#ifndef {P}_NO_FLOAT", "#include <math.h>",
+            f"int {prefix}_run_float({', '.join(fparams)}) {{"]
+    for n, v, m in zip(graph_inputs, in_names, in_macros):
+        t = tensors[n]
+        lo, hi = qrange(8, t.ctype == "uint8_t")
+        wrap += [f"    static {t.ctype} q_{v}[{P}_{m}_SIZE];",
+                 f"    for (int i = 0; i < {P}_{m}_SIZE; i++) {{",
+                 f"        float s = {v}[i] * {_hexfloat(t.frac)};",
+                 f"        s = s != s ? 0.0f : s < {lo}.0f ? {lo}.0f : s > {hi}.0f ? {hi}.0f : rintf(s);",
+                 f"        q_{v}[i] = ({t.ctype})s;", "    }"]
+    for n, v, m in zip(graph_outputs, out_names, out_macros):
+        wrap.append(f"    static {tensors[n].ctype} q_{v}[{P}_{m}_SIZE];")
+    wrap.append(f"    int rc = {prefix}_run({', '.join([f'q_{v}' for v in in_names] + [f'q_{v}' for v in out_names])});")
+    for n, v, m in zip(graph_outputs, out_names, out_macros):
+        fr = _out_frac(b, n)
+        if isinstance(fr, int):
+            wrap.append(f"    for (int i = 0; i < {P}_{m}_SIZE; i++) {v}[i] = (float)q_{v}[i] * {_hexfloat(-fr)};")
+        else:
+            wrap.append(f"    for (int i = 0; i < {P}_{m}_SIZE; i++) "
+                        f"{v}[i] = ldexpf((float)q_{v}[i], -{prefix}_{m.lower()}_frac[(i / {fr[1]}) % {len(fr[0])}]);")
+    wrap += ["    return rc;", "}", "#endif", ""]
+    text += "\n".join(wrap)
+
+    c_fracs: list[str] = []
+    h = [f"/* {prefix}.h: generated by dfq-onnx. A value is its code times 2^-FRAC. */",
+         f"#ifndef {P}_H", f"#define {P}_H", "#include <stdint.h>", ""]
+    for n, m in zip(graph_inputs, in_macros):
+        t = tensors[n]
+        h += [f"#define {P}_{m}_SIZE {t.size}  /* {t.ctype} codes, shape {list(t.shape)} ({n}) */",
+              f"#define {P}_{m}_FRAC {t.frac}"]
+    for n, m in zip(graph_outputs, out_macros):
+        t = tensors[n]
+        fr = _out_frac(b, n)
+        h.append(f"#define {P}_{m}_SIZE {t.size}  /* {t.ctype} {'codes' if t.ctype != 'int32_t' else 'sums'}, "
+                 f"shape {list(t.shape)} ({n}) */")
+        if isinstance(fr, int):
+            h.append(f"#define {P}_{m}_FRAC {fr}")
+        else:  # a linear module's sums: a fraction per output channel
+            h += [f"/* the fraction of each output channel (axis 1): value = sum * 2^-frac[channel] */",
+                  f"extern const int8_t {prefix}_{m.lower()}_frac[{len(fr[0])}];"]
+            c_fracs.append(f"const int8_t {prefix}_{m.lower()}_frac[{len(fr[0])}] = {{{', '.join(str(int(x)) for x in fr[0])}}};")
+    h += [f"#define {P}_ARENA_BYTES {arena}", "",
+          "/* The static arena every intermediate tensor lives in. */",
+          f"extern int32_t {prefix}_arena[];", "",
+          "/* One inference on codes; returns 0. Not reentrant (one arena). */",
+          f"int {prefix}_run({', '.join(params)});", "",
+          f"#ifndef {P}_NO_FLOAT",
+          "/* The same on float values: quantized (round half to even, saturated) and dequantized here. */",
+          f"int {prefix}_run_float({', '.join(fparams)});", "#endif", "", f"#endif /* {P}_H */", ""]
+    text += "\n".join(c_fracs) + "\n"
+    consts = sum(s.const_bytes for s in b.steps)
+    weights = sum(int(np.asarray(m.weight).size) for m in b.qm.modules if m.kind == "linear")
+    facts = {"arena_bytes": arena, "const_bytes": consts, "weight_bytes": weights, "steps": len(b.steps),
+             "tensors": {n: {"offset": tensors[_root(tensors, n)].offset, "ctype": t.ctype, "shape": list(t.shape),
+                             "input": _root(tensors, n) in graph_inputs}
+                         for n, t in tensors.items()},
+             "inputs": graph_inputs, "outputs": graph_outputs}
+    return CLibrary(text, "\n".join(h), prefix, facts)
+
+
+def _out_frac(b: _Builder, name: str):
+    """Fraction of a graph output's C values: its codes' (an int), or a linear module's int32 sums'
+    (an int, or (fractions per channel, elements per channel step) where they differ)."""
+    for m in b.qm.modules:
+        if m.output_name == name and m.kind == "linear" and m.output is None:
+            fr = np.asarray(m.sum_frac, np.int64)
+            if len(np.unique(fr)) == 1:
+                return int(fr[0])
+            shape = b.tensors[name].shape
+            inner = int(np.prod(shape[2:], dtype=np.int64)) if m.op in ("Conv", "ConvTranspose") else 1
+            return fr, inner
+    return b.tensors[name].frac
+
+
+def _hexfloat(f: int) -> str:
+    """2^f as an exact C float literal."""
+    return f"0x1p{f:+d}f"
+
+
+def emit_c(graph: gs.Graph, qm: QuantizedModel, feeds: dict[str, np.ndarray], prefix: str, reuse: bool = True) -> CLibrary:
+    """The C library of the quantized model `qm` (built for the integer graph) of `graph`, with
+    shapes fixed by `feeds` (one batch)."""
+    return render(program(graph, qm, feeds), prefix, reuse)
