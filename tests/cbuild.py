@@ -20,11 +20,12 @@ def _macros(n: int, kind: str) -> list[str]:
     return [kind] if n == 1 else [f"{kind}{i}" for i in range(n)]
 
 
-def harness(lib, dump: bool = False) -> str:
+def harness(lib, dump: bool = False, float_io: bool = False) -> str:
+    """float_io: NAME_run_float on float32 samples instead of NAME_run on codes."""
     f, p, P = lib.facts, lib.prefix, lib.prefix.upper()
     ins, outs = f["inputs"], f["outputs"]
-    ti = [f["tensors"][n]["ctype"] for n in ins]
-    to = [f["tensors"][n]["ctype"] for n in outs]
+    ti = ["float" if float_io else f["tensors"][n]["ctype"] for n in ins]
+    to = ["float" if float_io else f["tensors"][n]["ctype"] for n in outs]
     mi, mo = _macros(len(ins), "INPUT"), _macros(len(outs), "OUTPUT")
     decl = [f"static {t} in{i}[{P}_{m}_SIZE];" for i, (t, m) in enumerate(zip(ti, mi))] + \
            [f"static {t} out{i}[{P}_{m}_SIZE];" for i, (t, m) in enumerate(zip(to, mo))]
@@ -38,7 +39,7 @@ def harness(lib, dump: bool = False) -> str:
 {chr(10).join(decl)}
 int main(void) {{
     while ({read}) {{
-        if ({p}_run({args}) != 0) return 1;
+        if ({p}_run{"_float" if float_io else ""}({args}) != 0) return 1;
         {write}
     }}
     return 0;
@@ -46,12 +47,12 @@ int main(void) {{
 """
 
 
-def build(lib, where: Path, flags=(), dump: bool = False) -> Path:
+def build(lib, where: Path, flags=(), dump: bool = False, float_io: bool = False) -> Path:
     """Write the library and the harness to `where` and compile them (STRICT warnings) into an executable."""
     where.mkdir(parents=True, exist_ok=True)
     (where / f"{lib.prefix}.c").write_text(lib.source)
     (where / f"{lib.prefix}.h").write_text(lib.header)
-    (where / "main.c").write_text(harness(lib, dump))
+    (where / "main.c").write_text(harness(lib, dump, float_io))
     exe = where / "run"
     cmd = [CC, *STRICT, *flags, "-o", str(exe), str(where / "main.c"), str(where / f"{lib.prefix}.c"), "-lm"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -60,11 +61,12 @@ def build(lib, where: Path, flags=(), dump: bool = False) -> Path:
     return exe
 
 
-def run(lib, exe: Path, feeds: list[list[np.ndarray]], dump: bool = False):
+def run(lib, exe: Path, feeds: list[list[np.ndarray]], dump: bool = False, float_io: bool = False):
     """Run the executable on samples (each a list of input code arrays, one per graph input);
     returns per sample the output arrays (and the arena bytes with dump)."""
     f = lib.facts
-    stdin = b"".join(np.ascontiguousarray(a, DTYPES[f["tensors"][n]["ctype"]]).tobytes()
+    dtype = lambda n: np.float32 if float_io else DTYPES[f["tensors"][n]["ctype"]]  # noqa: E731
+    stdin = b"".join(np.ascontiguousarray(a, dtype(n)).tobytes()
                      for sample in feeds for n, a in zip(f["inputs"], sample))
     r = subprocess.run([str(exe)], input=stdin, capture_output=True)
     if r.returncode:
@@ -74,7 +76,7 @@ def run(lib, exe: Path, feeds: list[list[np.ndarray]], dump: bool = False):
         outs = []
         for n in f["outputs"]:
             t = f["tensors"][n]
-            dt = np.dtype(DTYPES[t["ctype"]])
+            dt = np.dtype(dtype(n))
             size = int(np.prod(t["shape"]))
             outs.append(np.frombuffer(buf, dt, size, at).reshape(t["shape"]))
             at += size * dt.itemsize

@@ -78,7 +78,8 @@ class CLibrary:
     source: str
     header: str
     prefix: str
-    facts: dict
+    facts: dict                  # arena_bytes, const_bytes, weight_bytes, steps, tensors (offset, ctype, shape)
+    program: object = field(default=None, repr=False)  # the steps (render again, e.g. with reuse=False)
 
 
 # --- the C runtime: the only arithmetic the steps use ------------------------------------------
@@ -710,6 +711,8 @@ def layout(b: _Builder, graph_inputs: list[str], graph_outputs: list[str], reuse
     """Arena offsets of every tensor by first fit over lifetimes (reuse=False: every tensor its own
     place, for inspection), and the scratch offset; returns (arena bytes, scratch offset)."""
     tensors = b.tensors
+    for t in tensors.values():
+        t.offset = None
     last = {}
     for k, st in enumerate(b.steps):
         for n in st.inputs + st.outputs:
@@ -826,7 +829,7 @@ def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
         if isinstance(fr, int):
             h.append(f"#define {P}_{m}_FRAC {fr}")
         else:  # a linear module's sums: a fraction per output channel
-            h += [f"/* the fraction of each output channel (axis 1): value = sum * 2^-frac[channel] */",
+            h += ["/* the fraction of each output channel (axis 1): value = sum * 2^-frac[channel] */",
                   f"extern const int8_t {prefix}_{m.lower()}_frac[{len(fr[0])}];"]
             c_fracs.append(f"const int8_t {prefix}_{m.lower()}_frac[{len(fr[0])}] = {{{', '.join(str(int(x)) for x in fr[0])}}};")
     h += [f"#define {P}_ARENA_BYTES {arena}", "",
@@ -842,10 +845,10 @@ def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
     weights = sum(int(np.asarray(m.weight).size) for m in b.qm.modules if m.kind == "linear")
     facts = {"arena_bytes": arena, "const_bytes": consts, "weight_bytes": weights, "steps": len(b.steps),
              "tensors": {n: {"offset": tensors[_root(tensors, n)].offset, "ctype": t.ctype, "shape": list(t.shape),
-                             "input": _root(tensors, n) in graph_inputs}
+                             "input": _root(tensors, n) in graph_inputs, "root": _root(tensors, n)}
                          for n, t in tensors.items()},
              "inputs": graph_inputs, "outputs": graph_outputs}
-    return CLibrary(text, "\n".join(h), prefix, facts)
+    return CLibrary(text, "\n".join(h), prefix, facts, b)
 
 
 def _out_frac(b: _Builder, name: str):
