@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections import Counter
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -69,7 +71,7 @@ def main():
 
 @main.command()
 @click.argument("input_model", metavar="IN.onnx", type=click.Path(dir_okay=False))
-@click.argument("output_model", metavar="OUT.onnx", type=click.Path(dir_okay=False))
+@click.argument("output_model", metavar="OUT.onnx", type=click.Path())
 @click.option("--calib", "calib", metavar="DATA",
               help="Calibration data: a .npz keyed by input name (N x ...), a folder of .npy files, "
                    "or a folder of images (see --preprocess); or `none` for data-free mode (ranges "
@@ -98,12 +100,19 @@ def main():
                    "(repeated until none can); ort-x86 does the same. "
                    "ort-x86-vnni, ort-arm: no limit (wrong results on AVX2-only x86 possible). hw: "
                    "integer hardware, the integer-only graph (--format int, whose u8 x u8 kernels need no limit).")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "int"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(["qdq", "int", "c", "qonnx"]), default=None,
               help="[default: qdq; int for --target hw] qdq: QuantizeLinear/DequantizeLinear around float ops, for onnxruntime's int8 kernels; "
                    "int: integer-only graph at opset 19 (u8 x u8 ConvInteger/MatMulInteger into int32, int32 "
                    "bias, one dfq.RoundingShift per module: round half to even like QuantizeLinear, so it "
                    "equals the QDQ graph of --layout unified wherever float32 is exact; activations as table "
-                   "Gathers, integer LayerNorm and Softmax), float input and output.")
+                   "Gathers, integer LayerNorm and Softmax), float input and output. "
+                   "c: OUT is a folder that gets a C99 library NAME.c + NAME.h (int8/int32 arithmetic, no "
+                   "malloc: a static arena; NAME_run on codes, NAME_run_float on floats; shapes fixed by the "
+                   "first calibration sample, batch 1) and NAME_int.onnx, the integer graph it equals bit "
+                   "for bit; every op must have an integer form. "
+                   "qonnx: the QDQ graph with QONNX Quant nodes (FINN, hls4ml, Concrete ML).")
+@click.option("--prefix", default="model", show_default=True, metavar="NAME",
+              help="--format c: the library's name (NAME.c, NAME.h, NAME_run); a C identifier.")
 @click.option("--layout", type=click.Choice(["ort", "unified"]), default="ort", show_default=True,
               help="QDQ only. ort: the linear result entering a residual Add gets its own QuantizeLinear, "
                    "so onnxruntime can run that convolution as QLinearConv (and the Add as QLinearAdd "
@@ -156,12 +165,21 @@ def main():
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
             weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, equalize, search_exponents,
             effort, rounding, sparsity, keep_float, overrides, max_drop,
-            float_only, as_json, quiet):
-    """Quantize IN.onnx to a power-of-two model OUT.onnx (W8A8 by default; QDQ or integer-only)."""
-    from .model_io import check_output_path, save_model
+            float_only, as_json, quiet, prefix):
+    """Quantize IN.onnx to a power-of-two model OUT.onnx (W8A8 by default; QDQ, integer-only, QONNX,
+    or with --format c a folder OUT holding a C99 library)."""
+    from .model_io import check_output_path, save_library, save_model
     from .pipeline import fuse, run
 
-    check_output_path(output_model, input_model)
+    if fmt == "c":
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+            raise click.UsageError(f"--prefix {prefix!r}: not a C identifier")
+        if Path(output_model).exists() and not Path(output_model).is_dir():
+            raise click.UsageError(f"{output_model}: --format c writes a folder, and this is a file")
+        if max_drop is not None:
+            raise click.UsageError("--max-drop raises modules to 16-bit outputs: it needs --format qdq")
+    else:
+        check_output_path(output_model, input_model)
     if float_only:
         model = fuse(input_model)
         save_model(model, output_model, input_model)
@@ -179,7 +197,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                          layout=layout, align=not no_align, bias_correction=not no_bias_correction,
                          keep_float=tuple(keep_float), overrides=weight_overrides, act_overrides=act_overrides,
                          search_exponents=search_exponents, equalize=equalize, effort=effort, rounding=rounding,
-                         sparsity=sparsity)
+                         sparsity=sparsity, prefix=prefix)
     show = not quiet and err.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not show) as bar:
@@ -201,7 +219,10 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
             result, search = convert_max_drop(input_model, calib, config, max_drop, preprocess=preprocess,
                                               on_step=lambda msg: bar.update(task, description=msg))
             result.facts["max_drop_search"] = search
-    save_model(result.model, output_model, input_model)
+    if result.library is not None:
+        save_library(result.library, result.model, output_model, input_model)
+    else:
+        save_model(result.model, output_model, input_model)
     if "bn_derived" in result.facts:
         err.print("[bold yellow]warning:[/] data-free mode: activation ranges are estimated from BatchNorm "
                   f"statistics ({result.facts['bn_derived']} tensors) and random N(0, 1) inputs "
@@ -251,6 +272,9 @@ def _summary(result, config, inp, outp) -> dict:
         "per_layer_requant_points": result.per_layer_requant_points,
         "float_islands": result.float_ops, "calibration_samples": result.samples,
         "seconds": round(result.seconds, 3), "facts": result.facts,
+        "c_library": None if result.library is None else {
+            "files": f"{result.library.prefix}.c, {result.library.prefix}.h", "prefix": result.library.prefix,
+            **{k: result.library.facts[k] for k in ("steps", "arena_bytes", "const_bytes", "weight_bytes")}},
     }
 
 
@@ -274,7 +298,14 @@ def _print_summary(s: dict) -> None:
                                        f"{s['per_layer_requant_points']}")
     fi = s["float_islands"]
     t.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none")
-    t.add_row("format", "integer-only (dfq.RoundingShift requantization)" if s["format"] == "int" else "QDQ")
+    t.add_row("format", {"int": "integer-only (dfq.RoundingShift requantization)", "qonnx": "QONNX (Quant nodes)",
+                         "c": "C99 library"}.get(s["format"], "QDQ"))
+    lib = s.get("c_library")
+    if lib:
+        t.add_row("C library", f"{lib['files']}: {lib['steps']} steps; arena {lib['arena_bytes']:,} bytes (static, "
+                               f"every activation), constants {lib['const_bytes']:,} bytes of which "
+                               f"{lib['weight_bytes']:,} weight bytes; {lib['prefix']}_int.onnx beside it is the integer "
+                               "graph it equals bit for bit")
     fm = s["facts"].get("float_modules")
     if fm:
         t.add_row("float modules", ", ".join(f"{n} {op}" for op, n in sorted(fm.items())) + " (no integer form)")

@@ -532,6 +532,36 @@ def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_B
     return out
 
 
+def save_library(lib, model: onnx.ModelProto, out, inp=None) -> Path:
+    """Write a C library (passes/emit_c.py) into folder `out` (created if missing, its parent must
+    exist): NAME.c, NAME.h and NAME_int.onnx, the integer graph it computes bit for bit. Each file
+    is written to a temporary name first and renamed, so no half-written file is left."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DfqError(f"{out}: --format c writes a folder (NAME.c, NAME.h), and this is a file")
+    if not out.resolve().parent.is_dir():
+        raise DfqError(f"{out.parent}: output folder does not exist")
+    if inp is not None and not isinstance(inp, onnx.ModelProto) and Path(inp).resolve().parent == out.resolve() \
+            and Path(inp).name == f"{lib.prefix}_int.onnx":
+        raise DfqError(f"{out / Path(inp).name}: would overwrite the input; choose another --prefix")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise DfqError(f"{out}: cannot create ({e.strerror})") from None
+    save_model(model, out / f"{lib.prefix}_int.onnx", inp)
+    for name, text in ((f"{lib.prefix}.h", lib.header), (f"{lib.prefix}.c", lib.source)):
+        tmp = out / f".{name}.tmp"
+        try:
+            tmp.write_text(text)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out / name)
+        except OSError as e:
+            if tmp.exists():
+                tmp.unlink()
+            raise DfqError(f"{out / name}: cannot write ({e.strerror or e})") from None
+    return out
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

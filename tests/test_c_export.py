@@ -129,3 +129,51 @@ def test_generated_graphs_in_c(case, tmp_path_factory):
     where = tmp_path_factory.mktemp("c")
     feeds = {k: v[:3] for k, v in case.feeds_test.items()}
     assert check_tensor_by_tensor(r, r.library, feeds, where, cbuild.SANITIZE) > 0
+
+
+def _conv_model(cin: int, cout: int, h: int, w: int, k: int, stride: int, group: int, residual: bool, seed: int):
+    """Conv(k x k, stride, pads k//2, group) + bias [+ the input as residual] + Relu, float, NCHW."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    wt = rng.normal(0, 1 / np.sqrt(cin // group * k * k), (cout, cin // group, k, k)).astype(np.float32)
+    inits = [numpy_helper.from_array(wt, "w"), numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), "b")]
+    p = k // 2
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[p, p, p, p], group=group)]
+    last = "c"
+    if residual:
+        nodes.append(helper.make_node("Add", ["c", "x"], ["s"]))
+        last = "s"
+    nodes.append(helper.make_node("Relu", [last], ["y"]))
+    oh, ow = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, h, w])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, oh, ow])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), rng
+
+
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=int(os.environ.get("DFQ_C_CONVS", 12)), deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=os.environ.get("CI") == "true")
+@given(cin=st.integers(1, 48), cout=st.integers(1, 12), h=st.integers(1, 20), w=st.integers(1, 20),
+       k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), depthwise=st.booleans(), residual=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_convolution_kernels_in_c(cin, cout, h, w, k, stride, depthwise, residual, seed, tmp_path_factory):
+    """Every convolution kernel of the generator (pointwise blocked by pixels, pointwise as dot
+    products over channels, the general row kernel; grouped/depthwise; residual; strides) equals
+    the integer graph on every output code, over channel counts and feature-map sizes that the
+    generated graphs do not reach (more than 32 input channels, maps of more than 64 pixels)."""
+    if depthwise:
+        cout = cin
+    residual = residual and cout == cin and stride == 1
+    model, rng = _conv_model(cin, cout, h, w, k, stride, cin if depthwise else 1, residual, seed)
+    calib = {"x": rng.normal(0, 1, (16, cin, h, w)).astype(np.float32)}
+    r = run(model, calib, QuantConfig(format="c", prefix="k", effort="fast"))
+    event("kernels: " + ", ".join(sorted({st.what.split("(")[-1].rstrip(")") if "(" in st.what else st.what.split()[0]
+                                          for st in r.library.program.steps})))
+    exe = cbuild.build(r.library, tmp_path_factory.mktemp("k"), ["-O2"])
+    x = rng.normal(0, 1, (2, cin, h, w)).astype(np.float32)
+    codes = input_codes(r, {"x": x})["x"]
+    got = np.concatenate([o[0] for o in cbuild.run(r.library, exe, [[codes[i:i + 1]] for i in range(2)])])
+    np.testing.assert_array_equal(got, graph_values(r, {"x": x}, ["y"])["y"])

@@ -288,36 +288,93 @@ class _Builder:
         if mod.bias is not None:
             consts.append(("bias", "int32_t", mod.bias))
         pointwise = tuple(k) == (1, 1) and tuple(s) == (1, 1) and pt == 0 and pl == 0 and oh == h and ow == w
-        if pointwise:
-            inner = f"""for (int p = 0; p < {oh * ow}; p++) acc[p] += wv * xc[p];"""
-        else:
-            inner = f"""const int oy0 = dfq_lo({pt} - ky * {d[0]}, {s[0]}), oy1 = dfq_hi({h - 1 + pt} - ky * {d[0]}, {s[0]}, {oh});
-const int ox0 = dfq_lo({pl} - kx * {d[1]}, {s[1]}), ox1 = dfq_hi({w - 1 + pl} - kx * {d[1]}, {s[1]}, {ow});
-for (int oy = oy0; oy < oy1; oy++) {{
-    int32_t *ar = acc + oy * {ow};
-    const {x.ctype} *xr = xc + (oy * {s[0]} + ky * {d[0]} - {pt}) * {w} + kx * {d[1]} - {pl};
-    for (int ox = ox0; ox < ox1; ox++) ar[ox] += wv * xr[ox * {s[1]}];
-}}"""
-        tail = self._requant_tail(mod, out, "oc", f"(b * {cout} + oc) * {oh * ow} + p", consts)
+        if pointwise and g == 1:
+            self._pointwise(mod, x, out, n, cin, cout, oh * ow, consts)
+            return
+        # one output row at a time: its int32 sums stay in L1 while every tap adds a shifted input row
+        tail = self._requant_tail(mod, out, "oc", f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
         body = f"""for (int b = 0; b < {n}; b++) {{
 for (int oc = 0; oc < {cout}; oc++) {{
     const int g = oc / {cout_g};
-    for (int p = 0; p < {oh * ow}; p++) acc[p] = {bias};
-    for (int ic = 0; ic < {cin_g}; ic++) {{
-        const {x.ctype} *xc = x0 + (b * {cin} + g * {cin_g} + ic) * {h * w};
-        for (int ky = 0; ky < {k[0]}; ky++) for (int kx = 0; kx < {k[1]}; kx++) {{
-            const int32_t wv = K_w[((oc * {cin_g} + ic) * {k[0]} + ky) * {k[1]} + kx];
-            if (wv == 0) continue;
-            {inner}
+    const int8_t *wo = K_w + oc * {cin_g * k[0] * k[1]};
+    for (int oy = 0; oy < {oh}; oy++) {{
+        for (int ox = 0; ox < {ow}; ox++) acc[ox] = {bias};
+        for (int ic = 0; ic < {cin_g}; ic++) {{
+            const {x.ctype} *xc = x0 + (b * {cin} + g * {cin_g} + ic) * {h * w};
+            for (int ky = 0; ky < {k[0]}; ky++) {{
+                const int iy = oy * {s[0]} + ky * {d[0]} - {pt};
+                if (iy < 0 || iy >= {h}) continue;
+                for (int kx = 0; kx < {k[1]}; kx++) {{
+                    const int32_t wv = wo[(ic * {k[0]} + ky) * {k[1]} + kx];
+                    const int ox0 = dfq_lo({pl} - kx * {d[1]}, {s[1]}), ox1 = dfq_hi({w - 1 + pl} - kx * {d[1]}, {s[1]}, {ow});
+                    const {x.ctype} *xr = xc + iy * {w} + kx * {d[1]} - {pl};
+                    if (wv == 0) continue;
+                    for (int ox = ox0; ox < ox1; ox++) acc[ox] += wv * xr[ox * {s[1]}];
+                }}
+            }}
+        }}
+        for (int ox = 0; ox < {ow}; ox++) {{
+            int32_t v = acc[ox];
+            {tail}
         }}
     }}
-    for (int p = 0; p < {oh * ow}; p++) {{
-        int32_t v = acc[p];
+}}
+}}"""
+        self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts, ow)
+
+    POINT_BLOCK = 64  # pixels of a pointwise convolution's accumulator block (OB channels x 64 int32 stay in L1)
+
+    def _pointwise(self, mod, x: Tensor, out: Tensor, n: int, cin: int, cout: int, hw: int, consts: list) -> None:
+        """A 1x1 stride-1 convolution as a blocked matrix product: OB output channels x POINT_BLOCK
+        pixels of int32 sums, each input channel's codes read once per block."""
+        if hw < self.POINT_BLOCK * 4 and cin >= 32:  # few pixels, many channels: dot products along channels
+            self._pointwise_dot(mod, x, out, n, cin, cout, hw, consts)
+            return
+        ob = next(v for v in (4, 2, 1) if cout % v == 0)
+        pb = min(self.POINT_BLOCK, hw)
+        bias = "K_bias[oc + j]" if mod.bias is not None else "0"
+        ws = "\n".join(f"const int32_t w{j} = K_w[(oc + {j}) * {cin} + ic];" for j in range(ob))
+        adds = " ".join(f"a[{j * pb} + p] += w{j} * xv;" for j in range(ob))
+        tail = self._requant_tail(mod, out, "c", f"(b * {cout} + c) * {hw} + p0 + p", consts)
+        body = f"""for (int b = 0; b < {n}; b++) for (int p0 = 0; p0 < {hw}; p0 += {pb}) {{
+const int pn = {hw} - p0 < {pb} ? {hw} - p0 : {pb};
+for (int oc = 0; oc < {cout}; oc += {ob}) {{
+    int32_t *a = acc;
+    for (int j = 0; j < {ob}; j++) for (int p = 0; p < pn; p++) a[j * {pb} + p] = {bias};
+    for (int ic = 0; ic < {cin}; ic++) {{
+        const {x.ctype} *xr = x0 + (b * {cin} + ic) * {hw} + p0;
+        {ws}
+        for (int p = 0; p < pn; p++) {{ const int32_t xv = xr[p]; {adds} }}
+    }}
+    for (int j = 0; j < {ob}; j++) for (int p = 0; p < pn; p++) {{
+        const int c = oc + j;
+        int32_t v = a[j * {pb} + p];
         {tail}
     }}
 }}
 }}"""
-        self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts, oh * ow)
+        self.step(f"{mod.op} {mod.name} (pointwise)", self._inputs(mod), [out.name], body, consts, ob * pb)
+
+    def _pointwise_dot(self, mod, x: Tensor, out: Tensor, n: int, cin: int, cout: int, hw: int, consts: list) -> None:
+        """A 1x1 stride-1 convolution over few pixels: the input transposed to pixel-major codes in
+        the scratch, then one dot product along the input channels per pixel and output channel."""
+        bias = "K_bias[c]" if mod.bias is not None else "0"
+        tail = self._requant_tail(mod, out, "c", f"(b * {cout} + c) * {hw} + p", consts)
+        body = f"""{x.ctype} *xt = ({x.ctype} *)acc;
+for (int b = 0; b < {n}; b++) {{
+for (int ic = 0; ic < {cin}; ic++) for (int p = 0; p < {hw}; p++) xt[p * {cin} + ic] = x0[(b * {cin} + ic) * {hw} + p];
+for (int p = 0; p < {hw}; p++) {{
+    const {x.ctype} *xr = xt + p * {cin};
+    for (int c = 0; c < {cout}; c++) {{
+        const int8_t *wc = K_w + c * {cin};
+        int32_t v = {bias};
+        for (int k = 0; k < {cin}; k++) v += (int32_t)xr[k] * wc[k];
+        {tail}
+    }}
+}}
+}}"""
+        self.step(f"{mod.op} {mod.name} (pointwise, few pixels)", self._inputs(mod), [out.name], body, consts,
+                  -(-cin * hw // 4))
 
     def _conv_transpose(self, mod, out: Tensor) -> None:
         x = self.t(mod.input.name)
@@ -771,7 +828,9 @@ def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
          f"   Arena: {arena} bytes; constants: {sum(s.const_bytes for s in b.steps)} bytes. */",
          f'#include "{prefix}.h"', "#include <string.h>", "",
          f"int32_t {prefix}_arena[{max(1, -(-arena // 4))}];",
-         f"#define dfq_arena_bytes ((unsigned char *){prefix}_arena)", "/* RUNTIME */"]
+         f"#define dfq_arena_bytes ((unsigned char *){prefix}_arena)",
+         f"#ifndef {P}_STEP_DONE  /* define it to time or trace each step (k: the step's number) */",
+         f"#define {P}_STEP_DONE(k) ((void)0)", "#endif", "/* RUNTIME */"]
     for k, st in enumerate(b.steps):
         args = [f"const {tensors[n].ctype} *x{j}" for j, n in enumerate(st.inputs)] + \
                [f"{tensors[n].ctype} *y{j}" for j, n in enumerate(st.outputs)] + ["int32_t *acc"]
@@ -781,9 +840,10 @@ def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
         c.append(f"static void {st.name}({', '.join(args)}) {{\n{used}{st.body}\n}}\n")
     run = [f"int {prefix}_run({', '.join(params)}) {{",
            f"    int32_t *acc = (int32_t *)(dfq_arena_bytes + {scratch_at});"]
-    for st in b.steps:
+    for k, st in enumerate(b.steps):
         args = [ptr(n, True) for n in st.inputs] + [ptr(n, False) for n in st.outputs] + ["acc"]
         run.append(f"    {st.name}({', '.join(args)});")
+        run.append(f"    {P}_STEP_DONE({k});")
     for n, v, m in zip(graph_outputs, out_names, out_macros):
         src = ptr(n, True)
         run.append(f"    memcpy({v}, {src}, sizeof({v}[0]) * {P}_{m}_SIZE);")
