@@ -231,3 +231,48 @@ def test_an_already_quantized_model_is_refused_with_the_reason(tmp_path, shipped
     res = invoke("convert", src, out, "--calib", CALIB)
     assert_clean_failure(res, 1, "already quantized", out)
     assert "QuantizeLinear" in res.stderr and digest(src) == before
+
+
+def test_format_c_writes_a_library_folder(tmp_path):
+    """--format c: OUT becomes a folder with NAME.c, NAME.h and NAME_int.onnx, and the summary
+    reports the arena and constant bytes."""
+    out = tmp_path / "lib"
+    res = invoke("convert", SHIPPED, out, "--calib", CALIB, "--format", "c", "--prefix", "digits", "--json")
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert sorted(p.name for p in out.iterdir()) == ["digits.c", "digits.h", "digits_int.onnx"]
+    assert s["c_library"]["arena_bytes"] > 0 and s["c_library"]["weight_bytes"] > 0
+    assert "int digits_run(" in (out / "digits.h").read_text()
+    onnx.checker.check_model(onnx.load(out / "digits_int.onnx"))
+
+
+def test_format_c_bad_input(tmp_path):
+    """A prefix that is not a C identifier, an output that is a file, or a model with float
+    islands: one line, non-zero exit, nothing written."""
+    res = invoke("convert", SHIPPED, tmp_path / "lib", "--calib", CALIB, "--format", "c", "--prefix", "9lives")
+    assert_clean_failure(res, 2, "not a C identifier", tmp_path / "lib")
+    f = tmp_path / "taken.c"
+    f.write_text("x")
+    res = invoke("convert", SHIPPED, f, "--calib", CALIB, "--format", "c")
+    assert_clean_failure(res, 2, "writes a folder")
+    assert f.read_text() == "x"
+    # a ReduceL2 is no module: a float island, which C cannot hold
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                           helper.make_node("ReduceL2", ["h"], ["y"], axes=[1], keepdims=1)],
+                          "island", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                          [onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    model = tmp_path / "island.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))
+    res = invoke("convert", model, tmp_path / "lib2", "--calib", tmp_path / "c.npz", "--format", "c")
+    assert_clean_failure(res, 1, "integer-only", tmp_path / "lib2")
+
+
+def test_format_qonnx_writes_quant_nodes(tmp_path):
+    out = tmp_path / "q.onnx"
+    res = invoke("convert", SHIPPED, out, "--calib", CALIB, "--format", "qonnx", "-q")
+    assert res.exit_code == 0, res.output
+    m = onnx.load(out)
+    assert any(n.op_type == "Quant" and n.domain == "qonnx.custom_op.general" for n in m.graph.node)
+    assert not any(n.op_type == "QuantizeLinear" for n in m.graph.node)
