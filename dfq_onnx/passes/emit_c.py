@@ -291,6 +291,12 @@ class _Builder:
         if pointwise and g == 1:
             self._pointwise(mod, x, out, n, cin, cout, oh * ow, consts)
             return
+        if cin_g == 1 and k[0] * k[1] <= self.DEPTHWISE_TAPS:
+            self._depthwise(mod, x, out, (n, cin, h, w), (cout, oh, ow), g, k, s, d, pt, pl, consts)
+            return
+        if cin_g * k[0] * k[1] >= self.IM2COL_MIN:
+            self._conv_rows(mod, x, out, (n, cin, h, w), (cout, oh, ow), g, k, s, d, pt, pl, consts)
+            return
         # one output row at a time: its int32 sums stay in L1 while every tap adds a shifted input row
         tail = self._requant_tail(mod, out, "oc", f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
         body = f"""for (int b = 0; b < {n}; b++) {{
@@ -321,6 +327,93 @@ for (int oc = 0; oc < {cout}; oc++) {{
 }}
 }}"""
         self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts, ow)
+
+    DEPTHWISE_TAPS = 49  # a depthwise convolution with at most this many taps is unrolled over them
+
+    def _depthwise(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, consts: list) -> None:
+        """A convolution with one input channel per group: each input plane copied into the
+        scratch with its zero padding, then every output code a branch-free sum over the unrolled
+        taps."""
+        n, cin, h, w = xs
+        cout, oh, ow = ys
+        cout_g = cout // g
+        hp = max(h + pt, (oh - 1) * s[0] + (k[0] - 1) * d[0] + 1)
+        wp = max(w + pl, (ow - 1) * s[1] + (k[1] - 1) * d[1] + 1)
+        bias = "K_bias[oc]" if mod.bias is not None else "0"
+        taps = [(ky, kx) for ky in range(k[0]) for kx in range(k[1])]
+        wdefs = " ".join(f"const int32_t w{i} = wo[{i}];" for i in range(len(taps)))
+        terms = " + ".join(f"w{i} * xr[{ky * d[0] * wp + kx * d[1]}]" for i, (ky, kx) in enumerate(taps))
+        tail = self._requant_tail(mod, out, "oc", f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
+        rows = -(-hp * wp // 4)
+        body = f"""{x.ctype} *xp = ({x.ctype} *)acc;
+int32_t *row = acc + {rows};
+for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
+    if (oc % {cout_g} == 0) {{
+        const {x.ctype} *xc = x0 + (b * {cin} + oc / {cout_g}) * {h * w};
+        memset(xp, 0, {hp * wp});
+        for (int iy = 0; iy < {h}; iy++) memcpy(xp + (iy + {pt}) * {wp} + {pl}, xc + iy * {w}, {w});
+    }}
+    const int8_t *wo = K_w + oc * {len(taps)};
+    {wdefs}
+    for (int oy = 0; oy < {oh}; oy++) {{
+        for (int ox = 0; ox < {ow}; ox++) {{  /* the sums of one row first: a loop without branches */
+            const {x.ctype} *xr = xp + oy * {s[0] * wp} + ox * {s[1]};
+            row[ox] = {bias} + {terms};
+        }}
+        for (int ox = 0; ox < {ow}; ox++) {{
+            int32_t v = row[ox];
+            {tail}
+        }}
+    }}
+}}"""
+        self.step(f"{mod.op} {mod.name} (depthwise)", self._inputs(mod), [out.name], body, consts, rows + ow)
+
+    IM2COL_MIN = 16  # a convolution whose dot products are at least this long gathers its input patches
+
+    def _conv_rows(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, consts: list) -> None:
+        """A convolution one output row at a time: the row's input patches gathered (zeros where
+        padded) into the scratch as pixel-major rows of cin x kh x kw codes, then one contiguous
+        dot product per pixel and output channel (over its group's part of the patch)."""
+        n, cin, h, w = xs
+        cout, oh, ow = ys
+        cin_g, cout_g = cin // g, cout // g
+        kk = k[0] * k[1]
+        kg = -(-cin_g * kk // 16) * 16  # each group's patch padded with zero codes to whole vectors
+        patch = g * kg
+        if kg != cin_g * kk:  # the weights padded with zeros alike
+            wpad = np.zeros((cout, kg), np.int8)
+            wpad[:, :cin_g * kk] = mod.weight.reshape(cout, -1)
+            consts[0] = ("w", "int8_t", wpad)
+        bias = "K_bias[oc]" if mod.bias is not None else "0"
+        tail = self._requant_tail(mod, out, "oc", f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
+        body = f"""{x.ctype} *col = ({x.ctype} *)acc;
+memset(col, 0, {ow * patch});
+for (int b = 0; b < {n}; b++) for (int oy = 0; oy < {oh}; oy++) {{
+    for (int ox = 0; ox < {ow}; ox++) for (int gi = 0; gi < {g}; gi++) {{
+        {x.ctype} *cp = col + ox * {patch} + gi * {kg};
+        for (int ic = gi * {cin_g}; ic < (gi + 1) * {cin_g}; ic++) {{
+            const {x.ctype} *xc = x0 + (b * {cin} + ic) * {h * w};
+            for (int ky = 0; ky < {k[0]}; ky++) {{
+                const int iy = oy * {s[0]} + ky * {d[0]} - {pt};
+                for (int kx = 0; kx < {k[1]}; kx++) {{
+                    const int ix = ox * {s[1]} + kx * {d[1]} - {pl};
+                    *cp++ = (iy >= 0 && iy < {h} && ix >= 0 && ix < {w}) ? xc[iy * {w} + ix] : 0;
+                }}
+            }}
+        }}
+    }}
+    for (int oc = 0; oc < {cout}; oc++) {{
+        const int8_t *wo = K_w + oc * {kg};
+        const {x.ctype} *cg = col + (oc / {cout_g}) * {kg};
+        for (int ox = 0; ox < {ow}; ox++) {{
+            const {x.ctype} *cp = cg + ox * {patch};
+            int32_t v = {bias};
+            for (int i = 0; i < {kg}; i++) v += (int32_t)cp[i] * wo[i];
+            {tail}
+        }}
+    }}
+}}"""
+        self.step(f"{mod.op} {mod.name} (patch rows)", self._inputs(mod), [out.name], body, consts, -(-ow * patch // 4))
 
     POINT_BLOCK = 64  # pixels of a pointwise convolution's accumulator block (OB channels x 64 int32 stay in L1)
 
@@ -359,17 +452,25 @@ for (int oc = 0; oc < {cout}; oc += {ob}) {{
         """A 1x1 stride-1 convolution over few pixels: the input transposed to pixel-major codes in
         the scratch, then one dot product along the input channels per pixel and output channel."""
         bias = "K_bias[c]" if mod.bias is not None else "0"
+        ob = next(v for v in (4, 2, 1) if cout % v == 0)
+        decl = " ".join(f"int32_t s{j} = 0; const int8_t *w{j} = K_w + (c0 + {j}) * {cin};" for j in range(ob))
+        macs = " ".join(f"s{j} += xv * w{j}[k];" for j in range(ob))
+        sums = ", ".join(f"s{j}" for j in range(ob))
         tail = self._requant_tail(mod, out, "c", f"(b * {cout} + c) * {hw} + p", consts)
         body = f"""{x.ctype} *xt = ({x.ctype} *)acc;
 for (int b = 0; b < {n}; b++) {{
 for (int ic = 0; ic < {cin}; ic++) for (int p = 0; p < {hw}; p++) xt[p * {cin} + ic] = x0[(b * {cin} + ic) * {hw} + p];
 for (int p = 0; p < {hw}; p++) {{
     const {x.ctype} *xr = xt + p * {cin};
-    for (int c = 0; c < {cout}; c++) {{
-        const int8_t *wc = K_w + c * {cin};
-        int32_t v = {bias};
-        for (int k = 0; k < {cin}; k++) v += (int32_t)xr[k] * wc[k];
-        {tail}
+    for (int c0 = 0; c0 < {cout}; c0 += {ob}) {{  /* {ob} dot products share each load of the codes */
+        {decl}
+        for (int k = 0; k < {cin}; k++) {{ const int32_t xv = xr[k]; {macs} }}
+        const int32_t sj[{ob}] = {{{sums}}};
+        for (int j = 0; j < {ob}; j++) {{
+            const int c = c0 + j;
+            int32_t v = sj[j] + {bias};
+            {tail}
+        }}
     }}
 }}
 }}"""

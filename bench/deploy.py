@@ -1,0 +1,236 @@
+"""Deploying without onnxruntime: the C library (--format c) and QONNX (--format qonnx) on the
+shipped MNIST model, MobileNetV2 and EfficientNet-Lite0; adds a section to BENCHMARKS.md.
+
+  python bench/deploy.py              # after bench/run.py (models and data in bench/cache)
+
+Per model, in-process on the benchmark's 128 calibration samples with default settings:
+ 1. the C library: converted with format c, compiled with the system C compiler
+    (-std=c99 -O3 -march=native, one thread); its code size (.text of the library's object file),
+    constant bytes (weights, biases, shifts, tables) and arena bytes; its outputs on the evaluation
+    inputs compared with the integer ONNX graph (bit for bit) and with the float model (top-1
+    agreement); latency at batch 1 against onnxruntime's float model and dfq-onnx's QDQ model, both
+    with one intra-op thread: ROUNDS rounds, each timing RUNS runs of every contender on the same
+    input after WARMUP warm-up runs (median over all runs; the machine is shared and noisy).
+ 2. QONNX: the QDQ model respelled with Quant nodes; qonnx's executor on QONNX_SAMPLES inputs and
+    its QCDQ conversion under onnxruntime on every evaluation input, each against the QDQ model.
+Results go to bench/cache/deploy.json; BENCHMARKS.md is re-rendered.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import data as bench_data  # noqa: E402
+import run as bench_run  # noqa: E402
+import zoo  # noqa: E402
+
+MODELS = ("mnist", "mobilenet_v2", "efficientnet_lite0")
+ROUNDS, RUNS, WARMUP = 5, 20, 3
+QONNX_SAMPLES = 8
+CFLAGS = ["-std=c99", "-O3", "-march=native"]
+
+TIMER = r"""#define _POSIX_C_SOURCE 199309L
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include "{p}.h"
+static {ti} in[{P}_INPUT_SIZE];
+static {to} out[{P}_OUTPUT_SIZE];
+int main(int argc, char **argv) {{
+    int runs = argc > 1 ? atoi(argv[1]) : 10;
+    if (fread(in, sizeof in[0], {P}_INPUT_SIZE, stdin) != {P}_INPUT_SIZE) return 2;
+    for (int i = 0; i < {w}; i++) {p}_run(in, out);
+    for (int i = 0; i < runs; i++) {{
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        {p}_run(in, out);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        printf("%.6f\n", (b.tv_sec - a.tv_sec) * 1e3 + (b.tv_nsec - a.tv_nsec) * 1e-6);
+    }}
+    return 0;
+}}
+"""
+
+
+def _arrays(entry, folder: Path, limit: int | None = None) -> np.ndarray:
+    """The benchmark's images of `folder`, preprocessed in memory (as bench/run.py feeds both tools)."""
+    from PIL import Image
+    files = sorted(folder.glob("*.png"))[:limit]
+    return np.stack([entry.prep(Image.open(f)) for f in files]).astype(np.float32)
+
+
+def _inputs(name: str, entry, paths: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) arrays: the MNIST digits shipped in models/, else the photo crops."""
+    if name == "mnist":
+        calib = np.load(ROOT / "models" / "mnist_calib.npz")
+        test = np.load(ROOT / "models" / "mnist_test.npz")
+        return calib[calib.files[0]].astype(np.float32), test[test.files[0]].astype(np.float32)
+    return _arrays(entry, paths["calib"], bench_run.CALIB), _arrays(entry, paths["eval"])
+
+
+def _session(model, threads: int = 1, optimize: bool = True):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _ort_times(sess, feeds: dict, runs: int) -> list[float]:
+    for _ in range(WARMUP):
+        sess.run(None, feeds)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _code_size(obj: Path) -> dict:
+    """Bytes of code (.text) and of constants (.rodata) of the library's object file (`size -A`)."""
+    out = subprocess.run(["size", "-A", str(obj)], capture_output=True, text=True).stdout
+    sections = {ln.split()[0]: int(ln.split()[1]) for ln in out.splitlines() if ln.startswith(".")}
+    return {"text": sum(v for k, v in sections.items() if k.startswith(".text")),
+            "rodata": sum(v for k, v in sections.items() if k.startswith(".rodata"))}
+
+
+def c_section(name: str, model: str, entry, calib: np.ndarray, x: np.ndarray, work: Path) -> dict:
+    import cbuild
+    from dfq_onnx import QuantConfig
+    from dfq_onnx.fixedpoint import quantize
+    from dfq_onnx.pipeline import run
+    from test_integer import with_outputs
+
+    t0 = time.perf_counter()
+    inp = zoo_input(model)
+    r = run(model, {inp: calib}, QuantConfig(format="c", prefix=name, num_samples=bench_run.CALIB))
+    seconds = time.perf_counter() - t0
+    lib = r.library
+    work.mkdir(parents=True, exist_ok=True)
+    exe = cbuild.build(lib, work / "check", CFLAGS)
+    qin = r.quantized.tensor(inp)
+    codes = quantize(x, qin.frac, 8, qin.unsigned)
+    got = np.concatenate([o[0] for o in cbuild.run(lib, exe, [[codes[i:i + 1]] for i in range(len(x))])])
+    out_name = lib.facts["outputs"][0]
+    sess = _session(with_outputs(r.model, [r.symbols[out_name]]))
+    want = np.concatenate([sess.run([r.symbols[out_name]], {inp: x[i:i + 1]})[0] for i in range(len(x))])
+    exact = int(sum(np.array_equal(a, b) for a, b in zip(got, want)))
+    float_out = _session(model).run(None, {inp: x})[0]
+    deq = np.asarray(_session(r.model).run(None, {inp: x})[0])
+    agreement = float(np.mean(deq.reshape(len(x), -1).argmax(1) == float_out.reshape(len(x), -1).argmax(1)) * 100)
+    # code size and timing
+    (work / f"{name}.c").write_text(lib.source)
+    (work / f"{name}.h").write_text(lib.header)
+    subprocess.run([cbuild.CC, *CFLAGS, "-c", "-o", str(work / f"{name}.o"), str(work / f"{name}.c")], check=True)
+    size = _code_size(work / f"{name}.o")
+    t = lib.facts["tensors"]
+    (work / "timer.c").write_text(TIMER.format(p=name, P=name.upper(), ti=t[inp]["ctype"], to=t[out_name]["ctype"],
+                                               w=WARMUP))
+    subprocess.run([cbuild.CC, *CFLAGS, "-o", str(work / "timer"), str(work / "timer.c"), str(work / f"{name}.c"),
+                    "-lm"], check=True)
+    feeds = {inp: x[:1]}
+    qdq = run(model, {inp: calib}, QuantConfig(num_samples=bench_run.CALIB)).model
+    sessions = {"ort_float": _session(model), "dfq_qdq": _session(qdq)}
+    times = {"c": [], "ort_float": [], "dfq_qdq": []}
+    for _ in range(ROUNDS):
+        res = subprocess.run([str(work / "timer"), str(RUNS)], input=codes[:1].tobytes(), capture_output=True, check=True)
+        times["c"] += [float(v) for v in res.stdout.split()]
+        for k, s in sessions.items():
+            times[k] += _ort_times(s, feeds, RUNS)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"convert_seconds": seconds, "samples": len(x), "bit_exact": exact, "agreement_top1": agreement,
+            "arena_bytes": lib.facts["arena_bytes"], "const_bytes": lib.facts["const_bytes"],
+            "weight_bytes": lib.facts["weight_bytes"], "steps": lib.facts["steps"], "object": size,
+            "source_bytes": len(lib.source), "latency_ms": med,
+            "c_vs_float": med["c"] / med["ort_float"], "c_vs_qdq": med["c"] / med["dfq_qdq"]}
+
+
+def qonnx_section(model: str, calib: np.ndarray, x: np.ndarray) -> dict:
+    import onnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.change_batchsize import ChangeBatchSize
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
+
+    from dfq_onnx import QuantConfig
+    from dfq_onnx.passes.emit_qonnx import to_qonnx
+    from dfq_onnx.pipeline import run
+
+    inp = zoo_input(model)
+    r = run(model, {inp: calib}, QuantConfig(num_samples=bench_run.CALIB))
+    q = to_qonnx(r.model, r.quantized)
+
+    def wrapped(n):
+        m = onnx.ModelProto()
+        m.CopyFrom(q)
+        return ModelWrapper(m).transform(ChangeBatchSize(n)).transform(InferShapes())
+
+    xs = x[:QONNX_SAMPLES]
+    t0 = time.perf_counter()
+    got = execute_onnx(wrapped(len(xs)), {inp: xs})[r.model.graph.output[0].name]
+    exec_seconds = time.perf_counter() - t0
+    want = _session(r.model, 2, optimize=False).run(None, {inp: xs})[0]
+    qcdq = wrapped(len(x)).transform(QuantToQCDQ()).model
+    got2 = _session(qcdq, 2).run(None, {inp: x})[0]
+    want2 = _session(r.model, 2).run(None, {inp: x})[0]
+    scale = float(np.abs(want2).max())
+    return {"quant_nodes": sum(1 for n in q.graph.node if n.op_type == "Quant"),
+            "executor_samples": len(xs), "executor_seconds": exec_seconds,
+            "executor_max_rel_diff": float(np.abs(got - want).max() / np.abs(want).max()),
+            "executor_argmax_equal": float(np.mean(got.reshape(len(xs), -1).argmax(1) == want.reshape(len(xs), -1).argmax(1))),
+            "qcdq_samples": len(x), "qcdq_max_rel_diff": float(np.abs(got2 - want2).max() / scale),
+            "qcdq_argmax_equal": float(np.mean(got2.reshape(len(x), -1).argmax(1) == want2.reshape(len(x), -1).argmax(1)))}
+
+
+def zoo_input(model: str) -> str:
+    import onnx
+    m = onnx.load(model, load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    return next(i.name for i in m.graph.input if i.name not in inits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args(argv)
+    cache = zoo.DEFAULT_CACHE
+    paths = bench_data.build_data(cache)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    cc_version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    out = {"machine": bench_run.machine(), "compiler": cc_version, "cflags": " ".join(CFLAGS), "models": {}}
+    for name in args.models.split(","):
+        entry = zoo.ZOO[name]
+        model = str(entry.path(cache))
+        calib, x = _inputs(name, entry, paths, cache)
+        t0 = time.perf_counter()
+        row = {"c": c_section(name, model, entry, calib, x, cache / "deploy" / name),
+               "qonnx": qonnx_section(model, calib, x)}
+        out["models"][name] = row
+        print(f"{name}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    (cache / "deploy.json").write_text(json.dumps(out, indent=1))
+    (ROOT / "BENCHMARKS.md").write_text(bench_run.render(bench_run.load_results(cache)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
