@@ -125,7 +125,8 @@ def test_generated_graphs_in_c(case, tmp_path_factory):
         note(str(e))
         event(f"refused: {str(e)[:60]}")
         return
-    event("compiled")
+    for st in r.library.program.steps:
+        event(f"step: {st.what.split()[0]}")
     where = tmp_path_factory.mktemp("c")
     feeds = {k: v[:3] for k, v in case.feeds_test.items()}
     assert check_tensor_by_tensor(r, r.library, feeds, where, cbuild.SANITIZE) > 0
@@ -177,3 +178,36 @@ def test_convolution_kernels_in_c(cin, cout, h, w, k, stride, depthwise, residua
     codes = input_codes(r, {"x": x})["x"]
     got = np.concatenate([o[0] for o in cbuild.run(r.library, exe, [[codes[i:i + 1]] for i in range(2)])])
     np.testing.assert_array_equal(got, graph_values(r, {"x": x}, ["y"])["y"])
+
+
+MOVERS = {  # ops that only move codes, which the generated graphs do not draw: (nodes after "c", output shape)
+    "pad_reflect": ([("Pad", ["c", "pads"], ["y"], {"mode": "reflect"})], [1, 4, 9, 11]),
+    "pad_edge": ([("Pad", ["c", "pads"], ["y"], {"mode": "edge"})], [1, 4, 9, 11]),
+    "pad_zero": ([("Pad", ["c", "pads"], ["y"], {})], [1, 4, 9, 11]),
+    "resize_nearest": ([("Resize", ["c", "", "scales"], ["y"], {"mode": "nearest"})], [1, 4, 12, 14]),
+    "split_concat": ([("Split", ["c"], ["a", "b"], {"axis": 1, "num_outputs": 2}),
+                      ("Concat", ["b", "a"], ["y"], {"axis": 1})], [1, 4, 6, 7]),
+    "maxpool_padded": ([("MaxPool", ["c"], ["y"], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})],
+                       [1, 4, 3, 4]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOVERS))
+def test_ops_that_move_codes_in_c(case, tmp_path):
+    """Pad (reflect, edge, zeros), Resize (nearest), Split + Concat and a padded MaxPool after a
+    Conv: the C program's output equals the integer graph's, code for code."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(1)
+    nodes, shape = MOVERS[case]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 2], np.int64), "pads"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])] +
+                          [helper.make_node(op, i, o, **a) for op, i, o, a in nodes], case,
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 7])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"] + shape[1:])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    r = run(model, {"x": rng.normal(0, 1, (16, 3, 6, 7)).astype(np.float32)}, QuantConfig(format="c", prefix="m"))
+    x = rng.normal(0, 1, (3, 3, 6, 7)).astype(np.float32)
+    assert check_tensor_by_tensor(r, r.library, {"x": x}, tmp_path, cbuild.SANITIZE) > 0
+    assert list(r.library.facts["tensors"]["y"]["shape"]) == shape
