@@ -87,7 +87,7 @@ RUNTIME = {
     "dfq_rshift": r"""
 /* round(v / 2^s), ties to even, for 1 <= s <= 30: v + 2^31 as uint32 keeps the order, so a
    logical shift floors; the parity of floor(v / 2^s) is that of the biased quotient (s <= 30) */
-static int32_t dfq_rshift(int32_t v, int s) {
+static inline int32_t dfq_rshift(int32_t v, int s) {
     uint32_t u = (uint32_t)v + 0x80000000u;
     uint32_t t = u + ((1u << (s - 1)) - 1u) + ((u >> s) & 1u);
     return (int32_t)(t >> s) - (int32_t)(1u << (31 - s));
@@ -263,6 +263,40 @@ class _Builder:
             lines.append(f"y0[{at}] = ({out.ctype})dfq_requant(v, K_shift[{ch}], {mod.code_min}, {mod.code_max});")
         return "\n".join(lines)
 
+    def _requant_loop(self, mod, out: Tensor, ch: str, loop: str, v: str, at: str, consts: list) -> str:
+        """`loop` (a for-header) over elements of one output channel `ch`: the int32 sum `v` of each
+        becomes the output y0[at]. Where the channel's shift is a right shift (and its residual, if
+        any, is aligned by a left shift) the body is branch-free, so the compiler vectorizes it;
+        otherwise the general requantizer (_requant_tail)."""
+        generic = self._requant_tail(mod, out, ch, at, consts)
+        if mod.output is None:
+            return f"{loop} {{\n    int32_t v = {v};\n    {generic}\n}}"
+        pre, fast, cond = [f"const int sh_ = K_shift[{ch}];"], [], "sh_ > 0"
+        if mod.residual is not None:
+            if np.any(mod.acc_shift > 0):
+                pre.append(f"const int32_t am_ = (int32_t)(1u << K_acc_shift[{ch}]);")
+                fast.append("v = v * am_;")
+            pre.append(f"const int rs_ = K_res_shift[{ch}];")
+            cond += " && rs_ >= 0"
+            fast.append(f"v += (int32_t)x1[{at}] * (int32_t)(1u << rs_);")
+        lo, hi = mod.code_min, mod.code_max
+        fast += ["v = dfq_rshift(v, sh_);", f"y0[{at}] = ({out.ctype})(v < {lo} ? {lo} : v > {hi} ? {hi} : v);"]
+        body = "\n    ".join(fast)
+        return f"""{{
+{" ".join(pre)}
+if ({cond}) {{
+{loop} {{
+    int32_t v = {v};
+    {body}
+}}
+}} else {{
+{loop} {{
+    int32_t v = {v};
+    {generic}
+}}
+}}
+}}"""
+
     def _inputs(self, mod) -> list:
         return [mod.input.name] + ([mod.residual.name] if getattr(mod, "residual", None) is not None else [])
 
@@ -282,93 +316,81 @@ class _Builder:
         n, cin, h, w = xs
         _, cout, oh, ow = ys
         g = a["group"]
-        cin_g, cout_g = cin // g, cout // g
         consts = [("w", "int8_t", mod.weight)]
-        bias = "K_bias[oc]" if mod.bias is not None else "0"
         if mod.bias is not None:
             consts.append(("bias", "int32_t", mod.bias))
         pointwise = tuple(k) == (1, 1) and tuple(s) == (1, 1) and pt == 0 and pl == 0 and oh == h and ow == w
         if pointwise and g == 1:
             self._pointwise(mod, x, out, n, cin, cout, oh * ow, consts)
             return
-        if cin_g == 1 and k[0] * k[1] <= self.DEPTHWISE_TAPS:
-            self._depthwise(mod, x, out, (n, cin, h, w), (cout, oh, ow), g, k, s, d, pt, pl, consts)
-            return
-        if cin_g * k[0] * k[1] >= self.IM2COL_MIN:
+        if cin // g * k[0] * k[1] <= self.PLANE_TERMS:
+            self._planes(mod, x, out, (n, cin, h, w), (cout, oh, ow), g, k, s, d, pt, pl, consts)
+        else:
             self._conv_rows(mod, x, out, (n, cin, h, w), (cout, oh, ow), g, k, s, d, pt, pl, consts)
-            return
-        # one output row at a time: its int32 sums stay in L1 while every tap adds a shifted input row
-        tail = self._requant_tail(mod, out, "oc", f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
-        body = f"""for (int b = 0; b < {n}; b++) {{
-for (int oc = 0; oc < {cout}; oc++) {{
-    const int g = oc / {cout_g};
-    const int8_t *wo = K_w + oc * {cin_g * k[0] * k[1]};
-    for (int oy = 0; oy < {oh}; oy++) {{
-        for (int ox = 0; ox < {ow}; ox++) acc[ox] = {bias};
-        for (int ic = 0; ic < {cin_g}; ic++) {{
-            const {x.ctype} *xc = x0 + (b * {cin} + g * {cin_g} + ic) * {h * w};
-            for (int ky = 0; ky < {k[0]}; ky++) {{
-                const int iy = oy * {s[0]} + ky * {d[0]} - {pt};
-                if (iy < 0 || iy >= {h}) continue;
-                for (int kx = 0; kx < {k[1]}; kx++) {{
-                    const int32_t wv = wo[(ic * {k[0]} + ky) * {k[1]} + kx];
-                    const int ox0 = dfq_lo({pl} - kx * {d[1]}, {s[1]}), ox1 = dfq_hi({w - 1 + pl} - kx * {d[1]}, {s[1]}, {ow});
-                    const {x.ctype} *xr = xc + iy * {w} + kx * {d[1]} - {pl};
-                    if (wv == 0) continue;
-                    for (int ox = ox0; ox < ox1; ox++) acc[ox] += wv * xr[ox * {s[1]}];
-                }}
-            }}
-        }}
-        for (int ox = 0; ox < {ow}; ox++) {{
-            int32_t v = acc[ox];
-            {tail}
-        }}
-    }}
-}}
-}}"""
-        self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts, ow)
 
-    DEPTHWISE_TAPS = 49  # a depthwise convolution with at most this many taps is unrolled over them
+    PLANE_TERMS = 49  # a convolution whose outputs sum at most this many terms is unrolled over them (_planes)
 
-    def _depthwise(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, consts: list) -> None:
-        """A convolution with one input channel per group: each input plane copied into the
-        scratch with its zero padding, then every output code a branch-free sum over the unrolled
-        taps."""
+    def _planes(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, consts: list) -> None:
+        """A convolution whose output channels each sum few terms (cin per group x kh x kw <=
+        PLANE_TERMS; depthwise convolutions, a first layer on 3 channels): the group's input planes
+        copied, with their zero padding, into stride x stride phase planes (phase (qy, qx) holds
+        the padded rows qy, qy + stride, ... and likewise columns), so that every term reads one
+        phase plane at a fixed offset; the sums of a whole output plane are then one branch-free
+        loop over a grid as wide as a phase plane (the columns past the output's are computed and
+        dropped)."""
         n, cin, h, w = xs
         cout, oh, ow = ys
-        cout_g = cout // g
+        cin_g, cout_g = cin // g, cout // g
         hp = max(h + pt, (oh - 1) * s[0] + (k[0] - 1) * d[0] + 1)
         wp = max(w + pl, (ow - 1) * s[1] + (k[1] - 1) * d[1] + 1)
+        hq, wq = -(-hp // s[0]) + 1, -(-wp // s[1])
+        plane = hq * wq
+        phases = s[0] * s[1]
         bias = "K_bias[oc]" if mod.bias is not None else "0"
-        taps = [(ky, kx) for ky in range(k[0]) for kx in range(k[1])]
-        wdefs = " ".join(f"const int32_t w{i} = wo[{i}];" for i in range(len(taps)))
-        terms = " + ".join(f"w{i} * xr[{ky * d[0] * wp + kx * d[1]}]" for i, (ky, kx) in enumerate(taps))
-        tail = self._requant_tail(mod, out, "oc", f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
-        rows = -(-hp * wp // 4)
-        body = f"""{x.ctype} *xp = ({x.ctype} *)acc;
-int32_t *row = acc + {rows};
+        kk = k[0] * k[1]
+        wdefs = " ".join(f"const int32_t w{i} = wo[{i}];" for i in range(cin_g * kk))
+        terms = []
+        for ic in range(cin_g):
+            for ky in range(k[0]):
+                for kx in range(k[1]):
+                    phase = ic * phases + ((ky * d[0]) % s[0]) * s[1] + (kx * d[1]) % s[1]
+                    at = phase * plane + ((ky * d[0]) // s[0]) * wq + (kx * d[1]) // s[1]
+                    terms.append(f"w{(ic * k[0] + ky) * k[1] + kx} * xq[{at} + q]")
+        copies = []
+        for qy in range(s[0]):
+            r0, r1 = max(0, -(-(pt - qy) // s[0])), min(hq, (h - 1 + pt - qy) // s[0] + 1)
+            for qx in range(s[1]):
+                c0, c1 = max(0, -(-(pl - qx) // s[1])), min(wq, (w - 1 + pl - qx) // s[1] + 1)
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                dst = f"xq + (ic * {phases} + {qy * s[1] + qx}) * {plane} + r * {wq} + {c0}"
+                src = f"xc + ic * {h * w} + (r * {s[0]} + {qy - pt}) * {w} + {c0 * s[1] + qx - pl}"
+                copy = f"memcpy({dst}, {src}, {c1 - c0});" if s[1] == 1 else \
+                    f"{{ {x.ctype} *dp = {dst}; const {x.ctype} *sp = {src}; " \
+                    f"for (int c = 0; c < {c1 - c0}; c++) dp[c] = sp[c * {s[1]}]; }}"
+                copies.append(f"for (int r = {r0}; r < {r1}; r++) {copy}")
+        span = (oh - 1) * wq + ow
+        tail = self._requant_loop(mod, out, "oc", f"for (int ox = 0; ox < {ow}; ox++)", f"sums[oy * {wq} + ox]",
+                                  f"((b * {cout} + oc) * {oh} + oy) * {ow} + ox", consts)
+        planes = -(-cin_g * phases * plane // 4)
+        copy_code = "\n        ".join(copies)
+        body = f"""{x.ctype} *xq = ({x.ctype} *)acc;
+int32_t *sums = acc + {planes};
 for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
     if (oc % {cout_g} == 0) {{
-        const {x.ctype} *xc = x0 + (b * {cin} + oc / {cout_g}) * {h * w};
-        memset(xp, 0, {hp * wp});
-        for (int iy = 0; iy < {h}; iy++) memcpy(xp + (iy + {pt}) * {wp} + {pl}, xc + iy * {w}, {w});
+        const {x.ctype} *xc = x0 + (b * {cin} + (oc / {cout_g}) * {cin_g}) * {h * w};
+        memset(xq, 0, {cin_g * phases * plane});
+        for (int ic = 0; ic < {cin_g}; ic++) {{
+        {copy_code}
+        }}
     }}
-    const int8_t *wo = K_w + oc * {len(taps)};
+    const int8_t *wo = K_w + oc * {cin_g * kk};
     {wdefs}
-    for (int oy = 0; oy < {oh}; oy++) {{
-        for (int ox = 0; ox < {ow}; ox++) {{  /* the sums of one row first: a loop without branches */
-            const {x.ctype} *xr = xp + oy * {s[0] * wp} + ox * {s[1]};
-            row[ox] = {bias} + {terms};
-        }}
-        for (int ox = 0; ox < {ow}; ox++) {{
-            int32_t v = row[ox];
-            {tail}
-        }}
-    }}
+    for (int q = 0; q < {span}; q++) sums[q] = {bias} + {" + ".join(terms)};
+    for (int oy = 0; oy < {oh}; oy++) {tail}
 }}"""
-        self.step(f"{mod.op} {mod.name} (depthwise)", self._inputs(mod), [out.name], body, consts, rows + ow)
-
-    IM2COL_MIN = 16  # a convolution whose dot products are at least this long gathers its input patches
+        what = "depthwise" if cin_g == 1 else "few terms"
+        self.step(f"{mod.op} {mod.name} ({what})", self._inputs(mod), [out.name], body, consts, planes + span)
 
     def _conv_rows(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, consts: list) -> None:
         """A convolution one output row at a time: the row's input patches gathered (zeros where
@@ -420,7 +442,7 @@ for (int b = 0; b < {n}; b++) for (int oy = 0; oy < {oh}; oy++) {{
     def _pointwise(self, mod, x: Tensor, out: Tensor, n: int, cin: int, cout: int, hw: int, consts: list) -> None:
         """A 1x1 stride-1 convolution as a blocked matrix product: OB output channels x POINT_BLOCK
         pixels of int32 sums, each input channel's codes read once per block."""
-        if hw < self.POINT_BLOCK * 4 and cin >= 32:  # few pixels, many channels: dot products along channels
+        if hw < self.POINT_BLOCK * 4 and cin >= 256:  # few pixels, many channels: dot products along channels
             self._pointwise_dot(mod, x, out, n, cin, cout, hw, consts)
             return
         ob = next(v for v in (4, 2, 1) if cout % v == 0)
@@ -428,7 +450,8 @@ for (int b = 0; b < {n}; b++) for (int oy = 0; oy < {oh}; oy++) {{
         bias = "K_bias[oc + j]" if mod.bias is not None else "0"
         ws = "\n".join(f"const int32_t w{j} = K_w[(oc + {j}) * {cin} + ic];" for j in range(ob))
         adds = " ".join(f"a[{j * pb} + p] += w{j} * xv;" for j in range(ob))
-        tail = self._requant_tail(mod, out, "c", f"(b * {cout} + c) * {hw} + p0 + p", consts)
+        tail = self._requant_loop(mod, out, "c", "for (int p = 0; p < pn; p++)", f"a[j * {pb} + p]",
+                                  f"(b * {cout} + c) * {hw} + p0 + p", consts)
         body = f"""for (int b = 0; b < {n}; b++) for (int p0 = 0; p0 < {hw}; p0 += {pb}) {{
 const int pn = {hw} - p0 < {pb} ? {hw} - p0 : {pb};
 for (int oc = 0; oc < {cout}; oc += {ob}) {{
@@ -439,9 +462,8 @@ for (int oc = 0; oc < {cout}; oc += {ob}) {{
         {ws}
         for (int p = 0; p < pn; p++) {{ const int32_t xv = xr[p]; {adds} }}
     }}
-    for (int j = 0; j < {ob}; j++) for (int p = 0; p < pn; p++) {{
+    for (int j = 0; j < {ob}; j++) {{
         const int c = oc + j;
-        int32_t v = a[j * {pb} + p];
         {tail}
     }}
 }}
@@ -933,8 +955,10 @@ def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
          f"#ifndef {P}_STEP_DONE  /* define it to time or trace each step (k: the step's number) */",
          f"#define {P}_STEP_DONE(k) ((void)0)", "#endif", "/* RUNTIME */"]
     for k, st in enumerate(b.steps):
-        args = [f"const {tensors[n].ctype} *x{j}" for j, n in enumerate(st.inputs)] + \
-               [f"{tensors[n].ctype} *y{j}" for j, n in enumerate(st.outputs)] + ["int32_t *acc"]
+        # restrict: a step's inputs, outputs and scratch never overlap (the layout keeps every
+        # tensor a step reads or writes live, and apart, for the whole step)
+        args = [f"const {tensors[n].ctype} *restrict x{j}" for j, n in enumerate(st.inputs)] + \
+               [f"{tensors[n].ctype} *restrict y{j}" for j, n in enumerate(st.outputs)] + ["int32_t *restrict acc"]
         c.append(f"/* {st.what} */")
         c.extend(st.consts)
         used = "" if re.search(r"\bacc\b", st.body) else "    (void)acc;\n"
