@@ -19,7 +19,9 @@ from .errors import DfqError  # noqa: E402
 
 
 def convert(model, calib, config: QuantConfig | None = None, preprocess: str | None = None):
-    """Quantize a float model (path or onnx.ModelProto) and return the QDQ onnx.ModelProto.
+    """Quantize a float model (path or onnx.ModelProto) and return the quantized onnx.ModelProto
+    (QDQ, integer-only or QONNX by config.format; for format c the integer graph, whose C sources
+    are pipeline.run(...).library).
 
     calib: a .npz path, a folder of .npy files or images, a dict of arrays (input name -> N x ...),
     an iterable of input dicts, or an onnxruntime CalibrationDataReader. preprocess: the image
