@@ -211,3 +211,21 @@ def test_ops_that_move_codes_in_c(case, tmp_path):
     x = rng.normal(0, 1, (3, 3, 6, 7)).astype(np.float32)
     assert check_tensor_by_tensor(r, r.library, {"x": x}, tmp_path, cbuild.SANITIZE) > 0
     assert list(r.library.facts["tensors"]["y"]["shape"]) == shape
+
+
+def test_one_dimensional_convolution_and_pool_in_c(tmp_path):
+    """Conv1d (stride 2, pads), its depthwise twin and MaxPool1d, as 2-d ops of height 1."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (6, 4, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (6, 1, 3)).astype(np.float32), "wd")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[2], pads=[2, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "wd"], ["dw"], group=6, pads=[1, 1]),
+             helper.make_node("MaxPool", ["dw"], ["y"], kernel_shape=[3], strides=[2], pads=[1, 1])]
+    g = helper.make_graph(nodes, "c1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 23])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 6])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    r = run(model, {"x": rng.normal(0, 1, (16, 4, 23)).astype(np.float32)}, QuantConfig(format="c", prefix="m"))
+    assert check_tensor_by_tensor(r, r.library, {"x": rng.normal(0, 1, (3, 4, 23)).astype(np.float32)}, tmp_path,
+                                  cbuild.SANITIZE) > 0

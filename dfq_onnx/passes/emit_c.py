@@ -306,13 +306,8 @@ if ({cond}) {{
         nd = len(a["kernel_shape"])
         if nd not in (1, 2):
             raise DfqError(f"C output: Conv {mod.name} is {nd}-d (1-d and 2-d convolutions are supported)")
-        xs, ys = x.shape, out.shape
-        pads = resolve_pads(a["auto_pad"], a["pads"], xs[2:], a["kernel_shape"], a["strides"], a["dilations"])
-        if nd == 1:  # as 2-d with height 1
-            xs, ys = xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:]
-            k, s, d, pt, pl = (1, a["kernel_shape"][0]), (1, a["strides"][0]), (1, a["dilations"][0]), 0, pads[0]
-        else:
-            k, s, d, pt, pl = a["kernel_shape"], a["strides"], a["dilations"], pads[0], pads[1]
+        pads = resolve_pads(a["auto_pad"], a["pads"], x.shape[2:], a["kernel_shape"], a["strides"], a["dilations"])
+        xs, ys, k, s, d, pt, pl = _as_2d(x.shape, out.shape, a["kernel_shape"], a["strides"], a["dilations"], pads)
         n, cin, h, w = xs
         _, cout, oh, ow = ys
         g = a["group"]
@@ -507,12 +502,7 @@ for (int p = 0; p < {hw}; p++) {{
             raise DfqError(f"C output: ConvTranspose {mod.name} is not a 1-d or 2-d transposed convolution "
                            "with explicit pads")
         pads = [0] * 2 * nd if a["auto_pad"] == "VALID" else a["pads"]
-        xs, ys = x.shape, out.shape
-        if nd == 1:
-            xs, ys = xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:]
-            k, s, d, pt, pl = (1, a["kernel_shape"][0]), (1, a["strides"][0]), (1, a["dilations"][0]), 0, pads[0]
-        else:
-            k, s, d, pt, pl = a["kernel_shape"], a["strides"], a["dilations"], pads[0], pads[1]
+        xs, ys, k, s, d, pt, pl = _as_2d(x.shape, out.shape, a["kernel_shape"], a["strides"], a["dilations"], pads)
         n, cin, h, w = xs
         _, cout, oh, ow = ys
         consts = [("w", "int8_t", mod.weight)]  # [cin, cout, kh, kw]
@@ -719,9 +709,8 @@ for (int i = 0; i < {m}; i++) for (int j = 0; j < {nn}; j++) {{
         d = [int(v) for v in node.attrs.get("dilations", [1] * nd)]
         pads = resolve_pads(attr_str(node, "auto_pad", "NOTSET"), [int(v) for v in node.attrs.get("pads", [])],
                             xs[2:], k, s, d)
-        if nd == 1:
-            xs, ys, k, s, d, pads = xs[:2] + (1,) + xs[2:], ys[:2] + (1,) + ys[2:], [1] + k, [1] + s, [1] + d, \
-                [0, pads[0], 0, pads[1]]
+        xs, ys, k, s, d, pt, pl = _as_2d(xs, ys, k, s, d, pads)
+        pads = [pt, pl]
         n, c, h, w = xs
         oh, ow = ys[2:]
         lo = 0 if x.ctype == "uint8_t" else -128
@@ -783,6 +772,15 @@ for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{
         flat = np.arange(1, x.size + 1, dtype=np.float32).reshape(x.shape)
         y = sess.run(None, {inp.name: flat})[0]
         return np.rint(y).astype(np.int64).reshape(-1) - 1
+
+
+def _as_2d(xs: tuple, ys: tuple, kernel, strides, dilations, pads) -> tuple:
+    """(input shape, output shape, kernel, strides, dilations, top pad, left pad) of a 1-d or 2-d
+    window op (Conv, ConvTranspose, MaxPool) as 2-d: a 1-d op is one of height 1."""
+    if len(kernel) == 1:
+        return (xs[:2] + (1,) + tuple(xs[2:]), ys[:2] + (1,) + tuple(ys[2:]), (1, kernel[0]), (1, strides[0]),
+                (1, dilations[0]), 0, pads[0])
+    return tuple(xs), tuple(ys), tuple(kernel), tuple(strides), tuple(dilations), pads[0], pads[1]
 
 
 def _broadcast_strides(shape: tuple, out: tuple, unit: int) -> list[int]:
