@@ -9,10 +9,18 @@ was built on and from one onnxruntime run of it on a calibration sample (so dyna
 fixed to that sample's shape, batch included).
 
 Memory: every activation tensor lives in one static arena, laid out at generation time by the
-tensors' lifetimes (first fit; a tensor is freed after its last reader), plus one int32 scratch
-region for the accumulators of the module being computed. Reshape, Flatten, Squeeze and Unsqueeze
-alias their input. Constants (weights, biases, shifts, tables, index maps) are `static const`
-arrays, so they can stay in flash.
+tensors' lifetimes (first fit; a tensor is freed after its last reader), plus one scratch region
+for the step being computed (accumulator blocks, padded input planes, gathered patches).
+Reshape, Flatten, Squeeze and Unsqueeze alias their input; Transpose, Slice, Pad, Resize
+(nearest) and Split read through an index map (which input element, or a zero, each output
+element is), computed at generation time by onnxruntime on the input's flat indices. Constants
+(weights, biases, shifts, tables, index maps) are `static const` arrays, so they can stay in
+flash.
+
+Kernels (each specialized to its layer's shapes, so the compiler unrolls and vectorizes them):
+pointwise convolutions as blocked matrix products, convolutions with few terms per output
+(depthwise, first layers) on stride-phase planes, other convolutions by gathered patch rows and
+dot products; the requantizer is branch-free where a channel shifts right.
 
 Arithmetic, all in int32 (the IR proves every sum fits):
 - rounding right shift, ties to even: through uint32 with an offset of 2^31 (order-preserving, so
@@ -154,27 +162,12 @@ def _runtime(text: str) -> str:
     return "\n".join(RUNTIME[n] for n in RUNTIME if n in used)
 
 
-
-def _ident(name: str) -> str:
-    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
-    return s if s and not s[0].isdigit() else "_" + s
-
-
 def _array(name: str, ctype: str, values) -> tuple[str, int]:
     """A static const C array definition and its size in bytes."""
     v = np.asarray(values).reshape(-1).astype(np.int64)
     body = ",\n".join(",".join(str(int(x)) for x in v[i:i + 32]) for i in range(0, max(len(v), 1), 32)) if len(v) else "0"
     width = {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4}[ctype]
     return f"static const {ctype} {name}[{max(len(v), 1)}] = {{\n{body}}};\n", width * max(len(v), 1)
-
-
-def _small_ctype(v) -> str:
-    v = np.asarray(v, np.int64)
-    if v.size == 0 or (v.min() >= -128 and v.max() <= 127):
-        return "int8_t"
-    if v.min() >= -32768 and v.max() <= 32767:
-        return "int16_t"
-    return "int32_t"
 
 
 def _code_ctype(qt) -> str:
@@ -798,14 +791,12 @@ def _nest(shape: tuple, operand_strides: list, var: str) -> tuple[str, str, str,
     """Nested for-loops over `shape` (opened, not closed) and the index expressions of two operands
     with the given strides and of the row-major output."""
     loops = "".join(f"for (int {var}{d} = 0; {var}{d} < {n}; {var}{d}++) {{\n" for d, n in enumerate(shape))
-    out_strides = _broadcast_strides(shape, shape, 1)
 
     def expr(strides):
         terms = [f"{var}{d} * {s}" for d, s in enumerate(strides) if s]
         return " + ".join(terms) or "0"
 
     out_full = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
-    del out_strides
     return loops, expr(operand_strides[0]), expr(operand_strides[1]), expr(out_full)
 
 
