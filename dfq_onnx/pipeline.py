@@ -127,7 +127,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
             on_start(len(data))
         keep = max(SEARCH_SAMPLES + CONFIRM_SAMPLES if config.searches else
                    LOCAL_SAMPLES if config.effort == "default" else 0,
-                   ROUND_SAMPLES if config.gptq else 0, BIAS_SAMPLES if config.bias_correction else 0)
+                   ROUND_SAMPLES if config.gptq else 0, BIAS_SAMPLES if config.bias_correction else 0,
+                   1 if config.format == "c" else 0)  # format c: one sample fixes the program's shapes
         stats = calibrate(graph, plan.requant, data, config.batch_size, counted, kept, keep)
     align_facts = {"aligned": 0}
     if config.align:
@@ -187,7 +188,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     symbols = {}
     library = None
     if config.format == "c":  # shapes fixed by one calibration batch (a zero input in data-free mode)
-        library = emit_c(graph, qm, shape_feeds(data, original), config.prefix)
+        library = emit_c(graph, qm, shape_feeds(kept, original, data is not None and data.fixed_batch is not None),
+                         config.prefix)
     if config.integer:
         graph, facts, symbols = emit_int(graph, qm)
     else:

@@ -814,12 +814,13 @@ def tensor_values(graph: gs.Graph, feeds: dict[str, np.ndarray], names: list[str
     return dict(zip(names, sess.run(names, fed)))
 
 
-def shape_feeds(data, model) -> dict[str, np.ndarray]:
-    """One input batch that fixes the C program's shapes: the first calibration batch (batch 1
-    unless the model's batch dim is fixed), or zeros where there is no data (every dim must then be
-    static)."""
-    if data is not None:
-        return next(iter(data.batches(1)))
+def shape_feeds(kept: list, model, fixed_batch: bool) -> dict[str, np.ndarray]:
+    """One input batch that fixes the C program's shapes: the first kept calibration sample (the
+    first whole batch where the model's batch dim is fixed), or zeros in data-free mode (every dim
+    but the batch must then be static)."""
+    if kept:
+        from ..calibration_data import first_samples
+        return first_samples(kept, 1, whole=fixed_batch)[0]
     from ..calibration_data import input_specs
     feeds = {}
     for s in input_specs(model):
