@@ -229,3 +229,14 @@ def test_one_dimensional_convolution_and_pool_in_c(tmp_path):
     r = run(model, {"x": rng.normal(0, 1, (16, 4, 23)).astype(np.float32)}, QuantConfig(format="c", prefix="m"))
     assert check_tensor_by_tensor(r, r.library, {"x": rng.normal(0, 1, (3, 4, 23)).astype(np.float32)}, tmp_path,
                                   cbuild.SANITIZE) > 0
+
+
+def test_shapes_from_a_one_shot_iterable_and_from_data_free_mode(test_data):
+    """The program's shapes come from a calibration sample kept during calibration (a generator
+    of batches can be read only once), or, data-free, from the input's static shape."""
+    calib = np.load(CALIB)
+    x = calib[calib.files[0]]
+    gen = ({"input": x[i:i + 8]} for i in range(0, 64, 8))
+    a = run(SHIPPED, gen, QuantConfig(format="c", effort="fast", bias_correction=False)).library
+    b = run(SHIPPED, "none", QuantConfig(format="c")).library
+    assert a.facts["tensors"]["input"]["shape"] == b.facts["tensors"]["input"]["shape"] == [1, 1, 28, 28]
