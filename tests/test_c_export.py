@@ -20,7 +20,7 @@ from helpers import CALIB, SHIPPED, run_ort
 from test_integer import with_outputs
 
 pytestmark = pytest.mark.skipif(cbuild.CC is None, reason="no C compiler (cc/gcc); .ci/run installs gcc")
-C_GRAPHS = int(os.environ.get("DFQ_C_GRAPHS", 12))
+C_GRAPHS = int(os.environ.get("DFQ_C_GRAPHS", 40))
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def _conv_model(cin: int, cout: int, h: int, w: int, k: int, stride: int, group:
 from hypothesis import strategies as st  # noqa: E402
 
 
-@settings(max_examples=int(os.environ.get("DFQ_C_CONVS", 12)), deadline=None, suppress_health_check=list(HealthCheck),
+@settings(max_examples=int(os.environ.get("DFQ_C_CONVS", 30)), deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=os.environ.get("CI") == "true")
 @given(cin=st.integers(1, 48), cout=st.integers(1, 12), h=st.integers(1, 20), w=st.integers(1, 20),
        k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), depthwise=st.booleans(), residual=st.booleans(),
