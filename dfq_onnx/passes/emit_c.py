@@ -110,7 +110,9 @@ static int32_t dfq_align(int32_t v, int s) {
     "dfq_requant": r"""
 /* the requantizer: round(v / 2^s) (v * 2^-s for s < 0), clamped to [lo, hi] */
 static int32_t dfq_requant(int32_t v, int s, int32_t lo, int32_t hi) {
-    if (s > 0) {
+    if (s > 30) {  /* the IR proves |v| + 2^(s-1) < 2^31: |v| < 2^30, which rounds to 0 */
+        v = 0;
+    } else if (s > 0) {
         v = dfq_rshift(v, s);
     } else if (s < 0) {
         int l = -s;
