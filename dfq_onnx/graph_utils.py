@@ -113,6 +113,18 @@ def per_channel_vector(value: np.ndarray, channels: int, channel_dim: int, out_r
     return np.broadcast_to(v.reshape(-1) if v.size == channels else v.reshape(()), (channels,)).astype(np.float64)
 
 
+def layer_norm_width(node: gs.Node) -> int | None:
+    """The width of a LayerNormalization over its last axis: the axis' static size, else (a
+    symbolic dim) the length of its constant 1-d scale, which must match it; None if neither."""
+    shape = node.inputs[0].shape
+    if shape and isinstance(shape[-1], int) and shape[-1] > 0:
+        return int(shape[-1])
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    if isinstance(scale, gs.Constant) and np.ndim(scale.values) == 1 and np.size(scale.values) > 1:
+        return int(np.size(scale.values))
+    return None
+
+
 def output_rank(t: gs.Tensor) -> int | None:
     return len(t.shape) if t.shape is not None else None
 

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from . import functions
 from .errors import DfqError
 from .fixedpoint import code_bounds, qrange, quantize
-from .graph_utils import attr_str, bias_of, clip_limits, out_channel_axis
+from .graph_utils import attr_str, bias_of, clip_limits, layer_norm_width, out_channel_axis
 
 INT32_MAX = (1 << 31) - 1
 INTEGER_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops with an integer form (ConvInteger, MatMulInteger)
@@ -511,7 +511,7 @@ def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
 
 def _layer_norm(m, node: gs.Node, tmap, qm: QuantizedModel) -> LayerNormModule:
     x, out = qm.tensor(m.input), qm.tensor(m.output)
-    n = int(tmap[m.input].shape[-1])
+    n = layer_norm_width(node)
     gamma = np.broadcast_to(np.asarray(node.inputs[1].values, np.float64).reshape(-1), (n,))
     has_beta = len(node.inputs) > 2 and node.inputs[2].name
     beta = np.broadcast_to(np.asarray(node.inputs[2].values, np.float64).reshape(-1), (n,)) if has_beta else np.zeros(n)

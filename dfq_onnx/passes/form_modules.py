@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from .. import functions
 from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, SHAPE_OPS, attr_str, const_value,
-                           is_zero_pad, output_rank, per_channel_vector, sole_consumer, weight_of)
+                           is_zero_pad, layer_norm_width, output_rank, per_channel_vector, sole_consumer, weight_of)
 
 
 @dataclass(frozen=True)
@@ -304,11 +304,12 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
 
 
 def _last_axis_op(node: gs.Node, graph: gs.Graph) -> bool:
-    """A LayerNormalization with constant scale (and bias) over a last axis of known size, or a
+    """A LayerNormalization with constant scale (and bias) over a last axis of known size (or a
+    symbolic one whose size the scale's length gives: graph_utils.layer_norm_width), or a
     Softmax over the last axis (before opset 13 Softmax flattens from its axis: only its last
     axis is one axis)."""
     shape = node.inputs[0].shape
-    if shape is None or (node.op == "LayerNormalization" and not isinstance(shape[-1], int)):
+    if shape is None or (node.op == "LayerNormalization" and layer_norm_width(node) is None):
         return False
     rank = len(shape)
     axis = int(node.attrs.get("axis", -1 if node.op == "LayerNormalization" or (graph.opset or 13) >= 13 else 1))
