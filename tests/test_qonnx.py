@@ -37,6 +37,8 @@ def test_quant_nodes_are_power_of_two_and_round_half_even(shipped_pair):
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
     quants = [n for n in q.graph.node if n.op_type == "Quant"]
     assert quants and all(n.domain == QONNX_DOMAIN for n in quants)
+    domains = [o.domain for o in q.opset_import]
+    assert sorted(domains) == sorted(set(domains)) and QONNX_DOMAIN in domains  # each domain imported once
     assert not [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     for n in quants:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}

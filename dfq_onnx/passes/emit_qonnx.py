@@ -90,8 +90,10 @@ def to_qonnx(qdq: onnx.ModelProto, qm: QuantizedModel) -> onnx.ModelProto:
     g.toposort()
     model = gs.export_onnx(g, do_type_check=False)
     model.ir_version = qdq.ir_version
+    imports = {o.domain: o.version for o in qdq.opset_import}
+    imports.setdefault(QONNX_DOMAIN, 1)
     del model.opset_import[:]
-    model.opset_import.extend(list(qdq.opset_import) + [onnx.helper.make_opsetid(QONNX_DOMAIN, 1)])
+    model.opset_import.extend([onnx.helper.make_opsetid(d, v) for d, v in imports.items()])
     for p in qdq.metadata_props:
         model.metadata_props.add(key=p.key, value=p.value)
     model.producer_name, model.producer_version = qdq.producer_name, qdq.producer_version
