@@ -615,7 +615,7 @@ def machine_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": cpu, "flags": [f for f in ("avx2", "avx512_vnni") if f in flags],
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "flags": [f for f in ("avx2", "avx512_vnni") if f in flags],
             "python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
