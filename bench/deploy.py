@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     cc = shutil.which("cc") or shutil.which("gcc")
     cc_version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     out = {"machine": bench_run.machine(), "compiler": cc_version, "cflags": " ".join(CFLAGS), "models": {}}
+    if (cache / "deploy.json").exists():  # a subset (--models) keeps the other models' rows of the last run
+        out["models"] = json.loads((cache / "deploy.json").read_text())["models"]
     for name in args.models.split(","):
         entry = zoo.ZOO[name]
         model = str(entry.path(cache))

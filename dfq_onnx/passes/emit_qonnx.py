@@ -5,8 +5,9 @@ The QONNX graph is the QDQ graph (emit_qdq.py, which renders the quantized IR) w
 quantizer respelled, so both compute the same numbers:
 - an activation's QuantizeLinear -> [Clip of the codes] -> DequantizeLinear becomes
   Quant(x, 2^-f, 0, bits, signed, narrow=0, ROUND) (ROUND is round half to even, as
-  QuantizeLinear), followed by a float Clip at the code bounds times 2^-f where the codes were
-  clipped (exact: those are multiples of the scale);
+  QuantizeLinear), preceded by a float Clip at the code bounds times 2^-f where the codes were
+  clipped (exact: the bounds are on the grid and rounding is monotone, so clamping then rounding
+  gives the clamped codes; every quantized tensor ends in a Quant, as FINN and Concrete ML want);
 - a weight's DequantizeLinear of int8 codes becomes the dequantized float weight (exact: codes
   times a power of two) behind Quant(w, 2^-f per channel, 0, the module's weight bits, signed,
   narrow=0, ROUND), which gives it back unchanged;
@@ -80,12 +81,13 @@ def to_qonnx(qdq: onnx.ModelProto, qm: QuantizedModel) -> onnx.ModelProto:
         dq.outputs.clear()
         if clip is None:
             quant(x, scale, bits, signed, x.name, out)
-        else:
+        else:  # clamping the value to code bounds times the scale, then rounding, clamps the codes
             lo, hi = (float(np.asarray(clip.inputs[k].values)) for k in (1, 2))
-            y = quant(x, scale, bits, signed, x.name)
+            c = gs.Variable(new_name(g, f"{x.name}_clipped"), np.float32)
             g.nodes.append(gs.Node("Clip", new_name(g, f"{x.name}_code_clip"), {},
-                                   [y, gs.Constant(new_name(g, f"{x.name}_lo"), f32(lo * float(scale))),
-                                    gs.Constant(new_name(g, f"{x.name}_hi"), f32(hi * float(scale)))], [out]))
+                                   [x, gs.Constant(new_name(g, f"{x.name}_lo"), f32(lo * float(scale))),
+                                    gs.Constant(new_name(g, f"{x.name}_hi"), f32(hi * float(scale)))], [c]))
+            quant(c, scale, bits, signed, x.name, out)
     g.cleanup()
     g.toposort()
     model = gs.export_onnx(g, do_type_check=False)
