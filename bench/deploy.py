@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                "qonnx": qonnx_section(model, calib, x)}
         out["models"][name] = row
         print(f"{name}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    order = [m for m in MODELS if m in out["models"]] + [m for m in out["models"] if m not in MODELS]
+    out["models"] = {m: out["models"][m] for m in order}
     (cache / "deploy.json").write_text(json.dumps(out, indent=1))
     (ROOT / "BENCHMARKS.md").write_text(bench_run.render(bench_run.load_results(cache)))
     return 0
