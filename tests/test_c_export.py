@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
 
 from dfq_onnx import DfqError, QuantConfig
 from dfq_onnx.fixedpoint import module_forward, quantize
@@ -125,8 +126,8 @@ def test_generated_graphs_in_c(case, tmp_path_factory):
         note(str(e))
         event(f"refused: {str(e)[:60]}")
         return
-    for st in r.library.program.steps:
-        event(f"step: {st.what.split()[0]}")
+    for step in r.library.program.steps:
+        event(f"step: {step.what.split()[0]}")
     where = tmp_path_factory.mktemp("c")
     feeds = {k: v[:3] for k, v in case.feeds_test.items()}
     assert check_tensor_by_tensor(r, r.library, feeds, where, cbuild.SANITIZE) > 0
@@ -152,9 +153,6 @@ def _conv_model(cin: int, cout: int, h: int, w: int, k: int, stride: int, group:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), rng
 
 
-from hypothesis import strategies as st  # noqa: E402
-
-
 @settings(max_examples=int(os.environ.get("DFQ_C_CONVS", 30)), deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=os.environ.get("CI") == "true")
 @given(cin=st.integers(1, 48), cout=st.integers(1, 12), h=st.integers(1, 20), w=st.integers(1, 20),
@@ -171,8 +169,8 @@ def test_convolution_kernels_in_c(cin, cout, h, w, k, stride, depthwise, residua
     model, rng = _conv_model(cin, cout, h, w, k, stride, cin if depthwise else 1, residual, seed)
     calib = {"x": rng.normal(0, 1, (16, cin, h, w)).astype(np.float32)}
     r = run(model, calib, QuantConfig(format="c", prefix="k", effort="fast"))
-    event("kernels: " + ", ".join(sorted({st.what.split("(")[-1].rstrip(")") if "(" in st.what else st.what.split()[0]
-                                          for st in r.library.program.steps})))
+    event("kernels: " + ", ".join(sorted({s.what.split("(")[-1].rstrip(")") if "(" in s.what else s.what.split()[0]
+                                          for s in r.library.program.steps})))
     exe = cbuild.build(r.library, tmp_path_factory.mktemp("k"), ["-O2"])
     x = rng.normal(0, 1, (2, cin, h, w)).astype(np.float32)
     codes = input_codes(r, {"x": x})["x"]
