@@ -71,7 +71,7 @@ def _arrays(entry, folder: Path, limit: int | None = None) -> np.ndarray:
     return np.stack([entry.prep(Image.open(f)) for f in files]).astype(np.float32)
 
 
-def _inputs(name: str, entry, paths: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(name: str, entry, paths: dict) -> tuple[np.ndarray, np.ndarray]:
     """(calibration, evaluation) arrays: the MNIST digits shipped in models/, else the photo crops."""
     if name == "mnist":
         calib = np.load(ROOT / "models" / "mnist_calib.npz")
@@ -112,7 +112,8 @@ def _code_size(obj: Path) -> dict:
             "rodata": sum(v for k, v in sections.items() if k.startswith(".rodata"))}
 
 
-def c_section(name: str, model: str, entry, calib: np.ndarray, x: np.ndarray, work: Path) -> dict:
+def c_section(name: str, model: str, qdq, calib: np.ndarray, x: np.ndarray, work: Path) -> dict:
+    """The C library's figures; `qdq`: dfq-onnx's QDQ result for the same model and data (timed too)."""
     import cbuild
     from dfq_onnx import QuantConfig
     from dfq_onnx.fixedpoint import quantize
@@ -147,8 +148,7 @@ def c_section(name: str, model: str, entry, calib: np.ndarray, x: np.ndarray, wo
     subprocess.run([cbuild.CC, *CFLAGS, "-o", str(work / "timer"), str(work / "timer.c"), str(work / f"{name}.c"),
                     "-lm"], check=True)
     feeds = {inp: x[:1]}
-    qdq = run(model, {inp: calib}, QuantConfig(num_samples=bench_run.CALIB)).model
-    sessions = {"ort_float": _session(model), "dfq_qdq": _session(qdq)}
+    sessions = {"ort_float": _session(model), "dfq_qdq": _session(qdq.model)}
     times = {"c": [], "ort_float": [], "dfq_qdq": []}
     for _ in range(ROUNDS):
         res = subprocess.run([str(work / "timer"), str(RUNS)], input=codes[:1].tobytes(), capture_output=True, check=True)
@@ -163,7 +163,8 @@ def c_section(name: str, model: str, entry, calib: np.ndarray, x: np.ndarray, wo
             "c_vs_float": med["c"] / med["ort_float"], "c_vs_qdq": med["c"] / med["dfq_qdq"]}
 
 
-def qonnx_section(model: str, calib: np.ndarray, x: np.ndarray) -> dict:
+def qonnx_section(model: str, r, x: np.ndarray) -> dict:
+    """The QONNX checks of dfq-onnx's QDQ result `r` (respelled with Quant nodes)."""
     import onnx
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
@@ -171,12 +172,9 @@ def qonnx_section(model: str, calib: np.ndarray, x: np.ndarray) -> dict:
     from qonnx.transformation.infer_shapes import InferShapes
     from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
 
-    from dfq_onnx import QuantConfig
     from dfq_onnx.passes.emit_qonnx import to_qonnx
-    from dfq_onnx.pipeline import run
 
     inp = zoo_input(model)
-    r = run(model, {inp: calib}, QuantConfig(num_samples=bench_run.CALIB))
     q = to_qonnx(r.model, r.quantized)
 
     def wrapped(n):
@@ -213,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args(argv)
+    from dfq_onnx import QuantConfig
+    from dfq_onnx.pipeline import run
+
     cache = zoo.DEFAULT_CACHE
     paths = bench_data.build_data(cache)
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -223,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         entry = zoo.ZOO[name]
         model = str(entry.path(cache))
-        calib, x = _inputs(name, entry, paths, cache)
+        calib, x = _inputs(name, entry, paths)
         t0 = time.perf_counter()
-        row = {"c": c_section(name, model, entry, calib, x, cache / "deploy" / name),
-               "qonnx": qonnx_section(model, calib, x)}
+        qdq = run(model, {zoo_input(model): calib}, QuantConfig(num_samples=bench_run.CALIB))  # converted once for both
+        row = {"c": c_section(name, model, qdq, calib, x, cache / "deploy" / name),
+               "qonnx": qonnx_section(model, qdq, x)}
         out["models"][name] = row
         print(f"{name}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     order = [m for m in MODELS if m in out["models"]] + [m for m in out["models"] if m not in MODELS]

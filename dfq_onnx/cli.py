@@ -237,8 +237,6 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
 
 def _parse_overrides(items) -> tuple[tuple, tuple]:
     """NAME=wB or NAME=wBaA -> (((NAME, B), ...), ((NAME, A), ...))."""
-    import re
-
     weights, acts = [], []
     for item in items:
         m = re.fullmatch(r"(.+)=w(\d+)(?:a(\d+))?", item)

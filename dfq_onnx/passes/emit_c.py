@@ -306,9 +306,7 @@ if ({cond}) {{
         n, cin, h, w = xs
         _, cout, oh, ow = ys
         g = a["group"]
-        consts = [("w", "int8_t", mod.weight)]
-        if mod.bias is not None:
-            consts.append(("bias", "int32_t", mod.bias))
+        consts = _weight_consts(mod, mod.weight)
         pointwise = tuple(k) == (1, 1) and tuple(s) == (1, 1) and pt == 0 and pl == 0 and oh == h and ow == w
         if pointwise and g == 1:
             self._pointwise(mod, x, out, n, cin, cout, oh * ow, consts)
@@ -500,10 +498,8 @@ for (int p = 0; p < {hw}; p++) {{
         xs, ys, k, s, d, pt, pl = _as_2d(x.shape, out.shape, a["kernel_shape"], a["strides"], a["dilations"], pads)
         n, cin, h, w = xs
         _, cout, oh, ow = ys
-        consts = [("w", "int8_t", mod.weight)]  # [cin, cout, kh, kw]
+        consts = _weight_consts(mod, mod.weight)  # [cin, cout, kh, kw]
         bias = "K_bias[oc]" if mod.bias is not None else "0"
-        if mod.bias is not None:
-            consts.append(("bias", "int32_t", mod.bias))
         tail = self._requant_tail(mod, out, "oc", f"(b * {cout} + oc) * {oh * ow} + p", consts)
         body = f"""for (int b = 0; b < {n}; b++) {{
 for (int oc = 0; oc < {cout}; oc++) for (int p = 0; p < {oh * ow}; p++) acc[oc * {oh * ow} + p] = {bias};
@@ -534,10 +530,8 @@ for (int oc = 0; oc < {cout}; oc++) for (int p = 0; p < {oh * ow}; p++) {{
         w = mod.weight if mod.attrs.get("transB") else mod.weight.T  # [C, K]: each channel's row contiguous
         c, kk = w.shape
         rows = x.size // kk
-        consts = [("w", "int8_t", w)]
+        consts = _weight_consts(mod, w)
         bias = "K_bias[c]" if mod.bias is not None else "0"
-        if mod.bias is not None:
-            consts.append(("bias", "int32_t", mod.bias))
         tail = self._requant_tail(mod, out, "c", f"r * {c} + c", consts)
         body = f"""for (int r = 0; r < {rows}; r++) {{
     const {x.ctype} *xr = x0 + r * {kk};
@@ -673,7 +667,6 @@ for (int i = 0; i < {m}; i++) for (int j = 0; j < {nn}; j++) {{
 
     # ops that move codes -----------------------------------------------------------------------
     def passthrough(self, node: gs.Node) -> None:
-        data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name and t.name in self.tensors]
         src = self.t(node.inputs[0].name)
         if node.op in ALIAS_OPS:
             out = node.outputs[0].name
@@ -683,7 +676,7 @@ for (int i = 0; i < {m}; i++) for (int j = 0; j < {nn}; j++) {{
         if node.op == "MaxPool":
             self._max_pool(node, src, outs[0])
         elif node.op == "Concat":
-            self._concat(node, data, outs[0])
+            self._concat(node, outs[0])
         elif node.op in GATHER_OPS:
             for k, out in enumerate(outs):
                 idx = self._index_map(node, src, k)
@@ -726,7 +719,7 @@ for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{
 }}"""
         self.step(f"MaxPool {node.name}", [x.name], [out.name], body)
 
-    def _concat(self, node: gs.Node, data: list, out: Tensor) -> None:
+    def _concat(self, node: gs.Node, out: Tensor) -> None:
         axis = int(node.attrs.get("axis", 0)) % len(out.shape)
         outer = int(np.prod(out.shape[:axis], dtype=np.int64))
         ins = [self.t(t.name) for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
@@ -767,6 +760,11 @@ for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{
         flat = np.arange(1, x.size + 1, dtype=np.float32).reshape(x.shape)
         y = sess.run(None, {inp.name: flat})[0]
         return np.rint(y).astype(np.int64).reshape(-1) - 1
+
+
+def _weight_consts(mod, w: np.ndarray) -> list:
+    """A linear module's constants: its weight codes `w` (in the kernel's layout) and its int32 bias."""
+    return [("w", "int8_t", w)] + ([("bias", "int32_t", mod.bias)] if mod.bias is not None else [])
 
 
 def _as_2d(xs: tuple, ys: tuple, kernel, strides, dilations, pads) -> tuple:
