@@ -23,9 +23,13 @@ pointwise convolutions as blocked matrix products, convolutions with few terms p
 dot products; the requantizer is branch-free where a channel shifts right.
 
 Arithmetic, all in int32 (the IR proves every sum fits):
-- rounding right shift, ties to even: through uint32 with an offset of 2^31 (order-preserving, so
-  a logical shift floors), as the integer ONNX graph's RoundingShift does; no right shift of a
-  negative value, no left shift of one (left shifts are multiplications by 2^k);
+- rounding right shift, ties to even: floor((v + 2^(s-1) - 1 + bit_s(v)) / 2^s) with an arithmetic
+  right shift (what C99 leaves to the implementation and every compiler does; the library refuses
+  to compile where it is not). An earlier form through uint32 with an offset of 2^31, as the
+  integer ONNX graph's RoundingShift computes it, was miscompiled by gcc 12 at -O2 (its
+  vectorizer narrowed the logical shift of a product of 8-bit codes to 16-bit lanes: wrong codes
+  in a broadcast Mul of ppocr_det). No left shift of a negative value (left shifts are
+  multiplications by 2^k);
 - rounding division, ties to even: C's truncating division corrected to floor, then the remainder
   compared with half the divisor.
 """
@@ -93,12 +97,11 @@ class CLibrary:
 # --- the C runtime: the only arithmetic the steps use ------------------------------------------
 RUNTIME = {
     "dfq_rshift": r"""
-/* round(v / 2^s), ties to even, for 1 <= s <= 30: v + 2^31 as uint32 keeps the order, so a
-   logical shift floors; the parity of floor(v / 2^s) is that of the biased quotient (s <= 30) */
+/* round(v / 2^s), ties to even, for 1 <= s <= 30: floor((v + 2^(s-1) - 1 + odd) / 2^s), odd the
+   parity of floor(v / 2^s); >> of a negative int32 must be arithmetic (floor), checked here */
+typedef char dfq_needs_arithmetic_right_shift[(-5 >> 1) == -3 ? 1 : -1];
 static inline int32_t dfq_rshift(int32_t v, int s) {
-    uint32_t u = (uint32_t)v + 0x80000000u;
-    uint32_t t = u + ((1u << (s - 1)) - 1u) + ((u >> s) & 1u);
-    return (int32_t)(t >> s) - (int32_t)(1u << (31 - s));
+    return (v + (int32_t)((1u << (s - 1)) - 1u) + ((v >> s) & 1)) >> s;
 }
 """,
     "dfq_align": r"""
