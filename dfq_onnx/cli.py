@@ -295,7 +295,10 @@ def _print_summary(s: dict) -> None:
                                        f"{k['island']} float-island boundary); a per-layer scheme needs "
                                        f"{s['per_layer_requant_points']}")
     fi = s["float_islands"]
-    t.add_row("float islands", ", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none")
+    norms = s["facts"].get("float_normalizations", 0)
+    t.add_row("float islands", (", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none") +
+              (f" ({norms} normalization{'s' if norms != 1 else ''} written out in a spelling with no integer form, "
+               "kept float whole: only its input and output are rounded)" if norms else ""))
     t.add_row("format", {"int": "integer-only (dfq.RoundingShift requantization)", "qonnx": "QONNX (Quant nodes)",
                          "c": "C99 library"}.get(s["format"], "QDQ"))
     lib = s.get("c_library")

@@ -37,6 +37,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from .errors import DfqError
 
 MIN_OPSET = 13
+LAYER_NORM_OPSET = 17  # the first opset with LayerNormalization: a LayerNorm written out is upgraded to it
 ModelLike = "str | os.PathLike | onnx.ModelProto"
 STUB_MIN_ELEMENTS = 1024     # initializers this large are stubbed: no op's shape inference reads their values
 STUB_LOCATION = "dfq-in-memory"
@@ -133,10 +134,29 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
     _forget_dynamic_dims(model)
     opset = default_opset(model)
     target = min_opset if opset < min_opset else min(opset, max(min_opset, runtime_qdq_opset()))
+    # a LayerNorm written out below opset 17: upgrade, so canonicalize makes it one LayerNormalization
+    # module instead of 8-bit pieces; if the converter cannot, keep the opset (form_modules then keeps
+    # the whole normalization float)
+    ln_upgrade = target < LAYER_NORM_OPSET <= runtime_qdq_opset() and spells_out_layer_norm(model)
+    fallback = target
+    if ln_upgrade:
+        target = LAYER_NORM_OPSET
 
     def convert(m: onnx.ModelProto) -> onnx.ModelProto:
+        nonlocal target
         try:
-            m = version_converter.convert_version(m, target)
+            return _converted(m, target)
+        except Exception:
+            if target == fallback:
+                raise
+            target = fallback
+        return _converted(m, target)
+
+    def _converted(m: onnx.ModelProto, to: int) -> onnx.ModelProto:
+        if to == opset:
+            return m
+        try:
+            m = version_converter.convert_version(m, to)
             _check(m, where, converted=True)
             return m
         except Exception as e:
@@ -168,6 +188,13 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
             return load_light(model, target)
     del model
     return infer_shapes(light), arrays
+
+
+def spells_out_layer_norm(model: onnx.ModelProto) -> bool:
+    """The graph has the ops of a LayerNorm written out (ReduceMean, Sub, a square root or a power,
+    a division or reciprocal): cheap, by op types only; passes/patterns.py does the matching."""
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    return {"ReduceMean", "Sub"} <= ops and bool(ops & {"Sqrt", "Pow"}) and bool(ops & {"Div", "Reciprocal"})
 
 
 def _stubbable(t: TensorProto) -> bool:

@@ -72,6 +72,7 @@ class Plan:
     float_nodes: list[str] = field(default_factory=list)
     shape_nodes: list[str] = field(default_factory=list)  # Shape/Size and integer shape arithmetic
     float_ops: Counter = field(default_factory=Counter)
+    float_norms: int = 0  # normalizations written out in a spelling no rule knows, kept float whole
 
     def source(self, t: str) -> str:
         """The requantized tensor whose fraction t carries."""
@@ -246,6 +247,7 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
     Sub or Mul of two float activations of different roots, or a MatMul of two activations; a
     norm module a LayerNormalization or Softmax over the last axis (_last_axis_op)."""
     claimed = {name for m in modules for name in m.nodes}
+    claimed |= normalization_nodes(graph, claimed)  # stay float, as one unit
     tensors = graph.tensors()
     graph_inputs = {t.name for t in graph.inputs}
     root_of: dict[str, str] = {}
@@ -303,6 +305,109 @@ def find_elementwise_modules(graph: gs.Graph, modules: list[Module]) -> list[Mod
     return tables + others
 
 
+REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+              "ReduceMax", "ReduceMin")
+_ON_STATISTICS = set(functions.ELEMENTWISE) | {"Sqrt", "Reciprocal", "Expand", "Cast", "Reshape", "Unsqueeze", "Squeeze"}
+
+
+def _divides(node: gs.Node, stats: set[str]) -> bool:
+    """A square root, reciprocal, division by a statistic, or a fractional or negative power."""
+    if node.op in ("Sqrt", "Reciprocal"):
+        return True
+    if node.op == "Div":
+        return node.inputs[1].name in stats
+    if node.op == "Pow":
+        e = const_value(node.inputs[1])
+        return e is None or e.size != 1 or float(e.reshape(-1)[0]) < 0 or float(e.reshape(-1)[0]) != int(e.reshape(-1)[0])
+    return False
+
+
+def normalization_nodes(graph: gs.Graph, claimed: set[str]) -> set[str]:
+    """The nodes of every normalization written out in a spelling no pattern rule recognised
+    (RMSNorm, L2 normalization, a LayerNorm or Softmax spelled otherwise): they stay float together,
+    so only the normalization's inputs and its output are rounded to low precision.
+
+    Guarantee: no tensor computed from a reduction whose statistic reaches a division or a square
+    root (through elementwise ops on statistics) is rounded on its own; nor is any tensor that
+    only such a normalization reads (its squares, its centred values, ...), nor the output of the
+    division before a constant affine (gamma, beta) that alone reads it. A reduction is a statistic
+    (ReduceMean, ReduceSum, ReduceL2, ...); a node is on statistics when all its data inputs are;
+    a node combining a statistic with another tensor (Sub, Div, Mul, Add) is the normalization's
+    output. Nodes of linear and pooling modules (`claimed`) are never taken."""
+    stats: set[str] = set()
+    members: dict[str, list[gs.Node]] = {}  # statistic tensor -> nodes that computed it, reductions first
+    dividing: dict[str, bool] = {}
+    region: set[str] = set()
+    for node in graph.nodes:
+        if node.name in claimed or len(node.outputs) != 1:
+            continue
+        data = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant) and _float(t)]  # not shapes
+        out = node.outputs[0].name
+        if node.op in REDUCTIONS and data and _float(data[0]):
+            stats.add(out)
+            members[out], dividing[out] = [node], False
+            continue
+        on = [t.name for t in data if t.name in stats]
+        if not on or node.op not in _ON_STATISTICS:
+            continue
+        found = [n for t in on for n in members[t]]
+        div = _divides(node, stats) or any(dividing[t] for t in on)
+        if len(on) == len(data):
+            stats.add(out)
+            members[out], dividing[out] = found + [node], div
+        elif div and node.op in ("Add", "Sub", "Mul", "Div"):
+            region |= {n.name for n in found} | {node.name}  # statistic meets data: a normalization
+    if not region:
+        return region
+    nodes = {n.name: n for n in graph.nodes}
+    outputs = {t.name for t in graph.outputs}
+    changed = True
+    while changed:  # what only the normalizations read (the squares, the centred values), and
+        changed = False  # the constant affine after one (gamma, beta)
+        for node in graph.nodes:
+            if node.name in region or node.name in claimed or len(node.outputs) != 1:
+                continue
+            out = node.outputs[0]
+            readers = list(out.outputs)
+            upstream = node.op in _ON_STATISTICS | set(REDUCTIONS) and readers and \
+                all(r.name in region for r in readers)  # (a graph output too: it leaves float)
+            data = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
+            affine = node.op in functions.AFFINE and len(data) == 1 and data[0].inputs and \
+                data[0].inputs[0].name in region and data[0].name not in outputs and \
+                all(r is node for r in data[0].outputs) and _const_axis_ok(node)
+            if upstream or affine:
+                region.add(node.name)
+                changed = True
+    return {n for n in region if n in nodes}
+
+
+def count_connected(graph: gs.Graph, names: set[str]) -> int:
+    """How many groups the named nodes form, two nodes joined when one reads the other's output."""
+    parent = {n: n for n in names}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+    for node in graph.nodes:
+        if node.name in names:
+            for t in node.inputs:
+                if t.inputs and t.inputs[0].name in names:
+                    parent[find(t.inputs[0].name)] = find(node.name)
+    return len({find(n) for n in names})
+
+
+def _const_axis_ok(node: gs.Node) -> bool:
+    """Every constant input of node is a scalar or varies along its last axis only (gamma, beta)."""
+    for t in node.inputs:
+        if isinstance(t, gs.Constant):
+            shape = np.shape(t.values)
+            if any(d != 1 for d in shape[:-1]):
+                return False
+    return True
+
+
 def _last_axis_op(node: gs.Node, graph: gs.Graph) -> bool:
     """A LayerNormalization with constant scale (and bias) over a last axis of known size (or a
     symbolic one whose size the scale's length gives: graph_utils.layer_norm_width), or a
@@ -339,6 +444,8 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     residual_requant: also requantize the linear result that enters a module's residual Add (kind
     "residual"), the layout onnxruntime's int8 kernels need (QLinearConv, then QLinearAdd)."""
     plan = Plan(modules)
+    plan.float_norms = count_connected(graph, normalization_nodes(
+        graph, {n for m in modules if m.kind in ("linear", "pool") for n in m.nodes}))
     tensors = graph.tensors()
     by_first = {m.nodes[0]: m for m in modules if m.kind in ("linear", "pool")}
     by_last = {m.name: m for m in modules if m.kind in ("table", "binary", "norm")}  # named after their last node

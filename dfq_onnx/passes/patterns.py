@@ -13,7 +13,14 @@ and every constant is a scalar:
   hard_swish:    Mul(x, HardSigmoid(x; 1/6, 1/2)) -> HardSwish(x)  (opset 14 and later)
   layer_norm:    d = Sub(x, ReduceMean(x)); Div(d, Sqrt(Add(ReduceMean(Pow(d, 2) or Mul(d, d)), eps)))
                  [then Mul(gamma)] [then Add(beta)], the means over the last axis
-                 -> LayerNormalization(x, gamma, beta; axis=-1, epsilon=eps)  (opset 17 and later)
+                 -> LayerNormalization(x, gamma, beta; axis=-1, epsilon=eps)  (opset 17 and later;
+                 model_io upgrades a model below it whose ops spell one); the square root may be
+                 Pow(v, 0.5), and the division a Mul by its Reciprocal
+  softmax:       e = Exp(x) or Exp(Sub(x, ReduceMax(x))); Div(e, ReduceSum(e)), over the last axis
+                 -> Softmax(x; axis=-1)                                          (any opset)
+
+A normalization spelled another way (RMSNorm, L2 normalization, a LayerNorm whose two
+subtractions are separate nodes, ...) stays float as one unit: form_modules.normalization_nodes.
 
 Other activations written out (SiLU as x*Sigmoid(x), GELU through Erf or Tanh, Mish through
 Softplus and Tanh) need no rule: any chain of elementwise ops on one tensor is one lookup table
@@ -35,7 +42,7 @@ REL_TOL = 1e-6
 
 def recognize_activations(g: gs.Graph) -> dict[str, int]:
     """Apply the rules above in place until none matches; return how often each one fired."""
-    fired = {"hard_sigmoid": 0, "late_scale": 0, "hard_swish": 0, "layer_norm": 0}
+    fired = {"hard_sigmoid": 0, "late_scale": 0, "hard_swish": 0, "layer_norm": 0, "softmax": 0}
     changed = True
     while changed:
         changed = False
@@ -43,7 +50,7 @@ def recognize_activations(g: gs.Graph) -> dict[str, int]:
             if not node.outputs and not node.inputs:
                 continue
             for name, rule in (("hard_sigmoid", _hard_sigmoid), ("late_scale", _late_scale),
-                               ("hard_swish", _hard_swish), ("layer_norm", _layer_norm)):
+                               ("hard_swish", _hard_swish), ("layer_norm", _layer_norm), ("softmax", _softmax)):
                 if rule(g, node):
                     fired[name] += 1
                     changed = True
@@ -191,9 +198,10 @@ def _hard_swish(g: gs.Graph, mul: gs.Node) -> bool:
 
 
 
-def _last_axis_mean(node: gs.Node) -> gs.Tensor | None:
-    """x of ReduceMean(x) over the last axis only, keeping dims (axes as attribute or input)."""
-    if node is None or node.op != "ReduceMean" or not int(node.attrs.get("keepdims", 1)):
+def _last_axis_mean(node: gs.Node, op: str = "ReduceMean") -> gs.Tensor | None:
+    """x of ReduceMean(x) (or another reduction `op`) over the last axis only, keeping dims (axes
+    as attribute or input)."""
+    if node is None or node.op != op or not int(node.attrs.get("keepdims", 1)):
         return None
     x = node.inputs[0]
     axes = node.attrs.get("axes")
@@ -209,12 +217,25 @@ def _producer(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0] if t.inputs else None
 
 
+def _root(node: gs.Node | None) -> bool:
+    """Sqrt(v), or Pow(v, 0.5)."""
+    return node is not None and (node.op == "Sqrt" or node.op == "Pow" and _scalar(node.inputs[1]) == 0.5)
+
+
 def _layer_norm(g: gs.Graph, div: gs.Node) -> bool:
-    if div.op != "Div" or (g.opset or 0) < 17 or len(div.inputs) != 2:
+    if div.op not in ("Div", "Mul") or (g.opset or 0) < 17 or len(div.inputs) != 2:
         return False
     d, s = div.inputs
+    recip = None
+    if div.op == "Mul":  # d * Reciprocal(Sqrt(v)), either order
+        if _producer(d) is not None and _producer(d).op == "Reciprocal":
+            d, s = s, d
+        recip = _producer(s)
+        if recip is None or recip.op != "Reciprocal":
+            return False
+        s = recip.inputs[0]
     sub, sqrt = _producer(d), _producer(s)
-    if sub is None or sub.op != "Sub" or sqrt is None or sqrt.op != "Sqrt":
+    if sub is None or sub.op != "Sub" or not _root(sqrt):
         return False
     x = sub.inputs[0]
     mean = _producer(sub.inputs[1])
@@ -229,8 +250,9 @@ def _layer_norm(g: gs.Graph, div: gs.Node) -> bool:
     if sq is None or not ((sq.op == "Pow" and sq.inputs[0] is d and _scalar(sq.inputs[1]) == 2.0) or
                           (sq.op == "Mul" and sq.inputs[0] is d and sq.inputs[1] is d)):
         return False
-    inner = [mean, sub, sq, var, add, sqrt]
-    pairs = [(mean, sub), (sq, var), (var, add), (add, sqrt), (sqrt, div)]
+    inner = [mean, sub, sq, var, add, sqrt] + ([recip] if recip else [])
+    pairs = [(mean, sub), (sq, var), (var, add)] + ([(add, sqrt), (sqrt, recip), (recip, div)] if recip else
+                                                    [(add, sqrt), (sqrt, div)])
     if any(_only_reader(a.outputs[0], g) is not b for a, b in pairs) or \
             {id(r) for r in d.outputs} != {id(sq), id(div)} or any(o is d for o in g.outputs):
         return False
@@ -263,4 +285,29 @@ def _layer_norm(g: gs.Graph, div: gs.Node) -> bool:
     g.nodes.append(gs.Node("LayerNormalization", new_name(g, "LayerNormalization"), {"axis": -1, "epsilon": float(eps)},
                            [x, gs.Constant(new_name(g, "ln_scale"), gamma), gs.Constant(new_name(g, "ln_bias"), beta)],
                            [out]))
+    return True
+
+
+def _softmax(g: gs.Graph, div: gs.Node) -> bool:
+    """Div(e, ReduceSum(e)) with e = Exp(x) or Exp(x - ReduceMax(x)), over the last axis."""
+    if div.op != "Div" or len(div.inputs) != 2:
+        return False
+    e, s = div.inputs
+    exp, red = _producer(e), _producer(s)
+    if exp is None or exp.op != "Exp" or _last_axis_mean(red, "ReduceSum") is not e:
+        return False
+    if {id(r) for r in e.outputs} != {id(red), id(div)} or any(o is e for o in g.outputs) or \
+            _only_reader(s, g) is not div:
+        return False
+    x, inner = exp.inputs[0], [exp, red]
+    sub = _producer(x)
+    if sub is not None and sub.op == "Sub" and _only_reader(x, g) is exp:
+        mx = _producer(sub.inputs[1])
+        if mx is not None and _last_axis_mean(mx, "ReduceMax") is sub.inputs[0] and _only_reader(mx.outputs[0], g) is sub:
+            x, inner = sub.inputs[0], inner + [sub, mx]  # the usual shift by the row maximum: same function
+    if x.shape is None:
+        return False
+    out = div.outputs[0]
+    _drop(*inner, div)
+    g.nodes.append(gs.Node("Softmax", new_name(g, "Softmax"), {"axis": -1}, [x], [out]))
     return True
