@@ -375,16 +375,20 @@ def _print_summary(s: dict) -> None:
 
 @main.command()
 @click.argument("float_model", metavar="FLOAT.onnx", type=click.Path(dir_okay=False))
-@click.argument("quant_model", metavar="QUANT.onnx", type=click.Path(dir_okay=False))
+@click.argument("quant_model", metavar="QUANT.onnx|CDIR", type=click.Path())
 @click.option("--data", required=True, metavar="DATA",
               help="Evaluation data, as for convert --calib: .npz (an optional `labels` array is used), "
                    "a folder of .npy files, or a folder of images named NAME_LABEL.jpg.")
 @click.option("--labels", metavar="FILE", help="Labels (.npy or text, one integer per sample); overrides the data's.")
 @click.option("--num-samples", type=int, default=None, help="Use only the first N samples (default: all).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int,
+              help="Samples per onnxruntime run of the models (memory grows with it); a model with a fixed "
+                   "batch dim gets its own size, and a C library is fed one sample at a time.")
 @click.option("--preprocess", metavar="SPEC", help="Image preprocessing, as for convert.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256),
-              help="onnxruntime intra-op threads for both models.")
+              help="Threads for both sides: onnxruntime intra-op threads; for a C library CDIR, its "
+                   "NAME_THREADS compile option where it has one (else it runs on one thread, and the "
+                   "report says so).")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1, 100000),
               help="Timed batch-1 runs per model (median reported), after a warm-up.")
 @click.option("--threshold", default=0.5, show_default=True, type=float,
@@ -395,11 +399,15 @@ def _print_summary(s: dict) -> None:
 @handle_errors
 def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, threshold,
              as_json):
-    """Run FLOAT and QUANT under onnxruntime on the same inputs and compare them.
+    """Run FLOAT and QUANT (or the C library in CDIR) on the same inputs and compare them.
 
-    QUANT runs deployed (default optimizations: onnxruntime's int8 kernels) and simulated (no
+    FLOAT runs under onnxruntime. QUANT runs deployed (default optimizations: onnxruntime's int8 kernels) and simulated (no
     optimizations: the QDQ graph's float arithmetic); a gap between the two means the deployed
-    kernels do not compute what the graph says."""
+    kernels do not compute what the graph says.
+
+    CDIR, a folder written by `convert --format c`, is built with the system C compiler ($CC, else
+    cc; -std=c99 -O3 -march=native, cached in ~/.cache/dfq-onnx) and its NAME_run_float runs on
+    the same inputs, one sample at a time, loaded with ctypes."""
     from .validate import validate as run_validate
 
     r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
@@ -407,6 +415,8 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
                      threshold=threshold)
     if _maybe_json(r, as_json):
         return
+    if r.get("c_library"):
+        return _print_validate_c(r)
     t = Table(title=f"{r['samples']} samples", title_justify="left")
     t.add_column("")
     t.add_column("float", justify="right")
@@ -432,6 +442,41 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
     t.add_row(f"latency, batch 1, {r['threads']} threads (median)",
               f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms", "")
     out.print(t)
+
+
+def _print_validate_c(r: dict) -> None:
+    c = r["c_library"]
+    t = Table(title=f"{r['samples']} samples", title_justify="left")
+    t.add_column("")
+    t.add_column("float (onnxruntime)", justify="right")
+    t.add_column(f"C library ({c['prefix']})", justify="right")
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f} %"
+
+    if r["output_kind"] == "classes":
+        t.add_row("top-1 accuracy", pct(r["float"]["top1"]), pct(r["quant"]["top1"]))
+        t.add_row("top-5 accuracy", pct(r["float"]["top5"]), pct(r["quant"]["top5"]))
+        t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]))
+    elif r["output_kind"] == "map":
+        t.add_row(f"elements on the same side of {r['threshold']:g}", "", pct(r["map_agreement"]))
+    for name, db in r["sqnr_db"].items():
+        t.add_row(f"SQNR {name}", "", f"{db:.2f} dB")
+        t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}")
+    t.add_row("requantization points", str(r["requant_points"]["float"]),
+              f"{r['requant_points']['quant']} (in {c['prefix']}_int.onnx)")
+
+    def threads(n):
+        return f"{n} thread{'s' if n != 1 else ''}"
+
+    t.add_row(f"latency, batch {c['batch']} (median)", f"{r['latency_ms']['float']:.3f} ms, {threads(r['threads'])}",
+              f"{r['latency_ms']['quant']:.3f} ms, {threads(c['threads'])}")
+    out.print(t)
+    how = "cached build" if c["cached"] else f"built in {c['build_seconds']:.1f} s"
+    out.print(f"C library: {how}: {c['command']}")
+    if not c["threads_option"] and r["threads"] != 1:
+        out.print(f"The C library has no {c['prefix'].upper()}_THREADS option: it ran on one thread "
+                  f"(--threads {r['threads']} applied to onnxruntime only).")
 
 
 @main.command()

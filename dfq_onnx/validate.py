@@ -1,6 +1,7 @@
 """Compare a quantized model with its float original under onnxruntime, on the same inputs.
 
-Works on models from any quantizer (dfq-onnx, onnxruntime's quantize_static, ...).
+Works on models from any quantizer (dfq-onnx, onnxruntime's quantize_static, ...), and on a C
+library folder written by `convert --format c` (built and run through c_runner.py).
 """
 from __future__ import annotations
 
@@ -74,7 +75,13 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     The quantized model runs twice: deployed (default optimizations: onnxruntime's int8 kernels;
     the top-level figures) and simulated (no optimizations: the float arithmetic of the QDQ
     graph; under "simulated"). Their difference shows kernels that do not compute what the
-    graph says (such as 16-bit saturation in u8s8 kernels on CPUs without VNNI)."""
+    graph says (such as 16-bit saturation in u8s8 kernels on CPUs without VNNI).
+
+    quant_model may also be a folder written by `convert --format c`: see validate_c."""
+    if isinstance(quant_model, (str, Path)) and Path(quant_model).is_dir():
+        return validate_c(float_model, quant_model, data, labels=labels, num_samples=num_samples,
+                          batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
+                          threshold=threshold)
     fm, qm = read_model(float_model, False), read_model(quant_model, False)
     fs, qs = input_specs(fm), input_specs(qm)
     if [(s.name, s.dtype, s.shape[1:]) for s in fs] != [(s.name, s.dtype, s.shape[1:]) for s in qs]:
@@ -140,6 +147,86 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
         "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
         "nodes": {"float": fi["nodes"], "quant": qi["nodes"]},
+    }
+
+
+def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | None = None,
+               batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
+               threshold: float = 0.5) -> dict:
+    """validate's figures for a C library folder (`convert --format c`): the library is built with
+    the system C compiler (cached) and its NAME_run_float runs on the inputs the float model gets
+    under onnxruntime, one sample at a time (its shapes are fixed at batch 1). The keys are
+    validate's, but there is no simulated run ("simulated" is None), the requantization points,
+    op counts and nodes of the quantized side are those of NAME_int.onnx (the integer graph the C
+    code equals), latency_ms.quant is the C library's, and "c_library" says how it was built and
+    on how many threads it ran: `threads` where the library has a NAME_THREADS option, else one."""
+    from . import c_runner
+
+    fm = read_model(float_model, False)
+    fs = input_specs(fm)
+    f_out = [o.name for o in fm.graph.output]
+    runner = c_runner.load(c_folder, threads)
+    lib = runner.lib
+    runner.check_inputs([s.name for s in fs], [None] * len(fs))
+    if len(f_out) != len(lib.outputs):
+        raise DfqError(f"the model has {len(f_out)} outputs {f_out} and the C library {len(lib.outputs)} "
+                       f"{[p.name for p in lib.outputs]}")
+    data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
+    fsess = _session(float_model, threads)
+    outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
+    outs_c: list[list[np.ndarray]] = [[] for _ in f_out]
+    first = None
+    for batch in data.batches(batch_size):
+        xs = [batch[s.name] for s in fs]
+        runner.check_inputs([s.name for s in fs], [x.shape[1:] for x in xs])
+        if first is None:
+            first = {k: v[:lib.batch] for k, v in batch.items()}
+        try:
+            yf = fsess.run(None, batch)
+        except Exception as e:
+            raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).strip().splitlines()[0]}") from None
+        yc = runner.run(xs)
+        for i in range(len(f_out)):
+            outs_f[i].append(yf[i])
+            outs_c[i].append(yc[i])
+    F = [np.concatenate(o) for o in outs_f]
+    C = [np.concatenate(o) for o in outs_c]
+    n = len(F[0])
+    if labels is None:
+        labels = data.labels
+    labels = _load_labels(labels)
+    if labels is not None and len(labels) != n:
+        raise DfqError(f"labels: {len(labels)} labels for {n} samples")
+    kind = output_kind(F[0])
+    if kind != "classes":
+        labels = None
+    r = _compare(f_out, F, C, labels, kind, threshold)
+    fi, qi = inspect_model(fm), inspect_model(lib.int_model)
+    b = runner.built
+    return {
+        "samples": n,
+        "output_kind": kind,
+        "threshold": threshold if kind == "map" else None,
+        "map_agreement": r["map_agreement"],
+        "float": r["float"],
+        "quant": r["quant"],
+        "agreement_top1": r["agreement_top1"],
+        "sqnr_db": r["sqnr_db"],
+        "max_abs_error": r["max_abs_error"],
+        "simulated": None,
+        "deployed_minus_simulated_agreement": None,
+        "latency_ms": {"float": _latency(fsess, first, runs),
+                       "quant": runner.latency([first[s.name] for s in fs], runs)},
+        "threads": threads,
+        "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
+        "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
+        "nodes": {"float": fi["nodes"], "quant": qi["nodes"]},
+        "c_library": {
+            "folder": str(lib.folder), "prefix": lib.prefix, "batch": lib.batch,
+            "threads": runner.threads, "threads_option": lib.threads_option,
+            "command": " ".join(b.command), "cached": b.cached, "build_seconds": b.seconds,
+            "library": str(b.path) if b.cache is not None else None,
+        },
     }
 
 
