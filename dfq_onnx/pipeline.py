@@ -193,7 +193,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
     if config.integer:
         graph, facts, symbols = emit_int(graph, qm)
     else:
-        graph, facts, symbols = emit_qdq(graph, qm)
+        # onnxruntime's CPU int8 kernels take uint8 activations: signed codes are written offset by 128
+        graph, facts, symbols = emit_qdq(graph, qm, signed_as_uint8=config.format == "qdq" and config.layout == "ort")
 
     out = to_model(graph, original)
     if config.format == "qonnx":

@@ -13,7 +13,7 @@ CODE_DTYPES = {(8, False): np.int8, (8, True): np.uint8, (16, False): np.int16, 
 INT16_QDQ_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16 codes
 
 
-def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[str, str]]:
+def emit_qdq(graph: gs.Graph, qm: QuantizedModel, signed_as_uint8: bool = False) -> tuple[gs.Graph, dict, dict[str, str]]:
     """Return a copy of `graph` with the quantized model `qm` (quantized.py) written as
     QuantizeLinear/DequantizeLinear pairs, facts for the report, and a symbol table: requantized
     or pass-through tensor name -> the tensor holding its integer codes (after a code Clip).
@@ -29,13 +29,19 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
     Relu/Relu6/Clip becomes a Clip of the codes to the IR's [code_min, code_max] (exact, because
     rounding is monotone). Nothing is quantized here: every code comes from `qm`. Graph input and
     output names are unchanged.
+
+    signed_as_uint8: write each signed 8-bit activation as uint8 with zero point 128 (code + 128):
+    the same values on the same power-of-two grid, stored the way onnxruntime's CPU kernels take
+    them (they fuse DQ -> Conv -> Q into QLinearConv only when input and output are both uint8;
+    a signed tensor next to an unsigned one left the convolution in float). Unsigned tensors keep
+    zero point 0. The symbol table then points at the offset codes.
     """
     plan = qm.plan
     g = graph.copy()
     g.__dict__.pop("_dfq_used_names", None)
     nodes = {n.name: n for n in g.nodes}
     tmap = g.tensors()
-    facts = {"relu_dropped": 0, "clip_on_codes": 0}
+    facts = {"relu_dropped": 0, "clip_on_codes": 0, "signed_as_uint8": 0}
     symbols: dict[str, str] = {}
     consts: dict[tuple, gs.Constant] = {}
 
@@ -89,17 +95,19 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
         t = tmap[name]
         qt = qm.tensor(name)
         f, unsigned, act_bits = qt.frac, qt.unsigned, qt.bits
-        zp_dtype = CODE_DTYPES[(act_bits, unsigned)]
+        offset = 128 if signed_as_uint8 and act_bits == 8 and not unsigned else 0
+        zp_dtype = CODE_DTYPES[(act_bits, unsigned or offset > 0)]
+        facts["signed_as_uint8"] += offset > 0
         scale = const("act_scale", pow2_scale(f).reshape(()))
-        zp = const("act_zero_point", np.zeros((), dtype=zp_dtype))
+        zp = const("act_zero_point", np.full((), offset, dtype=zp_dtype))
         readers = list(t.outputs)
         q_in = t
         act, mod = module_act.get(name, (None, None)) if name in plan.requant else (None, None)
         code_clip = None
         if act is not None and act_bits == 8:  # 16-bit: the activation stays float
             q_in = act.inputs[0]
-            code_clip = (mod.code_min, mod.code_max)
-            if code_clip == qrange(act_bits, unsigned):
+            code_clip = (mod.code_min + offset, mod.code_max + offset)
+            if (mod.code_min, mod.code_max) == qrange(act_bits, unsigned):
                 code_clip = None  # the code range is narrower than the clip: QuantizeLinear does it
                 facts["relu_dropped"] += act.op == "Relu"
             else:

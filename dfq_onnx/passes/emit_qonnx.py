@@ -75,14 +75,18 @@ def to_qonnx(qdq: onnx.ModelProto, qm: QuantizedModel) -> onnx.ModelProto:
         q = (clip.inputs[0].inputs[0] if clip is not None else src.inputs[0]) if src.inputs else None
         if q is None or q.op != "QuantizeLinear":
             continue
-        bits, signed = SIGNED[np.dtype(np.asarray(q.inputs[2].values).dtype)]
+        zp = np.asarray(q.inputs[2].values)
+        bits, signed = SIGNED[np.dtype(zp.dtype)]
+        offset = int(zp)  # emit_qdq's signed_as_uint8: signed codes stored as uint8 + 128
+        if offset:
+            signed = 1
         x = q.inputs[0]
         dq.inputs.clear()
         dq.outputs.clear()
         if clip is None:
             quant(x, scale, bits, signed, x.name, out)
         else:  # clamping the value to code bounds times the scale, then rounding, clamps the codes
-            lo, hi = (float(np.asarray(clip.inputs[k].values)) for k in (1, 2))
+            lo, hi = (float(np.asarray(clip.inputs[k].values)) - offset for k in (1, 2))
             c = gs.Variable(new_name(g, f"{x.name}_clipped"), np.float32)
             g.nodes.append(gs.Node("Clip", new_name(g, f"{x.name}_code_clip"), {},
                                    [x, gs.Constant(new_name(g, f"{x.name}_lo"), f32(lo * float(scale))),
