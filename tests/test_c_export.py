@@ -72,17 +72,20 @@ def check_tensor_by_tensor(result, lib, feeds: dict, tmp_path, flags=("-O1",)) -
 
 
 def test_shipped_model_in_c_equals_integer_graph(shipped_c, test_data, tmp_path):
-    """The library as generated (arena reused by lifetimes, -O2): its output codes on 300 test digits
-    are the integer graph's int32 logits exactly, and its float wrapper gives the integer graph's
-    float logits exactly."""
+    """The library as generated (arena reused by lifetimes, -O2), built for each kernel family the
+    machine runs (portable, AVX2, AVX512-VNNI): its output codes on 300 test digits are the integer
+    graph's int32 logits exactly, and its float wrapper gives the integer graph's float logits
+    exactly."""
     x, _ = test_data
     lib = shipped_c.library
-    exe = cbuild.build(lib, tmp_path / "o2", ["-O2"])
     codes = input_codes(shipped_c, {"input": x[:300]})["input"]
-    got = np.concatenate([o[0] for o in cbuild.run(lib, exe, [[codes[i:i + 1]] for i in range(300)])])
     want = graph_values(shipped_c, {"input": x[:300]}, ["logits"])["logits"]
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(got, want)
+    for fam, (flags, simd) in cbuild.families(lib.prefix).items():  # every kernel family this machine runs
+        assert cbuild.selected_family(lib, flags) == simd, fam
+        exe = cbuild.build(lib, tmp_path / fam, ["-O2", *flags])
+        got = np.concatenate([o[0] for o in cbuild.run(lib, exe, [[codes[i:i + 1]] for i in range(300)])])
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want, err_msg=fam)
     # float in, float out: the wrapper quantizes and dequantizes as the integer graph's Q/DQ do
     exe = cbuild.build(lib, tmp_path / "float", ["-O2"], float_io=True)
     got = np.concatenate([o[0] for o in cbuild.run(lib, exe, [[x[i:i + 1]] for i in range(300)], float_io=True)])
@@ -96,13 +99,15 @@ def test_shipped_model_in_c_tensor_by_tensor(shipped_c, test_data, tmp_path):
 
 def test_shipped_model_in_c_under_sanitizers(shipped_c, test_data, tmp_path):
     """AddressSanitizer and UndefinedBehaviorSanitizer (every report fatal) on 20 digits, the
-    arena as generated; the results still equal the integer graph's."""
+    arena as generated, each kernel family; the results still equal the integer graph's."""
     x, _ = test_data
     lib = shipped_c.library
-    exe = cbuild.build(lib, tmp_path / "san", cbuild.SANITIZE)
     codes = input_codes(shipped_c, {"input": x[:20]})["input"]
-    got = np.concatenate([o[0] for o in cbuild.run(lib, exe, [[codes[i:i + 1]] for i in range(20)])])
-    np.testing.assert_array_equal(got, graph_values(shipped_c, {"input": x[:20]}, ["logits"])["logits"])
+    want = graph_values(shipped_c, {"input": x[:20]}, ["logits"])["logits"]
+    for fam, (flags, _) in cbuild.families(lib.prefix).items():
+        exe = cbuild.build(lib, tmp_path / fam, [*cbuild.SANITIZE, *flags])
+        got = np.concatenate([o[0] for o in cbuild.run(lib, exe, [[codes[i:i + 1]] for i in range(20)])])
+        np.testing.assert_array_equal(got, want, err_msg=fam)
 
 
 def test_arena_is_smaller_than_all_tensors(shipped_c):
@@ -114,12 +119,13 @@ def test_arena_is_smaller_than_all_tensors(shipped_c):
 
 @settings(max_examples=C_GRAPHS, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=os.environ.get("CI") == "true")
-@given(case=graphs())
-def test_generated_graphs_in_c(case, tmp_path_factory):
+@given(case=graphs(), fam=st.sampled_from(sorted(cbuild.families("g"))))
+def test_generated_graphs_in_c(case, fam, tmp_path_factory):
     """Every generated graph that converts to an integer-only model compiles, runs clean under the
-    sanitizers, and equals the integer graph and the numpy IR executor tensor by tensor, also
-    built with -O3 -march=native. Graphs
-    with float islands are refused with a clear error."""
+    sanitizers, and equals the integer graph and the numpy IR executor tensor by tensor: the
+    portable kernels sanitized, a kernel family drawn among those the machine runs sanitized, and
+    -O3 -march=native (the best family here, as the compiler vectorizes it). Graphs with float
+    islands are refused with a clear error."""
     try:
         r = run(case.model, case.feeds_calib, QuantConfig(format="c", prefix="g"))
     except DfqError as e:
@@ -130,7 +136,11 @@ def test_generated_graphs_in_c(case, tmp_path_factory):
     for step in r.library.program.steps:
         event(f"step: {step.what.split()[0]}")
     feeds = {k: v[:3] for k, v in case.feeds_test.items()}
-    for flags in (cbuild.SANITIZE, cbuild.OPTIMIZE):  # sanitized, and as the compiler vectorizes it
+    event(f"family: {fam}")
+    builds = [cbuild.SANITIZE + cbuild.families("g")["portable"][0], cbuild.OPTIMIZE]
+    if fam != "portable":
+        builds.append(cbuild.SANITIZE + cbuild.families("g")[fam][0])
+    for flags in builds:
         assert check_tensor_by_tensor(r, r.library, feeds, tmp_path_factory.mktemp("c"), flags) > 0
 
 
@@ -161,8 +171,8 @@ def _conv_model(cin: int, cout: int, h: int, w: int, k: int, stride: int, group:
        seed=st.integers(0, 2 ** 16))
 def test_convolution_kernels_in_c(cin, cout, h, w, k, stride, depthwise, residual, seed, tmp_path_factory):
     """Every convolution kernel of the generator (pointwise blocked by pixels, pointwise as dot
-    products over channels, the general row kernel; grouped/depthwise; residual; strides) equals
-    the integer graph on every output code, over channel counts and feature-map sizes that the
+    products over channels, the general row kernel; grouped/depthwise; residual; strides), in every
+    kernel family the machine runs, equals the integer graph on every output code, over channel counts and feature-map sizes that the
     generated graphs do not reach (more than 32 input channels, maps of more than 64 pixels)."""
     if depthwise:
         cout = cin
@@ -172,11 +182,13 @@ def test_convolution_kernels_in_c(cin, cout, h, w, k, stride, depthwise, residua
     r = run(model, calib, QuantConfig(format="c", prefix="k", effort="fast"))
     event("kernels: " + ", ".join(sorted({s.what.split("(")[-1].rstrip(")") if "(" in s.what else s.what.split()[0]
                                           for s in r.library.program.steps})))
-    exe = cbuild.build(r.library, tmp_path_factory.mktemp("k"), ["-O2"])
     x = rng.normal(0, 1, (2, cin, h, w)).astype(np.float32)
     codes = input_codes(r, {"x": x})["x"]
-    got = np.concatenate([o[0] for o in cbuild.run(r.library, exe, [[codes[i:i + 1]] for i in range(2)])])
-    np.testing.assert_array_equal(got, graph_values(r, {"x": x}, ["y"])["y"])
+    want = graph_values(r, {"x": x}, ["y"])["y"]
+    for fam, (flags, _) in cbuild.families("k").items():
+        exe = cbuild.build(r.library, tmp_path_factory.mktemp("k"), ["-O2", *flags])
+        got = np.concatenate([o[0] for o in cbuild.run(r.library, exe, [[codes[i:i + 1]] for i in range(2)])])
+        np.testing.assert_array_equal(got, want, err_msg=fam)
 
 
 MOVERS = {  # ops that only move codes, which the generated graphs do not draw: (nodes after "c", output shape)

@@ -46,6 +46,8 @@ from ..fixedpoint import qrange, resolve_pads
 from ..graph_utils import attr_str
 from ..model_io import analysis_session
 from ..quantized import QuantizedModel, conv_transpose_pads
+from . import c_kernels
+from .c_kernels import offset_biases, pack_weights
 
 ALIAS_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")   # same elements in the same order
 GATHER_OPS = ("Transpose", "Slice", "Pad", "Resize", "Split")  # each output element is one input element (or 0)
@@ -82,7 +84,8 @@ class Step:
     body: str                    # C statements; x0.. are the inputs, y0.. the outputs, acc the scratch
     consts: list = field(default_factory=list)   # C definitions of its constants
     scratch: int = 0             # int32 elements of scratch it needs
-    const_bytes: int = 0
+    const_bytes: int = 0         # constants of the portable build
+    simd_const_bytes: int = 0    # constants of an x86 SIMD build
 
 
 @dataclass
@@ -106,13 +109,13 @@ static inline int32_t dfq_rshift(int32_t v, int s) {
 """,
     "dfq_align": r"""
 /* v * 2^s for s >= 0, round(v / 2^-s) for s < 0 (the exact sum is proven to fit int32) */
-static int32_t dfq_align(int32_t v, int s) {
+static inline int32_t dfq_align(int32_t v, int s) {
     return s >= 0 ? v * (int32_t)(1u << s) : dfq_rshift(v, -s);
 }
 """,
     "dfq_requant": r"""
 /* the requantizer: round(v / 2^s) (v * 2^-s for s < 0), clamped to [lo, hi] */
-static int32_t dfq_requant(int32_t v, int s, int32_t lo, int32_t hi) {
+static inline int32_t dfq_requant(int32_t v, int s, int32_t lo, int32_t hi) {
     if (s > 30) {  /* the IR proves |v| + 2^(s-1) < 2^31: |v| < 2^30, which rounds to 0 */
         v = 0;
     } else if (s > 0) {
@@ -132,7 +135,7 @@ static int32_t dfq_requant(int32_t v, int s, int32_t lo, int32_t hi) {
 """,
     "dfq_rdiv": r"""
 /* round(v / n), ties to even, n > 0 */
-static int32_t dfq_rdiv(int32_t v, int32_t n) {
+static inline int32_t dfq_rdiv(int32_t v, int32_t n) {
     int32_t q = v / n, r = v % n;
     if (r < 0) { q -= 1; r += n; }
     if (r > n - r || (r == n - r && q % 2 != 0)) q += 1;
@@ -141,7 +144,7 @@ static int32_t dfq_rdiv(int32_t v, int32_t n) {
 """,
     "dfq_isqrt": r"""
 /* floor(sqrt(v)), v >= 0 */
-static int32_t dfq_isqrt(int32_t v) {
+static inline int32_t dfq_isqrt(int32_t v) {
     uint32_t x = (uint32_t)v, r = 0, b = 1u << 30;
     while (b > x) b >>= 2;
     while (b) {
@@ -152,19 +155,23 @@ static int32_t dfq_isqrt(int32_t v) {
 }
 """,
     "dfq_lo_hi": r"""
-static int dfq_lo(int a, int s) { return a <= 0 ? 0 : (a + s - 1) / s; }
-static int dfq_hi(int b, int s, int n) { int k = b < 0 ? 0 : b / s + 1; return k < n ? k : n; }
+static inline int dfq_lo(int a, int s) { return a <= 0 ? 0 : (a + s - 1) / s; }
+static inline int dfq_hi(int b, int s, int n) { int k = b < 0 ? 0 : b / s + 1; return k < n ? k : n; }
 """,
 }
 RUNTIME_NEEDS = {"dfq_align": ("dfq_rshift",), "dfq_requant": ("dfq_rshift",)}
 
 
 def _runtime(text: str) -> str:
-    """The runtime functions `text` calls (and theirs), in definition order."""
+    """The runtime functions `text` calls (and theirs), in definition order; then the SIMD
+    families' kernels (c_kernels.py) where a step calls them."""
+    simd = "dfq_mm_run(" in text
+    if simd:
+        text += c_kernels.SIMD_RUNTIME
     used = {n for n in RUNTIME if re.search(r"\b" + (n if n != "dfq_lo_hi" else "dfq_lo") + r"\(", text)}
     for n in list(used):
         used.update(RUNTIME_NEEDS.get(n, ()))
-    return "\n".join(RUNTIME[n] for n in RUNTIME if n in used)
+    return "\n".join(RUNTIME[n] for n in RUNTIME if n in used) + (c_kernels.SIMD_RUNTIME if simd else "")
 
 
 def _array(name: str, ctype: str, values) -> tuple[str, int]:
@@ -206,14 +213,24 @@ class _Builder:
         return self.add_tensor(name, _code_ctype(qt), alias, qt.frac)
 
     def step(self, what: str, inputs: list, outputs: list, body: str, consts=(), scratch: int = 0) -> None:
+        """consts: (name, C type, values[, guard]): a guard (a preprocessor condition, e.g.
+        "DFQ_SIMD") keeps the constant to the kernel family that reads it; the first of a name wins."""
         k = len(self.steps)
-        defs, nbytes = [], 0
-        for cname, ctype, v in consts:
+        defs, nbytes, simd_bytes, seen = [], 0, 0, set()
+        for cname, ctype, v, *guard in consts:
+            if cname in seen:
+                continue
+            seen.add(cname)
             d, b = _array(f"s{k}_{cname}", ctype, v)
+            if guard:
+                d = f"#if {guard[0]}\n{d}#endif\n"
             defs.append(d)
-            nbytes += b
+            if not guard or "!DFQ_SIMD" in guard[0]:
+                nbytes += b
+            if not guard or guard[0] in ("DFQ_SIMD", "DFQ_SIMD && DFQ_X86"):
+                simd_bytes += b
         body = re.sub(r"\bK_(\w+)", lambda m: f"s{k}_{m.group(1)}", body)
-        self.steps.append(Step(f"step{k}", what, list(inputs), list(outputs), body, defs, scratch, nbytes))
+        self.steps.append(Step(f"step{k}", what, list(inputs), list(outputs), body, defs, scratch, nbytes, simd_bytes))
 
     def t(self, name: str) -> Tensor:
         return self.tensors[name]
@@ -383,6 +400,40 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
         what = "depthwise" if cin_g == 1 else "few terms"
         self.step(f"{mod.op} {mod.name} ({what})", self._inputs(mod), [out.name], body, consts, planes + span)
 
+    MM_TILE = 32          # pixels of the widest family's tile (c_kernels DFQ_PT): scratch is sized for it
+    MM_PATCH_BYTES = 1 << 17  # packed patch codes of a convolution by patch rows, per block of output rows
+
+    def _mm_desc(self, mod, x: Tensor, out: Tensor, w2d: np.ndarray, ystride: int, consts: list) -> str:
+        """The dfq_mm_t of a linear module with weights `w2d` [C, K] (c_kernels.py), its constants
+        added to `consts`; the portable kernel's own weight and bias become portable-only."""
+        for i, e in enumerate(consts):
+            if e[0] in ("w", "bias") and len(e) == 3:
+                consts[i] = e + ("!DFQ_SIMD",)
+        wp, k4 = pack_weights(w2d)
+        bx, ba = offset_biases(w2d, mod.bias, x.ctype == "int8_t")
+        consts += [("wp", "int8_t", wp, "DFQ_SIMD"), ("bx", "int32_t", bx, "DFQ_SIMD && DFQ_X86"),
+                   ("ba", "int32_t", ba, "DFQ_SIMD == 1")]
+        sh = acc = res = "NULL"
+        fast = mod.output is not None and bool(np.all(mod.shift > 0))
+        if mod.output is not None:
+            consts.append(("shift", "int8_t", mod.shift))
+            sh = "K_shift"
+        rsig = 0
+        if mod.residual is not None:
+            if np.any(mod.acc_shift > 0):
+                consts.append(("acc_shift", "int8_t", mod.acc_shift))
+                acc = "K_acc_shift"
+            consts.append(("res_shift", "int8_t", mod.residual_shift))
+            res = "K_res_shift"
+            fast = fast and bool(np.all(mod.residual_shift >= 0))
+            rsig = int(self.t(mod.residual.name).ctype == "int8_t")
+        lo, hi = (mod.code_min, mod.code_max) if mod.output is not None else (0, 0)
+        return (f"static const dfq_mm_t L = {{{w2d.shape[0]}, {k4}, K_wp, DFQ_MM_BIAS(K_bx, K_ba), {sh}, {acc}, "
+                f"{res}, {lo}, {hi}, {int(out.ctype == 'int8_t')}, {rsig}, {ystride}, {int(fast)}}};")
+
+    def _simd_or(self, simd: str, portable: str) -> str:
+        return f"#if DFQ_SIMD\n{{\n{simd}\n}}\n#else\n{portable}\n#endif"
+
     def _conv_rows(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, consts: list) -> None:
         """A convolution one output row at a time: the row's input patches gathered (zeros where
         padded) into the scratch as pixel-major rows of cin x kh x kw codes, then one contiguous
@@ -426,7 +477,22 @@ for (int b = 0; b < {n}; b++) for (int oy = 0; oy < {oh}; oy++) {{
         }}
     }}
 }}"""
-        self.step(f"{mod.op} {mod.name} (patch rows)", self._inputs(mod), [out.name], body, consts, -(-ow * patch // 4))
+        scratch = -(-ow * patch // 4)
+        if g == 1:
+            kw4 = -(-cin * kk // 4) * 4
+            rows = max(1, min(oh, self.MM_PATCH_BYTES // (kw4 * ow)))
+            desc = self._mm_desc(mod, x, out, mod.weight.reshape(cout, -1), oh * ow, consts)
+            res = f"x1 + b * {cout * oh * ow} + oy0 * {ow}" if mod.residual is not None else "NULL"
+            simd = f"""{desc}
+uint8_t *xp = (uint8_t *)acc;
+for (int b = 0; b < {n}; b++) for (int oy0 = 0; oy0 < {oh}; oy0 += {rows}) {{
+    const int nr = {oh} - oy0 < {rows} ? {oh} - oy0 : {rows};
+    dfq_pack_patches(xp, x0 + b * {cin * h * w}, {int(x.ctype == "int8_t")}, {cin}, {h}, {w}, {k[0]}, {k[1]}, {s[0]}, {s[1]}, {d[0]}, {d[1]}, {pt}, {pl}, {ow}, oy0, nr);
+    dfq_mm_run(&L, xp, nr * {ow}, {res}, y0 + b * {cout * oh * ow} + oy0 * {ow});
+}}"""
+            body = self._simd_or(simd, body)
+            scratch = max(scratch, kw4 // 4 * -(-rows * ow // self.MM_TILE) * self.MM_TILE)
+        self.step(f"{mod.op} {mod.name} (patch rows)", self._inputs(mod), [out.name], body, consts, scratch)
 
     POINT_BLOCK = 64  # pixels of a pointwise convolution's accumulator block (OB channels x 64 int32 stay in L1)
 
@@ -459,7 +525,23 @@ for (int oc = 0; oc < {cout}; oc += {ob}) {{
     }}
 }}
 }}"""
-        self.step(f"{mod.op} {mod.name} (pointwise)", self._inputs(mod), [out.name], body, consts, ob * pb)
+        body, scratch = self._simd_pointwise(mod, x, out, n, cin, cout, hw, consts, body, ob * pb)
+        self.step(f"{mod.op} {mod.name} (pointwise)", self._inputs(mod), [out.name], body, consts, scratch)
+
+    def _simd_pointwise(self, mod, x: Tensor, out: Tensor, n: int, cin: int, cout: int, hw: int, consts: list,
+                        portable: str, scratch: int) -> tuple[str, int]:
+        """A pointwise convolution's body for every family: the SIMD ones pack the image's codes and
+        run dfq_mm over all pixels; the portable one is `portable`."""
+        desc = self._mm_desc(mod, x, out, mod.weight.reshape(cout, cin), hw, consts)
+        res = f"x1 + b * {cout * hw}" if mod.residual is not None else "NULL"
+        simd = f"""{desc}
+uint8_t *xp = (uint8_t *)acc;
+for (int b = 0; b < {n}; b++) {{
+    dfq_pack_rows(xp, x0 + b * {cin * hw}, {int(x.ctype == "int8_t")}, {cin}, {hw});
+    dfq_mm_run(&L, xp, {hw}, {res}, y0 + b * {cout * hw});
+}}"""
+        k4 = -(-cin // 4)
+        return self._simd_or(simd, portable), max(scratch, k4 * -(-hw // self.MM_TILE) * self.MM_TILE)
 
     def _pointwise_dot(self, mod, x: Tensor, out: Tensor, n: int, cin: int, cout: int, hw: int, consts: list) -> None:
         """A 1x1 stride-1 convolution over few pixels: the input transposed to pixel-major codes in
@@ -487,8 +569,8 @@ for (int p = 0; p < {hw}; p++) {{
     }}
 }}
 }}"""
-        self.step(f"{mod.op} {mod.name} (pointwise, few pixels)", self._inputs(mod), [out.name], body, consts,
-                  -(-cin * hw // 4))
+        body, scratch = self._simd_pointwise(mod, x, out, n, cin, cout, hw, consts, body, -(-cin * hw // 4))
+        self.step(f"{mod.op} {mod.name} (pointwise, few pixels)", self._inputs(mod), [out.name], body, consts, scratch)
 
     def _conv_transpose(self, mod, out: Tensor) -> None:
         x = self.t(mod.input.name)
@@ -942,7 +1024,7 @@ def render(b: _Builder, prefix: str, reuse: bool = True) -> CLibrary:
 
     c = [f"/* {prefix}.c: generated by dfq-onnx from the quantized model; integer arithmetic only.\n"
          f"   Arena: {arena} bytes; constants: {sum(s.const_bytes for s in b.steps)} bytes. */",
-         f'#include "{prefix}.h"', "#include <string.h>", "",
+         f'#include "{prefix}.h"', "#include <string.h>", c_kernels.select(P),
          f"int32_t {prefix}_arena[{max(1, -(-arena // 4))}];",
          f"#define dfq_arena_bytes ((unsigned char *){prefix}_arena)",
          f"#ifndef {P}_STEP_DONE  /* define it to time or trace each step (k: the step's number) */",

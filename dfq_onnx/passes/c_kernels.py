@@ -1,0 +1,378 @@
+"""Kernel families of the generated C library, chosen by the preprocessor when it is compiled.
+
+    DFQ_SIMD 3  x86 AVX512-VNNI (with AVX512BW/VL): vpdpbusd on 512-bit vectors, 16 pixels a vector
+    DFQ_SIMD 2  x86 AVX2: 256-bit vectors, 8 pixels; vpdpbusd where AVX-VNNI is there, else the codes
+                widened to int16 pairs and vpmaddwd (exact: no int16 saturation, unlike vpmaddubsw)
+    DFQ_SIMD 1  ARM NEON with the dot product extension (sdot): 128-bit vectors, 4 pixels
+    DFQ_SIMD 0  portable C99 (the per-layer kernels of emit_c.py); forced by -D<PREFIX>_PORTABLE
+
+The SIMD families share one matrix-product microkernel (dfq_mm) for pointwise convolutions and
+convolutions by patch rows: out[c, p] = bias[c] + sum_k w[c, k] x[k, p] over a tile of MT output
+channels x NV vectors of pixels, K consumed 4 codes at a time (one 32-bit lane holds a pixel's 4
+consecutive codes; one dot-product instruction adds 4 products per lane), then requantized in
+registers (the rounding shift of emit_c's runtime, lane-wise) and stored as codes.
+
+Operand layouts, written by the generator (weights, static const) or by the kernel (activations):
+  weights  [C/8][K/4][8][4] int8 (channels and K padded with zero codes);
+  codes    [K/4][Ppad][4], gathered per step from the NCHW tensor (or from patch rows) into the
+           scratch; x86 takes them unsigned (int8 codes + 128, the weight sums times 128 taken off
+           the bias), ARM signed (uint8 codes - 128, the weight sums times 128 added to the bias) --
+           the offset trick of XNNPACK; the int32 sums are exact: the dot products wrap like the
+           portable path's additions would not, and the true sum is proven to fit int32 (quantized.py),
+           so the wrapped sums are the true sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MB = 8   # output channels of the packed weight blocks
+
+
+def pack_weights(w: np.ndarray) -> tuple[np.ndarray, int]:
+    """[C, K] int8 codes -> ([C/8][K/4][8][4] int8, K/4)."""
+    c, k = w.shape
+    cp, k4 = -(-c // MB) * MB, -(-k // 4)
+    p = np.zeros((cp, k4 * 4), np.int64)
+    p[:c, :k] = w
+    return p.reshape(cp // MB, MB, k4, 4).transpose(0, 2, 1, 3).reshape(-1), k4
+
+
+def offset_biases(w: np.ndarray, bias, signed_input: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Biases with the input offset of each family folded in, padded to whole blocks of 8 channels,
+    as int32 (wrapped mod 2^32 like the dot products; see the module docstring):
+    (x86: inputs taken as unsigned codes, ARM: inputs taken as signed codes)."""
+    c = w.shape[0]
+    cp = -(-c // MB) * MB
+    b = np.zeros(cp, np.int64)
+    if bias is not None:
+        b[:c] = np.asarray(bias, np.int64)
+    sums = np.zeros(cp, np.int64)
+    sums[:c] = np.asarray(w, np.int64).reshape(c, -1).sum(axis=1)
+    x86 = b - 128 * sums if signed_input else b
+    arm = b if signed_input else b + 128 * sums
+    wrap = lambda v: ((v + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int64)  # noqa: E731
+    return wrap(x86), wrap(arm)
+
+
+def select(prefix_upper: str) -> str:
+    """The preprocessor lines choosing the family (before any constant that depends on it)."""
+    P = prefix_upper
+    return f"""/* Kernel family (see the header): -D{P}_PORTABLE forces the portable C99 kernels. */
+#if !defined({P}_PORTABLE) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define DFQ_SIMD 3
+#elif !defined({P}_PORTABLE) && defined(__AVX2__)
+#define DFQ_SIMD 2
+#elif !defined({P}_PORTABLE) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define DFQ_SIMD 1
+#else
+#define DFQ_SIMD 0
+#endif
+#if DFQ_SIMD >= 2
+#define DFQ_X86 1
+#else
+#define DFQ_X86 0
+#endif
+#if defined({P}_THREADS) && DFQ_SIMD && {P}_THREADS > 1
+#define DFQ_THREADS {P}_THREADS   /* -D{P}_THREADS=N: big matrix products split over N pthreads */
+#else
+#define DFQ_THREADS 1
+#endif
+#ifdef {P}_THREAD_WORK
+#define DFQ_THREAD_WORK {P}_THREAD_WORK  /* the least channels x K/4 x pixels worth threads */
+#else
+#define DFQ_THREAD_WORK 65536L
+#endif
+"""
+
+
+# The shared SIMD runtime: inserted (under #if DFQ_SIMD) when a step uses dfq_mm.
+SIMD_RUNTIME = r"""
+#if DFQ_SIMD
+#if DFQ_SIMD == 3
+#include <immintrin.h>
+typedef __m512i dfq_v;
+#define DFQ_L 16
+#define DFQ_MT 8
+#define DFQ_NV 2
+#define dfq_zero() _mm512_setzero_si512()
+#define dfq_set1(v) _mm512_set1_epi32(v)
+#define dfq_loadx(p) _mm512_loadu_si512((const void *)(p))
+#define dfq_add(a, b) _mm512_add_epi32(a, b)
+#define dfq_and(a, b) _mm512_and_si512(a, b)
+#define dfq_min(a, b) _mm512_min_epi32(a, b)
+#define dfq_max(a, b) _mm512_max_epi32(a, b)
+#define dfq_sra(a, s) _mm512_sra_epi32(a, _mm_cvtsi32_si128(s))
+#define dfq_sll(a, s) _mm512_sll_epi32(a, _mm_cvtsi32_si128(s))
+#define dfq_storei(p, v) _mm512_storeu_si512((void *)(p), v)
+#define dfq_loadi(p) _mm512_loadu_si512((const void *)(p))
+#define dfq_dot(a, x, w) _mm512_dpbusd_epi32(a, x, w)
+static inline void dfq_store8(void *p, dfq_v v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(v)); }
+static inline dfq_v dfq_load8(const void *p, int sgn) {
+    __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return sgn ? _mm512_cvtepi8_epi32(t) : _mm512_cvtepu8_epi32(t);
+}
+#elif DFQ_SIMD == 2
+#include <immintrin.h>
+typedef __m256i dfq_v;
+#define DFQ_L 8
+#define DFQ_MT 4
+#define DFQ_NV 2
+#define dfq_zero() _mm256_setzero_si256()
+#define dfq_set1(v) _mm256_set1_epi32(v)
+#define dfq_loadx(p) _mm256_loadu_si256((const __m256i *)(p))
+#define dfq_add(a, b) _mm256_add_epi32(a, b)
+#define dfq_and(a, b) _mm256_and_si256(a, b)
+#define dfq_min(a, b) _mm256_min_epi32(a, b)
+#define dfq_max(a, b) _mm256_max_epi32(a, b)
+#define dfq_sra(a, s) _mm256_sra_epi32(a, _mm_cvtsi32_si128(s))
+#define dfq_sll(a, s) _mm256_sll_epi32(a, _mm_cvtsi32_si128(s))
+#define dfq_storei(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define dfq_loadi(p) _mm256_loadu_si256((const __m256i *)(p))
+#if defined(__AVXVNNI__)
+#define dfq_dot(a, x, w) _mm256_dpbusd_avx_epi32(a, x, w)
+#else
+/* u8 x s8, 4 per lane, exactly: even and odd codes widened to int16 (the u8 codes by masking or
+   shifting, the s8 weights by sign-extending shifts), two vpmaddwd; no vpmaddubsw (its int16
+   pair sums saturate) */
+static inline dfq_v dfq_dot(dfq_v a, dfq_v x, dfq_v w) {
+    const dfq_v lo = _mm256_set1_epi16(0xff);
+    dfq_v xe = _mm256_and_si256(x, lo), xo = _mm256_srli_epi16(x, 8);
+    dfq_v we = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8), wo = _mm256_srai_epi16(w, 8);
+    return _mm256_add_epi32(a, _mm256_add_epi32(_mm256_madd_epi16(xe, we), _mm256_madd_epi16(xo, wo)));
+}
+#endif
+static inline void dfq_store8(void *p, dfq_v v) {
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i t = _mm256_shuffle_epi8(v, pick);
+    __m128i r = _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    _mm_storel_epi64((__m128i *)p, r);
+}
+static inline dfq_v dfq_load8(const void *p, int sgn) {
+    __m128i t = _mm_loadl_epi64((const __m128i *)p);
+    return sgn ? _mm256_cvtepi8_epi32(t) : _mm256_cvtepu8_epi32(t);
+}
+#else
+#include <arm_neon.h>
+typedef int32x4_t dfq_v;
+#define DFQ_L 4
+#define DFQ_MT 8
+#define DFQ_NV 2
+#define dfq_zero() vdupq_n_s32(0)
+#define dfq_set1(v) vdupq_n_s32(v)
+#define dfq_loadx(p) vreinterpretq_s32_s8(vld1q_s8((const int8_t *)(p)))
+#define dfq_add(a, b) vaddq_s32(a, b)
+#define dfq_and(a, b) vandq_s32(a, b)
+#define dfq_min(a, b) vminq_s32(a, b)
+#define dfq_max(a, b) vmaxq_s32(a, b)
+#define dfq_sra(a, s) vshlq_s32(a, vdupq_n_s32(-(s)))
+#define dfq_sll(a, s) vshlq_s32(a, vdupq_n_s32(s))
+#define dfq_storei(p, v) vst1q_s32((int32_t *)(p), v)
+#define dfq_loadi(p) vld1q_s32((const int32_t *)(p))
+#define dfq_dot(a, x, w) vdotq_s32(a, vreinterpretq_s8_s32(x), vreinterpretq_s8_s32(w))
+static inline void dfq_store8(void *p, dfq_v v) {
+    int8x8_t t = vmovn_s16(vcombine_s16(vmovn_s32(v), vdup_n_s16(0)));
+    int8_t b[8];
+    vst1_s8(b, t);
+    memcpy(p, b, 4);
+}
+static inline dfq_v dfq_load8(const void *p, int sgn) {
+    unsigned char b[8] = {0};
+    memcpy(b, p, 4);
+    int16x8_t t = sgn ? vmovl_s8(vreinterpret_s8_u8(vld1_u8(b))) : vreinterpretq_s16_u16(vmovl_u8(vld1_u8(b)));
+    return vmovl_s16(vget_low_s16(t));
+}
+#endif
+#define DFQ_PT (DFQ_L * DFQ_NV)   /* pixels of a tile */
+#if DFQ_X86
+#define DFQ_FLIP(sgn) ((sgn) ? 0x80 : 0)    /* x86 reads codes unsigned */
+#else
+#define DFQ_FLIP(sgn) ((sgn) ? 0 : 0x80)    /* ARM reads codes signed */
+#endif
+
+/* One matrix-product step: the description the generator writes per layer. */
+#if DFQ_X86
+#define DFQ_MM_BIAS(x86, arm) (x86)
+#else
+#define DFQ_MM_BIAS(x86, arm) (arm)
+#endif
+#define DFQ_PPAD(P) (((P) + DFQ_PT - 1) / DFQ_PT * DFQ_PT)
+
+typedef struct {
+    int C, K4;                      /* output channels, K/4 */
+    const int8_t *w;                /* [C/8][K4][8][4] */
+    const int32_t *bias;            /* [C/8*8], the input offset folded in */
+    const int8_t *shift;            /* [C] right shift (NULL: int32 sums out, unrounded) */
+    const int8_t *acc_shift;        /* [C] or NULL */
+    const int8_t *res_shift;        /* [C] or NULL (no residual) */
+    int lo, hi;                     /* clamp */
+    int out_signed, res_signed;     /* codes' types (1: int8, 0: uint8) */
+    int ystride;                    /* elements between output (and residual) channels */
+    int fast;                       /* every channel: shift > 0, res_shift >= 0 (requantized in registers) */
+} dfq_mm_t;
+
+/* A pixel's value past the fast path: emit_c's requantizer, element by element. */
+static inline void dfq_mm_one(const dfq_mm_t *L, int c, int32_t v, const void *res, void *y) {
+    if (L->res_shift) {
+        if (L->acc_shift) v = v * (int32_t)(1u << L->acc_shift[c]);
+        int32_t r = L->res_signed ? *(const int8_t *)res : *(const uint8_t *)res;
+        v += dfq_align(r, L->res_shift[c]);
+    }
+    if (!L->shift) { memcpy(y, &v, 4); return; }
+    v = dfq_requant(v, L->shift[c], L->lo, L->hi);
+    if (L->out_signed) *(int8_t *)y = (int8_t)v; else *(uint8_t *)y = (uint8_t)v;
+}
+
+/* Output channels [c0, c1) (multiples of 8 but the last) of P pixels: xp the packed codes, y / res
+   the output / residual (channel stride L->ystride, pixels contiguous). */
+static inline void dfq_mm(const dfq_mm_t *L, const uint8_t *xp, int P, const void *res, void *y, int c0, int c1) {
+    const int K4 = L->K4, Ppad = DFQ_PPAD(P), ys = L->ystride, ob = L->shift ? 1 : 4;
+    for (int cb = c0; cb < c1; cb += DFQ_MT) {
+        const int8_t *wb = L->w + (size_t)(cb / 8) * K4 * 32 + (cb % 8) * 4;
+        const int mt = c1 - cb < DFQ_MT ? c1 - cb : DFQ_MT;
+        for (int p0 = 0; p0 < P; p0 += DFQ_PT) {
+            dfq_v a[DFQ_MT][DFQ_NV];
+            for (int m = 0; m < DFQ_MT; m++) {
+                const dfq_v b = dfq_set1(L->bias[cb + m]);
+                for (int n = 0; n < DFQ_NV; n++) a[m][n] = b;
+            }
+            const uint8_t *xk = xp + (size_t)p0 * 4;
+            const int8_t *wk = wb;
+            for (int k = 0; k < K4; k++, xk += (size_t)Ppad * 4, wk += 32) {
+                dfq_v xv[DFQ_NV];
+                for (int n = 0; n < DFQ_NV; n++) xv[n] = dfq_loadx(xk + n * DFQ_L * 4);
+                for (int m = 0; m < DFQ_MT; m++) {
+                    int32_t w4;
+                    memcpy(&w4, wk + m * 4, 4);
+                    const dfq_v wv = dfq_set1(w4);
+                    for (int n = 0; n < DFQ_NV; n++) a[m][n] = dfq_dot(a[m][n], xv[n], wv);
+                }
+            }
+            for (int m = 0; m < mt; m++) {
+                const int c = cb + m;
+                for (int n = 0; n < DFQ_NV; n++) {
+                    const int p = p0 + n * DFQ_L;
+                    if (p >= P) break;
+                    const int cnt = P - p < DFQ_L ? P - p : DFQ_L;
+                    const size_t at = (size_t)c * ys + p;
+                    if (L->fast) {
+                        dfq_v v = a[m][n];
+                        if (L->res_shift) {
+                            unsigned char rb8[DFQ_L];
+                            const unsigned char *rp = (const unsigned char *)res + at;
+                            if (cnt < DFQ_L) { memset(rb8, 0, sizeof rb8); memcpy(rb8, rp, (size_t)cnt); rp = rb8; }
+                            if (L->acc_shift) v = dfq_sll(v, L->acc_shift[c]);
+                            v = dfq_add(v, dfq_sll(dfq_load8(rp, L->res_signed), L->res_shift[c]));
+                        }
+                        const int s = L->shift[c];
+                        v = dfq_add(v, dfq_add(dfq_set1((int32_t)((1u << (s - 1)) - 1u)),
+                                               dfq_and(dfq_sra(v, s), dfq_set1(1))));
+                        v = dfq_sra(v, s);
+                        v = dfq_min(dfq_max(v, dfq_set1(L->lo)), dfq_set1(L->hi));
+                        unsigned char *yp = (unsigned char *)y + at;
+                        if (cnt == DFQ_L) {
+                            dfq_store8(yp, v);
+                        } else {
+                            unsigned char t[DFQ_L];
+                            dfq_store8(t, v);
+                            memcpy(yp, t, (size_t)cnt);
+                        }
+                    } else {
+                        int32_t t[DFQ_L];
+                        dfq_storei(t, a[m][n]);
+                        for (int i = 0; i < cnt; i++)
+                            dfq_mm_one(L, c, t[i], res ? (const unsigned char *)res + at + i : NULL,
+                                       (unsigned char *)y + (at + i) * ob);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#if DFQ_THREADS > 1
+#include <pthread.h>
+typedef struct { const dfq_mm_t *L; const uint8_t *xp; int P; const void *res; void *y; int c0, c1; } dfq_mm_job;
+static void *dfq_mm_thread(void *a) {
+    const dfq_mm_job *j = (const dfq_mm_job *)a;
+    dfq_mm(j->L, j->xp, j->P, j->res, j->y, j->c0, j->c1);
+    return NULL;
+}
+#endif
+
+/* dfq_mm over all output channels: split by blocks of 8 channels over DFQ_THREADS threads (the
+   calling one included) where the library is built with -D<PREFIX>_THREADS=N. */
+static inline void dfq_mm_run(const dfq_mm_t *L, const uint8_t *xp, int P, const void *res, void *y) {
+#if DFQ_THREADS > 1
+    const int blocks = (L->C + 7) / 8;
+    int nt = DFQ_THREADS < blocks ? DFQ_THREADS : blocks;
+    if (nt > 1 && (long)L->C * L->K4 * P >= DFQ_THREAD_WORK) {
+        pthread_t th[DFQ_THREADS];
+        dfq_mm_job jobs[DFQ_THREADS];
+        int started[DFQ_THREADS];
+        for (int t = 0; t < nt; t++) {
+            int c0 = blocks * t / nt * 8, c1 = blocks * (t + 1) / nt * 8;
+            jobs[t].L = L; jobs[t].xp = xp; jobs[t].P = P; jobs[t].res = res; jobs[t].y = y;
+            jobs[t].c0 = c0; jobs[t].c1 = c1 < L->C ? c1 : L->C;
+            started[t] = t > 0 && pthread_create(&th[t], NULL, dfq_mm_thread, &jobs[t]) == 0;
+            if (t > 0 && !started[t]) dfq_mm_thread(&jobs[t]);
+        }
+        dfq_mm_thread(&jobs[0]);
+        for (int t = 1; t < nt; t++) if (started[t]) pthread_join(th[t], NULL);
+        return;
+    }
+#endif
+    dfq_mm(L, xp, P, res, y, 0, L->C);
+}
+
+/* The NCHW codes of one image, K rows of P pixels, packed to [K/4][Ppad][4] (offset per family). */
+static inline void dfq_pack_rows(uint8_t *xp, const void *x, int sgn, int K, int P) {
+    const int Ppad = DFQ_PPAD(P);
+    const unsigned char *xb = (const unsigned char *)x;
+    const unsigned char f = (unsigned char)DFQ_FLIP(sgn);
+    const int K4 = (K + 3) / 4;
+    for (int k4 = 0; k4 < K4; k4++) {
+        uint8_t *d = xp + (size_t)k4 * Ppad * 4;
+        if (4 * k4 + 3 < K) {
+            const unsigned char *r0 = xb + (size_t)(4 * k4) * P, *r1 = r0 + P, *r2 = r1 + P, *r3 = r2 + P;
+            for (int p = 0; p < P; p++) {
+                d[4 * p] = r0[p] ^ f; d[4 * p + 1] = r1[p] ^ f; d[4 * p + 2] = r2[p] ^ f; d[4 * p + 3] = r3[p] ^ f;
+            }
+        } else {
+            for (int p = 0; p < P; p++) for (int j = 0; j < 4; j++) {
+                const int k = 4 * k4 + j;
+                d[4 * p + j] = k < K ? (uint8_t)(xb[(size_t)k * P + p] ^ f) : 0;
+            }
+        }
+        memset(d + (size_t)P * 4, 0, (size_t)(Ppad - P) * 4);
+    }
+}
+
+/* The patches of output rows [oy0, oy0 + nr) of one image (a convolution of one group), packed to
+   [K/4][Ppad][4] with K = cin x kh x kw in the weights' order; padding is code 0. */
+static inline void dfq_pack_patches(uint8_t *xp, const void *x, int sgn, int cin, int h, int w, int kh, int kw,
+                             int sh, int sw, int dh, int dw, int pt, int pl, int ow, int oy0, int nr) {
+    const unsigned char *xb = (const unsigned char *)x;
+    const unsigned char f = (unsigned char)DFQ_FLIP(sgn);
+    const int P = nr * ow, Ppad = DFQ_PPAD(P), K4 = (cin * kh * kw + 3) / 4;
+    memset(xp, 0, (size_t)K4 * Ppad * 4);
+    for (int ic = 0; ic < cin; ic++) for (int ky = 0; ky < kh; ky++) for (int kx = 0; kx < kw; kx++) {
+        const int k = (ic * kh + ky) * kw + kx;
+        uint8_t *d = xp + (size_t)(k >> 2) * Ppad * 4 + (k & 3);
+        for (int r = 0; r < nr; r++) {
+            const int iy = (oy0 + r) * sh + ky * dh - pt;
+            uint8_t *dr = d + (size_t)r * ow * 4;
+            if (iy < 0 || iy >= h) {
+                for (int ox = 0; ox < ow; ox++) dr[4 * ox] = f;
+                continue;
+            }
+            const unsigned char *row = xb + ((size_t)ic * h + iy) * w;
+            for (int ox = 0; ox < ow; ox++) {
+                const int ix = ox * sw + kx * dw - pl;
+                dr[4 * ox] = (ix >= 0 && ix < w) ? (uint8_t)(row[ix] ^ f) : f;
+            }
+        }
+    }
+}
+#endif
+"""
