@@ -374,5 +374,55 @@ static inline void dfq_pack_patches(uint8_t *xp, const void *x, int sgn, int cin
         }
     }
 }
+
+#if DFQ_X86
+/* Depthwise (one input plane per output channel, few terms): codes of stride phase planes (emit_c
+   _planes) at tap offsets `offs`, 16 pixels of an output row at a time: two taps' codes widened to
+   int16 and interleaved, vpmaddwd with the taps' weight pair (exact: products fit int16, sums
+   int32), requantized in registers (shift > 0), packed to codes and stored. */
+static inline __m256i dfq_dw_x16(const unsigned char *p, int sgn) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return sgn ? _mm256_cvtepi8_epi16(t) : _mm256_cvtepu8_epi16(t);
+}
+static inline void dfq_dw(const void *xq, int sgn, const int8_t *w, const int32_t *offs, int taps, int32_t bias,
+                          int s, int lo, int hi, int oh, int ow, int wq, void *y, int ysgn) {
+    const unsigned char *xb = (const unsigned char *)xq;
+    unsigned char *yb = (unsigned char *)y;
+    __m256i wv[32];
+    const int np = (taps + 1) / 2;
+    for (int i = 0; i < np; i++) {
+        const uint16_t a = (uint16_t)(int16_t)w[2 * i], b = (uint16_t)(int16_t)(2 * i + 1 < taps ? w[2 * i + 1] : 0);
+        wv[i] = _mm256_set1_epi32((int32_t)((uint32_t)a | ((uint32_t)b << 16)));
+    }
+    const __m256i rnd = _mm256_set1_epi32((int32_t)((1u << (s - 1)) - 1u)), one = _mm256_set1_epi32(1);
+    const __m256i vlo = _mm256_set1_epi32(lo), vhi = _mm256_set1_epi32(hi), b0 = _mm256_set1_epi32(bias);
+    const __m128i cnt = _mm_cvtsi32_si128(s);
+    for (int oy = 0; oy < oh; oy++) for (int ox = 0; ox < ow; ox += 16) {
+        const int q = oy * wq + ox;
+        __m256i a0 = b0, a1 = b0;
+        for (int i = 0; i < np; i++) {
+            const __m256i xa = dfq_dw_x16(xb + offs[2 * i] + q, sgn);
+            const __m256i xc = 2 * i + 1 < taps ? dfq_dw_x16(xb + offs[2 * i + 1] + q, sgn) : _mm256_setzero_si256();
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_unpacklo_epi16(xa, xc), wv[i]));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_unpackhi_epi16(xa, xc), wv[i]));
+        }
+        a0 = _mm256_sra_epi32(_mm256_add_epi32(a0, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_sra_epi32(a0, cnt), one))), cnt);
+        a1 = _mm256_sra_epi32(_mm256_add_epi32(a1, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_sra_epi32(a1, cnt), one))), cnt);
+        a0 = _mm256_min_epi32(_mm256_max_epi32(a0, vlo), vhi);
+        a1 = _mm256_min_epi32(_mm256_max_epi32(a1, vlo), vhi);
+        const __m256i p16 = _mm256_packs_epi32(a0, a1);   /* pixels in order */
+        const __m128i l = _mm256_castsi256_si128(p16), h = _mm256_extracti128_si256(p16, 1);
+        const __m128i b8 = ysgn ? _mm_packs_epi16(l, h) : _mm_packus_epi16(l, h);
+        unsigned char *yp = yb + (size_t)oy * ow + ox;
+        if (ow - ox >= 16) {
+            _mm_storeu_si128((__m128i *)yp, b8);
+        } else {
+            unsigned char t[16];
+            _mm_storeu_si128((__m128i *)t, b8);
+            memcpy(yp, t, (size_t)(ow - ox));
+        }
+    }
+}
+#endif
 #endif
 """

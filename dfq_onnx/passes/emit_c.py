@@ -165,7 +165,7 @@ RUNTIME_NEEDS = {"dfq_align": ("dfq_rshift",), "dfq_requant": ("dfq_rshift",)}
 def _runtime(text: str) -> str:
     """The runtime functions `text` calls (and theirs), in definition order; then the SIMD
     families' kernels (c_kernels.py) where a step calls them."""
-    simd = "dfq_mm_run(" in text
+    simd = "dfq_mm_run(" in text or "dfq_dw(" in text
     if simd:
         text += c_kernels.SIMD_RUNTIME
     used = {n for n in RUNTIME if re.search(r"\b" + (n if n != "dfq_lo_hi" else "dfq_lo") + r"\(", text)}
@@ -357,13 +357,14 @@ if ({cond}) {{
         bias = "K_bias[oc]" if mod.bias is not None else "0"
         kk = k[0] * k[1]
         wdefs = " ".join(f"const int32_t w{i} = wo[{i}];" for i in range(cin_g * kk))
-        terms = []
+        terms, offs = [], []
         for ic in range(cin_g):
             for ky in range(k[0]):
                 for kx in range(k[1]):
                     phase = ic * phases + ((ky * d[0]) % s[0]) * s[1] + (kx * d[1]) % s[1]
                     at = phase * plane + ((ky * d[0]) // s[0]) * wq + (kx * d[1]) // s[1]
                     terms.append(f"w{(ic * k[0] + ky) * k[1] + kx} * xq[{at} + q]")
+                    offs.append(at)
         copies = []
         for qy in range(s[0]):
             r0, r1 = max(0, -(-(pt - qy) // s[0])), min(hq, (h - 1 + pt - qy) // s[0] + 1)
@@ -398,7 +399,28 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
     for (int oy = 0; oy < {oh}; oy++) {tail}
 }}"""
         what = "depthwise" if cin_g == 1 else "few terms"
-        self.step(f"{mod.op} {mod.name} ({what})", self._inputs(mod), [out.name], body, consts, planes + span)
+        scratch = planes + span
+        if g == 1:  # one group: the SIMD families by patch rows
+            simd, sc = self._simd_patches(mod, x, out, xs, ys, k, s, d, pt, pl, consts)
+            body, scratch = self._simd_or(simd, body), max(scratch, sc)
+        elif cin_g == 1 and mod.residual is None and mod.output is not None and np.all(mod.shift > 0):
+            consts.append(("offs", "int32_t", np.array(offs), "DFQ_X86"))
+            consts.append(("shift", "int8_t", mod.shift))
+            dw = f"""{x.ctype} *xq = ({x.ctype} *)acc;
+for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
+    if (oc % {cout_g} == 0) {{
+        const {x.ctype} *xc = x0 + (b * {cin} + (oc / {cout_g}) * {cin_g}) * {h * w};
+        memset(xq, 0, {cin_g * phases * plane});
+        for (int ic = 0; ic < {cin_g}; ic++) {{
+        {copy_code}
+        }}
+    }}
+    dfq_dw(xq, {int(x.ctype == "int8_t")}, K_w + oc * {kk}, K_offs, {kk}, {bias}, K_shift[oc], {mod.code_min}, {mod.code_max},
+           {oh}, {ow}, {wq}, y0 + (b * {cout} + oc) * {oh * ow}, {int(out.ctype == "int8_t")});
+}}"""
+            body = f"#if DFQ_X86\n{dw}\n#else\n{body}\n#endif"
+            scratch += 8  # the SIMD loads read up to 31 bytes past the planes
+        self.step(f"{mod.op} {mod.name} ({what})", self._inputs(mod), [out.name], body, consts, scratch)
 
     MM_TILE = 32          # pixels of the widest family's tile (c_kernels DFQ_PT): scratch is sized for it
     MM_PATCH_BYTES = 1 << 17  # packed patch codes of a convolution by patch rows, per block of output rows
@@ -430,6 +452,24 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
         lo, hi = (mod.code_min, mod.code_max) if mod.output is not None else (0, 0)
         return (f"static const dfq_mm_t L = {{{w2d.shape[0]}, {k4}, K_wp, DFQ_MM_BIAS(K_bx, K_ba), {sh}, {acc}, "
                 f"{res}, {lo}, {hi}, {int(out.ctype == 'int8_t')}, {rsig}, {ystride}, {int(fast)}}};")
+
+    def _simd_patches(self, mod, x: Tensor, out: Tensor, xs, ys, k, s, d, pt, pl, consts: list) -> tuple[str, int]:
+        """The SIMD families' body of a one-group convolution: blocks of output rows whose patches
+        are packed (dfq_pack_patches) for dfq_mm; and its scratch (int32 elements)."""
+        n, cin, h, w = xs
+        cout, oh, ow = ys
+        kw4 = -(-cin * k[0] * k[1] // 4) * 4
+        rows = max(1, min(oh, self.MM_PATCH_BYTES // (kw4 * ow)))
+        desc = self._mm_desc(mod, x, out, mod.weight.reshape(cout, -1), oh * ow, consts)
+        res = f"x1 + b * {cout * oh * ow} + oy0 * {ow}" if mod.residual is not None else "NULL"
+        simd = f"""{desc}
+uint8_t *xp = (uint8_t *)acc;
+for (int b = 0; b < {n}; b++) for (int oy0 = 0; oy0 < {oh}; oy0 += {rows}) {{
+    const int nr = {oh} - oy0 < {rows} ? {oh} - oy0 : {rows};
+    dfq_pack_patches(xp, x0 + b * {cin * h * w}, {int(x.ctype == "int8_t")}, {cin}, {h}, {w}, {k[0]}, {k[1]}, {s[0]}, {s[1]}, {d[0]}, {d[1]}, {pt}, {pl}, {ow}, oy0, nr);
+    dfq_mm_run(&L, xp, nr * {ow}, {res}, y0 + b * {cout * oh * ow} + oy0 * {ow});
+}}"""
+        return simd, kw4 // 4 * -(-rows * ow // self.MM_TILE) * self.MM_TILE
 
     def _simd_or(self, simd: str, portable: str) -> str:
         return f"#if DFQ_SIMD\n{{\n{simd}\n}}\n#else\n{portable}\n#endif"
@@ -479,19 +519,8 @@ for (int b = 0; b < {n}; b++) for (int oy = 0; oy < {oh}; oy++) {{
 }}"""
         scratch = -(-ow * patch // 4)
         if g == 1:
-            kw4 = -(-cin * kk // 4) * 4
-            rows = max(1, min(oh, self.MM_PATCH_BYTES // (kw4 * ow)))
-            desc = self._mm_desc(mod, x, out, mod.weight.reshape(cout, -1), oh * ow, consts)
-            res = f"x1 + b * {cout * oh * ow} + oy0 * {ow}" if mod.residual is not None else "NULL"
-            simd = f"""{desc}
-uint8_t *xp = (uint8_t *)acc;
-for (int b = 0; b < {n}; b++) for (int oy0 = 0; oy0 < {oh}; oy0 += {rows}) {{
-    const int nr = {oh} - oy0 < {rows} ? {oh} - oy0 : {rows};
-    dfq_pack_patches(xp, x0 + b * {cin * h * w}, {int(x.ctype == "int8_t")}, {cin}, {h}, {w}, {k[0]}, {k[1]}, {s[0]}, {s[1]}, {d[0]}, {d[1]}, {pt}, {pl}, {ow}, oy0, nr);
-    dfq_mm_run(&L, xp, nr * {ow}, {res}, y0 + b * {cout * oh * ow} + oy0 * {ow});
-}}"""
-            body = self._simd_or(simd, body)
-            scratch = max(scratch, kw4 // 4 * -(-rows * ow // self.MM_TILE) * self.MM_TILE)
+            simd, sc = self._simd_patches(mod, x, out, xs, ys, k, s, d, pt, pl, consts)
+            body, scratch = self._simd_or(simd, body), max(scratch, sc)
         self.step(f"{mod.op} {mod.name} (patch rows)", self._inputs(mod), [out.name], body, consts, scratch)
 
     POINT_BLOCK = 64  # pixels of a pointwise convolution's accumulator block (OB channels x 64 int32 stay in L1)
