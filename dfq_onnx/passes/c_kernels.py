@@ -93,7 +93,7 @@ SIMD_RUNTIME = r"""
 typedef __m512i dfq_v;
 #define DFQ_L 16
 #define DFQ_MT 8
-#define DFQ_NV 2
+#define DFQ_NV 2   /* the microkernel is written for 2 */
 #define dfq_zero() _mm512_setzero_si512()
 #define dfq_set1(v) _mm512_set1_epi32(v)
 #define dfq_loadx(p) _mm512_loadu_si512((const void *)(p))
@@ -116,7 +116,7 @@ static inline dfq_v dfq_load8(const void *p, int sgn) {
 typedef __m256i dfq_v;
 #define DFQ_L 8
 #define DFQ_MT 4
-#define DFQ_NV 2
+#define DFQ_NV 2   /* the microkernel is written for 2 */
 #define dfq_zero() _mm256_setzero_si256()
 #define dfq_set1(v) _mm256_set1_epi32(v)
 #define dfq_loadx(p) _mm256_loadu_si256((const __m256i *)(p))
@@ -157,7 +157,7 @@ static inline dfq_v dfq_load8(const void *p, int sgn) {
 typedef int32x4_t dfq_v;
 #define DFQ_L 4
 #define DFQ_MT 8
-#define DFQ_NV 2
+#define DFQ_NV 2   /* the microkernel is written for 2 */
 #define dfq_zero() vdupq_n_s32(0)
 #define dfq_set1(v) vdupq_n_s32(v)
 #define dfq_loadx(p) vreinterpretq_s32_s8(vld1q_s8((const int8_t *)(p)))
@@ -231,23 +231,41 @@ static inline void dfq_mm(const dfq_mm_t *L, const uint8_t *xp, int P, const voi
         const int8_t *wb = L->w + (size_t)(cb / 8) * K4 * 32 + (cb % 8) * 4;
         const int mt = c1 - cb < DFQ_MT ? c1 - cb : DFQ_MT;
         for (int p0 = 0; p0 < P; p0 += DFQ_PT) {
-            dfq_v a[DFQ_MT][DFQ_NV];
-            for (int m = 0; m < DFQ_MT; m++) {
-                const dfq_v b = dfq_set1(L->bias[cb + m]);
-                for (int n = 0; n < DFQ_NV; n++) a[m][n] = b;
-            }
+            /* the tile's accumulators as named variables (kept in registers; gcc spills arrays) */
+#define DFQ_INIT(m) dfq_v c##m##0 = dfq_set1(L->bias[cb + m]), c##m##1 = c##m##0;
+#define DFQ_MAC(m) { int32_t w4_; memcpy(&w4_, wk + (m) * 4, 4); const dfq_v wv_ = dfq_set1(w4_); \
+                     c##m##0 = dfq_dot(c##m##0, x0, wv_); c##m##1 = dfq_dot(c##m##1, x1, wv_); }
+#if DFQ_SIMD == 2 && !defined(__AVXVNNI__)   /* codes split to even / odd int16 once per K step */
+#undef DFQ_MAC
+#define DFQ_MAC(m) { int32_t w4_; memcpy(&w4_, wk + (m) * 4, 4); const dfq_v wv_ = dfq_set1(w4_); \
+                     const dfq_v we_ = _mm256_srai_epi16(_mm256_slli_epi16(wv_, 8), 8), wo_ = _mm256_srai_epi16(wv_, 8); \
+                     c##m##0 = _mm256_add_epi32(c##m##0, _mm256_add_epi32(_mm256_madd_epi16(x0e, we_), _mm256_madd_epi16(x0o, wo_))); \
+                     c##m##1 = _mm256_add_epi32(c##m##1, _mm256_add_epi32(_mm256_madd_epi16(x1e, we_), _mm256_madd_epi16(x1o, wo_))); }
+#endif
+#define DFQ_OUT(m) a[m][0] = c##m##0; a[m][1] = c##m##1;
+            DFQ_INIT(0) DFQ_INIT(1) DFQ_INIT(2) DFQ_INIT(3)
+#if DFQ_MT == 8
+            DFQ_INIT(4) DFQ_INIT(5) DFQ_INIT(6) DFQ_INIT(7)
+#endif
             const uint8_t *xk = xp + (size_t)p0 * 4;
             const int8_t *wk = wb;
             for (int k = 0; k < K4; k++, xk += (size_t)Ppad * 4, wk += 32) {
-                dfq_v xv[DFQ_NV];
-                for (int n = 0; n < DFQ_NV; n++) xv[n] = dfq_loadx(xk + n * DFQ_L * 4);
-                for (int m = 0; m < DFQ_MT; m++) {
-                    int32_t w4;
-                    memcpy(&w4, wk + m * 4, 4);
-                    const dfq_v wv = dfq_set1(w4);
-                    for (int n = 0; n < DFQ_NV; n++) a[m][n] = dfq_dot(a[m][n], xv[n], wv);
-                }
+                const dfq_v x0 = dfq_loadx(xk), x1 = dfq_loadx(xk + DFQ_L * 4);
+#if DFQ_SIMD == 2 && !defined(__AVXVNNI__)
+                const dfq_v lo8_ = _mm256_set1_epi16(0xff);
+                const dfq_v x0e = _mm256_and_si256(x0, lo8_), x0o = _mm256_srli_epi16(x0, 8);
+                const dfq_v x1e = _mm256_and_si256(x1, lo8_), x1o = _mm256_srli_epi16(x1, 8);
+#endif
+                DFQ_MAC(0) DFQ_MAC(1) DFQ_MAC(2) DFQ_MAC(3)
+#if DFQ_MT == 8
+                DFQ_MAC(4) DFQ_MAC(5) DFQ_MAC(6) DFQ_MAC(7)
+#endif
             }
+            dfq_v a[DFQ_MT][DFQ_NV];
+            DFQ_OUT(0) DFQ_OUT(1) DFQ_OUT(2) DFQ_OUT(3)
+#if DFQ_MT == 8
+            DFQ_OUT(4) DFQ_OUT(5) DFQ_OUT(6) DFQ_OUT(7)
+#endif
             for (int m = 0; m < mt; m++) {
                 const int c = cb + m;
                 for (int n = 0; n < DFQ_NV; n++) {
@@ -335,7 +353,23 @@ static inline void dfq_pack_rows(uint8_t *xp, const void *x, int sgn, int K, int
         uint8_t *d = xp + (size_t)k4 * Ppad * 4;
         if (4 * k4 + 3 < K) {
             const unsigned char *r0 = xb + (size_t)(4 * k4) * P, *r1 = r0 + P, *r2 = r1 + P, *r3 = r2 + P;
-            for (int p = 0; p < P; p++) {
+            int p = 0;
+#if DFQ_X86
+            const __m128i fv = _mm_set1_epi8((char)f);
+            for (; p + 16 <= P; p += 16) {
+                const __m128i a = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r0 + p)), fv);
+                const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r1 + p)), fv);
+                const __m128i c = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r2 + p)), fv);
+                const __m128i e = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r3 + p)), fv);
+                const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
+                const __m128i ce0 = _mm_unpacklo_epi8(c, e), ce1 = _mm_unpackhi_epi8(c, e);
+                _mm_storeu_si128((__m128i *)(d + 4 * p), _mm_unpacklo_epi16(ab0, ce0));
+                _mm_storeu_si128((__m128i *)(d + 4 * p + 16), _mm_unpackhi_epi16(ab0, ce0));
+                _mm_storeu_si128((__m128i *)(d + 4 * p + 32), _mm_unpacklo_epi16(ab1, ce1));
+                _mm_storeu_si128((__m128i *)(d + 4 * p + 48), _mm_unpackhi_epi16(ab1, ce1));
+            }
+#endif
+            for (; p < P; p++) {
                 d[4 * p] = r0[p] ^ f; d[4 * p + 1] = r1[p] ^ f; d[4 * p + 2] = r2[p] ^ f; d[4 * p + 3] = r3[p] ^ f;
             }
         } else {
