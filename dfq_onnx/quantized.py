@@ -500,13 +500,17 @@ def _binary(m, tmap, qm: QuantizedModel) -> BinaryModule:
         terms = ma * mb * (k if isinstance(k, int) and k > 0 else DYNAMIC_WIDTH_MAX if m.op == "MatMul" else 1)
     else:  # align to the finer fraction by left shifts; round the finer operand where that would not fit
         frac = min(max(a.frac, b.frac), min(a.frac, b.frac) + ADD_ALIGN_MAX)
-        ka, kb = frac - a.frac, frac - b.frac
+        # an operand more than MAX_SHIFT bits finer rounds to 0 whatever the shift: its codes are
+        # below 2^16 < 2^(MAX_SHIFT - 1), so a right shift of MAX_SHIFT computes the same zeros
+        ka, kb = max(frac - a.frac, -MAX_SHIFT), max(frac - b.frac, -MAX_SHIFT)
         terms = (ma << max(ka, 0)) + (mb << max(kb, 0))
     shift = frac - out.frac
+    if shift > MAX_SHIFT and terms < 1 << (MAX_SHIFT - 1):
+        shift = MAX_SHIFT  # every sum rounds to 0 either way
     bound = terms + ((1 << (shift - 1)) if shift > 0 else 0)
     lo, hi = out.code_range
     return BinaryModule(m.name, m.op, a, out, m.output, b, ka, kb, shift, lo, hi, bound,
-                        bound <= INT32_MAX and max(a.bits, b.bits, out.bits) == 8)
+                        bound <= INT32_MAX and -MAX_SHIFT <= shift <= MAX_SHIFT and max(a.bits, b.bits, out.bits) == 8)
 
 
 def _layer_norm(m, node: gs.Node, tmap, qm: QuantizedModel) -> LayerNormModule:

@@ -169,3 +169,23 @@ def test_7_integer_graph_rounds_like_the_qdq_graph(shipped_int_unified_pair, tes
     yq = run_ort(qq.model, {"input": x})[0]
     assert np.mean(yi.argmax(1) == yq.argmax(1)) == 1.0
     assert sqnr(yq, yi) > 60, sqnr(yq, yi)
+
+
+def test_add_of_operands_more_than_30_fraction_bits_apart():
+    """Sigmoid(100 x1) + 1e-24 Tanh(x2): the second operand's fraction is about 80 bits finer. Its
+    alignment shift went past 30 and --format int / c crashed ("RoundingShiftWide takes shifts
+    0..30"). The finer operand rounds to 0 at the sum's fraction: the integer graph equals the
+    QDQ graph of the same conversion and is close to float."""
+    x = {"x1": RNG.normal(size=(8, 2, 4, 4)).astype(np.float32) * 100, "x2": RNG.normal(size=(8, 2, 4, 4)).astype(np.float32)}
+    m = model([helper.make_node("Sigmoid", ["x1"], ["a"]), helper.make_node("Tanh", ["x2"], ["b"]),
+               helper.make_node("Mul", ["b", "tiny"], ["b2"]), helper.make_node("Add", ["a", "b2"], ["s"]),
+               helper.make_node("Conv", ["s", "w"], ["y"])],
+              {"tiny": 1e-24, "w": np.eye(2).reshape(2, 2, 1, 1)}, None, ["n", 2, 4, 4],
+              [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["n", 2, 4, 4]) for k in ("x1", "x2")])
+    ri = run(m, x, QuantConfig(format="int"))
+    rq = run(m, x, QuantConfig(layout="unified", target="ort-x86-vnni"))
+    assert [q.kind for q in ri.quantized.modules].count("binary") == 1 and all(q.integer for q in ri.quantized.modules)
+    got, qdq = run_ort(ri.model, x)[0], run_ort(rq.model, x)[0]
+    np.testing.assert_array_equal(got, qdq)
+    assert sqnr(run_ort(m, x)[0], got) > 30
+    run(m, x, QuantConfig(format="c"))  # renders too
