@@ -183,11 +183,15 @@ def graph_and_profile(path: Path, feed: dict, work: Path, tag: str, runs: int) -
     counted = sum(1 for e in runs_ev if e["ts"] > cutoff) or 1
     by_op: dict[str, float] = defaultdict(float)
     by_conv: dict[str, float] = defaultdict(float)  # "QLinearConv depthwise" -> ms per run
+    on_8bit: set[str] = set()  # op types whose first input is 8-bit (they run on quantized data, not in float)
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] <= cutoff:
             continue
         op = e.get("args", {}).get("op_name", "?")
         by_op[op] += e["dur"] / 1e3 / counted
+        first = (e.get("args", {}).get("input_type_shape") or [{}])[0]
+        if any(t in ("int8", "uint8") for t in first):
+            on_8bit.add(op)
         node = e["name"][: -len("_kernel_time")]
         if node in kinds and kinds[node][1]:
             by_conv[f"{kinds[node][0]} {kinds[node][1]}"] += e["dur"] / 1e3 / counted
@@ -203,6 +207,7 @@ def graph_and_profile(path: Path, feed: dict, work: Path, tag: str, runs: int) -
         "conv_kinds": dict(Counter(f"{t} {k}" for t, k in kinds.values() if k)),
         "kernel_ms_per_run": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         "conv_kernel_ms_per_run": dict(sorted(by_conv.items(), key=lambda kv: -kv[1])),
+        "ops_on_8bit_data": sorted(on_8bit),
         "profiled_runs": counted,
     }
 
@@ -229,10 +234,16 @@ def reason(dfq: dict, flt: dict, convs: int) -> str:
         n = sum(v for k, v in dfq["ops"].items() if k in QDQ)
         parts.append(f"{n} QuantizeLinear/DequantizeLinear left take {100 * q / td:.0f} %")
     other = {k: v for k, v in kd.items() if k not in INT8 | QDQ | FLOAT_CONV | FLOAT_MM and not k.startswith("QLinear")}
-    big = [(k, v) for k, v in sorted(other.items(), key=lambda kv: -kv[1]) if v / td > 0.08][:3]
-    if big:
-        parts.append("float " + "/".join(k for k, _ in big) + " between DQ and Q take "
-                     f"{100 * sum(v for _, v in big) / td:.0f} %")
+    on8 = set(dfq.get("ops_on_8bit_data", []))
+    for is8 in (False, True):
+        big = [(k, v) for k, v in sorted(other.items(), key=lambda kv: -kv[1])
+               if v / td > 0.08 and (k in on8) == is8][:3]
+        if big:
+            names, share = "/".join(k for k, _ in big), 100 * sum(v for _, v in big) / td
+            f = flt["kernel_ms_per_run"]
+            same = sum(f.get(k, 0.0) for k, _ in big)
+            parts.append(f"{names} on 8-bit data take {share:.0f} % ({sum(v for _, v in big):.2f} ms per run; "
+                         f"{same:.2f} ms in float)" if is8 else f"float {names} between DQ and Q take {share:.0f} %")
     cd, cf = dfq["conv_kernel_ms_per_run"], flt["conv_kernel_ms_per_run"]
     for kind in ("depthwise", "grouped", "dense"):
         a, b = cd.get(f"QLinearConv {kind}", 0.0), sum(v for k, v in cf.items() if k.endswith(" " + kind))
@@ -328,7 +339,9 @@ def render_section(res: dict) -> list[str]:
          "onnxruntime's optimized graph of the dfq-onnx model / Conv in the float model (other int8 kernels "
          "and float linear ops left in the JSON). *Reason* (dfq/float above 1.0 at "
          f"{t0} threads): onnxruntime's profiler, kernel time by op type over {PROFILE_RUNS} runs of the dfq-onnx "
-         "and the float model. Results: bench/cache/qdq_speed.json.", "",
+         "and the float model" + (f" (graphs and profiles redone on the same converted models by "
+                                   f"`{res['reprofiled']['command']}` on {res['reprofiled']['date']})"
+                                   if res.get("reprofiled") else "") + ". Results: bench/cache/qdq_speed.json.", "",
          f"{t0} threads (intra_op_num_threads={t0}):", "",
          "| model | float ms | dfq QDQ ms | dfq / float | ORT-quantized ms | ORT / float | int8 convs / all convs "
          "| reason (dfq / float > 1.0) |",
@@ -382,8 +395,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse converted models in bench/cache/qdq_speed/")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--reprofile", action="store_true",
+                    help="redo only step 3 (optimized graph, profile, reason) on the converted models of the last run")
     args = ap.parse_args(argv)
-    if not args.render_only:
+    if args.reprofile:
+        res = json.loads(RESULTS.read_text())
+        for name, r in res["models"].items():
+            if "latency" not in r:
+                continue
+            path, _, ev, _, _ = locate(name)
+            feed = first_sample(path, ev)
+            paths = {"float": path, **{t: WORK / f"{name}.{t}.onnx" for t in TOOLS[1:] if "error" not in r["tools"][t]}}
+            with tempfile.TemporaryDirectory() as tmp:
+                r["graph"] = {k: graph_and_profile(p, feed, Path(tmp), k, PROFILE_RUNS) for k, p in paths.items()}
+            r.pop("reason", None)
+            if r.get("dfq_ratio_p10", 0) > 1.0:
+                r["reason"] = reason(r["graph"]["dfq-qdq"], r["graph"]["float"], r["convs"])
+                print(f"{name}: {r['reason']}", file=sys.stderr, flush=True)
+        res["reprofiled"] = {"date": datetime.date.today().isoformat(), "command": "python bench/qdq_speed.py --reprofile"}
+        RESULTS.write_text(json.dumps(res, indent=1))
+    elif not args.render_only:
         names = [n.strip() for n in (args.models or ",".join(model_names())).split(",") if n.strip()]
         bad = [n for n in names if n not in model_names()]
         if bad:

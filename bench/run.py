@@ -20,8 +20,8 @@ Steps, per model (zoo.py builds or locates the models, data.py the data, both in
     points and nodes (dfq_onnx.inspect); which kernels onnxruntime actually runs (op types of the
     optimized graph).
 Results go to bench/cache/results.json; BENCHMARKS.md is rendered from them (--render-only
-re-renders without measuring), with the sections of bench/techniques.py, bench/hw.py, bench/big.py
-and bench/coverage.py from their own results files when those exist.
+re-renders without measuring), with the sections of bench/techniques.py, bench/hw.py, bench/big.py,
+bench/coverage.py and bench/qdq_speed.py from their own results files when those exist.
 """
 from __future__ import annotations
 
@@ -307,6 +307,8 @@ def render(results: dict) -> str:
         L += _big_module().render_section(results["big"])
     if results.get("coverage"):  # bench/coverage.py: its section survives a re-render here
         L += _coverage_module().render_section(results["coverage"])
+    if results.get("qdq_speed"):  # bench/qdq_speed.py: its section survives a re-render here
+        L += _qdq_speed_module().render_section(results["qdq_speed"])
     findings = HERE / "findings.md"  # hand-written reading of the figures; dated, kept in git
     if findings.exists():
         L += [findings.read_text().rstrip(), ""]
@@ -332,6 +334,17 @@ def _big_module():
     spec = importlib.util.spec_from_file_location("bench_big", HERE / "big.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_big"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _qdq_speed_module():
+    """bench/qdq_speed.py, imported from its file (as _coverage_module does for coverage.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_qdq_speed", HERE / "qdq_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_qdq_speed"] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -546,11 +559,11 @@ def _targets(results: dict) -> list[str]:
 def load_results(cache: Path) -> dict:
     """results.json, with bench/hw.py's hardware.json, bench/techniques.py's techniques.json,
     bench/coverage.py's coverage.json, bench/deploy.py's deploy.json, bench/concrete_ml.py's
-    concrete_ml.json and bench/big.py's big/results.json under "hardware", "techniques", "coverage",
-    "deploy", "concrete_ml" and "big" when they exist."""
+    concrete_ml.json, bench/qdq_speed.py's qdq_speed.json and bench/big.py's big/results.json under
+    "hardware", "techniques", "coverage", "deploy", "concrete_ml", "qdq_speed" and "big" when they exist."""
     results = json.loads((cache / "results.json").read_text())
-    for key in ("hardware", "techniques", "coverage", "deploy", "concrete_ml"):  # hw.py, techniques.py, coverage.py,
-        # deploy.py, concrete_ml.py
+    for key in ("hardware", "techniques", "coverage", "deploy", "concrete_ml", "qdq_speed"):  # hw.py, techniques.py,
+        # coverage.py, deploy.py, concrete_ml.py, qdq_speed.py
         if (cache / f"{key}.json").exists():
             results[key] = json.loads((cache / f"{key}.json").read_text())
     if (cache / "big" / "results.json").exists():  # bench/big.py
