@@ -101,16 +101,32 @@ def converts_or_fails_cleanly(folder: Path, mutated: Path, args: list) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(existing + (["out.onnx"] if res.exit_code == 0 else []))
 
 
+# what each corpus file must give: a phrase of its one-line error, or None for a valid model
+CORPUS_OUTCOMES = {
+    "absurd_dims.onnx": "is too small for the declared shape",
+    "absurd_input_dim.onnx": "model expects",
+    "already_quantized.onnx": "already quantized",
+    "inf_weight.onnx": "holds NaN or Inf values",
+    "minus_one_batch.onnx": None,
+    "nan_weight.onnx": "holds NaN or Inf values",
+    "truncated.onnx": "not a readable ONNX model",
+}
+
+
 def test_corpus_of_inputs_that_once_failed(tmp_path):
-    """Every file in tests/corpus/ ends in one line and exit 1 (or a valid model)."""
+    """Every file in tests/corpus/ ends in its own one-line refusal and exit 1, or a valid model
+    where it must convert (a refusal removed, or a different error, fails)."""
     files = sorted(CORPUS.glob("*.onnx"))
-    assert files
+    assert sorted(f.name for f in files) == sorted(CORPUS_OUTCOMES)
     for f in files:
         out = tmp_path / (f.stem + "_out.onnx")
         res = convert(f, out)
-        if res.exit_code == 0:
+        want = CORPUS_OUTCOMES[f.name]
+        if want is None:
+            assert res.exit_code == 0, (f.name, res.output)
             onnx.checker.check_model(onnx.load(out))
         else:
+            assert res.exit_code != 0 and want in res.output, (f.name, res.output)
             one_line_failure(res, out)
 
 
