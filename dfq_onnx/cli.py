@@ -394,7 +394,8 @@ def _print_summary(s: dict) -> None:
 @click.option("--threshold", default=0.5, show_default=True, type=float,
               help="For a map output (probability, segmentation or detection map: two or more axes "
                    "longer than 1), report the percentage of elements on the same side of this value "
-                   "in both models; top-1 figures are only given for class scores.")
+                   "in both models, the IoU of the masks above it (pooled over all samples) and the share "
+                   "of elements each model marks; top-1 figures are only given for class scores.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
 def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, threshold,
@@ -434,14 +435,26 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
     elif r["output_kind"] == "map":
         t.add_row(f"elements on the same side of {r['threshold']:g}", "", pct(r["map_agreement"]),
                   pct(sim["map_agreement"]))
+        for label, key, fmt in _MAP_ROWS:
+            t.add_row(label.format(th=r["threshold"]), fmt(r["map"][key.replace("quant", "float")]) if "marked" in key else "",
+                      fmt(r["map"][key]), fmt(sim["map"][key]))
     for name, db in r["sqnr_db"].items():
-        t.add_row(f"SQNR {name}", "", f"{db:.2f} dB", f"{sim['sqnr_db'][name]:.2f} dB")
+        t.add_row(f"SQNR {name} (pooled)", "", f"{db:.2f} dB", f"{sim['sqnr_db'][name]:.2f} dB")
         t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}", f"{sim['max_abs_error'][name]:.4g}")
     t.add_row("requantization points", str(r["requant_points"]["float"]), str(r["requant_points"]["quant"]), "")
     t.add_row("nodes", str(r["nodes"]["float"]), str(r["nodes"]["quant"]), "")
     t.add_row(f"latency, batch 1, {r['threads']} threads (median)",
               f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms", "")
     out.print(t)
+
+
+def _opt(fmt):
+    return lambda v: "n/a" if v is None else fmt(v)
+
+
+_MAP_ROWS = [("mask IoU at {th:g} (pooled)", "mask_iou", _opt(lambda v: f"{v:.3f}")),
+             ("elements above {th:g}", "marked_quant", _opt(lambda v: f"{v:.2f} %")),
+             ("SQNR per sample (median)", "sqnr_per_sample_median_db", _opt(lambda v: f"{v:.2f} dB"))]
 
 
 def _print_validate_c(r: dict) -> None:
@@ -460,8 +473,11 @@ def _print_validate_c(r: dict) -> None:
         t.add_row("top-1 agreement with float", "", pct(r["agreement_top1"]))
     elif r["output_kind"] == "map":
         t.add_row(f"elements on the same side of {r['threshold']:g}", "", pct(r["map_agreement"]))
+        for label, key, fmt in _MAP_ROWS:
+            t.add_row(label.format(th=r["threshold"]), fmt(r["map"][key.replace("quant", "float")]) if "marked" in key else "",
+                      fmt(r["map"][key]))
     for name, db in r["sqnr_db"].items():
-        t.add_row(f"SQNR {name}", "", f"{db:.2f} dB")
+        t.add_row(f"SQNR {name} (pooled)", "", f"{db:.2f} dB")
         t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}")
     t.add_row("requantization points", str(r["requant_points"]["float"]),
               f"{r['requant_points']['quant']} (in {c['prefix']}_int.onnx)")

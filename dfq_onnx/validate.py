@@ -70,7 +70,9 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
 
     Figures by the first output's kind (output_kind): top-1/top-5 accuracy and top-1 agreement
     only for class scores (None otherwise); for a map, the percentage of elements on the same
-    side of `threshold` in both models; SQNR and max abs error for every output.
+    side of `threshold` in both models, and map_figures (mask IoU at `threshold`, the share each
+    model marks, median per-sample SQNR); SQNR (pooled: over all samples at once) and max abs
+    error for every output.
 
     The quantized model runs twice: deployed (default optimizations: onnxruntime's int8 kernels;
     the top-level figures) and simulated (no optimizations: the float arithmetic of the QDQ
@@ -131,6 +133,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         "output_kind": kind,
         "threshold": threshold if kind == "map" else None,
         "map_agreement": deployed["map_agreement"],
+        "map": deployed["map"],
         "float": deployed["float"],
         "quant": deployed["quant"],
         "agreement_top1": deployed["agreement_top1"],
@@ -138,6 +141,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         "max_abs_error": deployed["max_abs_error"],
         "simulated": {"top1": simulated["quant"]["top1"], "top5": simulated["quant"]["top5"],
                       "agreement_top1": simulated["agreement_top1"], "map_agreement": simulated["map_agreement"],
+                      "map": simulated["map"],
                       "sqnr_db": simulated["sqnr_db"],
                       "max_abs_error": simulated["max_abs_error"]},
         "deployed_minus_simulated_agreement": None if kind != "classes" else
@@ -208,6 +212,7 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
         "output_kind": kind,
         "threshold": threshold if kind == "map" else None,
         "map_agreement": r["map_agreement"],
+        "map": r["map"],
         "float": r["float"],
         "quant": r["quant"],
         "agreement_top1": r["agreement_top1"],
@@ -242,11 +247,12 @@ def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels,
         noise = float(np.sum(e ** 2))
         sqnr[name] = float("inf") if noise == 0 else float(10 * np.log10(np.sum(f64 ** 2) / noise))
         max_err[name] = float(np.max(np.abs(e)))
-    common = {"sqnr_db": sqnr, "max_abs_error": max_err, "map_agreement": None}
+    common = {"sqnr_db": sqnr, "max_abs_error": max_err, "map_agreement": None, "map": None}
     if kind != "classes":
         none = {"top1": None, "top5": None}
         if kind == "map":
             common["map_agreement"] = float(100.0 * np.mean((F[0] > threshold) == (Q[0] > threshold)))
+            common["map"] = map_figures(F[0], Q[0], threshold)
         return {"float": none, "quant": dict(none), "agreement_top1": None, **common}
     top_f, top_q = _topk(F[0], 5), _topk(Q[0], 5)
 
@@ -256,6 +262,23 @@ def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels,
     return {"float": {"top1": acc(top_f, 1), "top5": acc(top_f, 5)},
             "quant": {"top1": acc(top_q, 1), "top5": acc(top_q, 5)},
             "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])), **common}
+
+
+def map_figures(f: np.ndarray, q: np.ndarray, threshold: float) -> dict:
+    """What a user of a probability / detection map reads: the mask IoU of the elements above
+    `threshold` in both models, pooled over all samples (None when neither marks anything), the
+    share of elements each model marks, and the median per-sample SQNR beside the pooled one
+    (per-sample SQNR misleads on maps near zero almost everywhere: a photo without text)."""
+    mf, mq = f > threshold, q > threshold
+    union = int(np.count_nonzero(mf | mq))
+    per = []
+    for a, b in zip(f.astype(np.float64), q.astype(np.float64)):
+        noise, signal = float(np.sum((a - b) ** 2)), float(np.sum(a ** 2))
+        if signal > 0:
+            per.append(float("inf") if noise == 0 else 10 * np.log10(signal / noise))
+    return {"mask_iou": None if union == 0 else float(np.count_nonzero(mf & mq) / union),
+            "marked_float": float(100.0 * np.mean(mf)), "marked_quant": float(100.0 * np.mean(mq)),
+            "sqnr_per_sample_median_db": float(np.median(per)) if per else None}
 
 
 def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:

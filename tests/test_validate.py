@@ -124,4 +124,9 @@ def test_a_probability_map_gets_thresholded_agreement_not_top1(tmp_path):
     f, q = run_ort(fm, {"x": x})[0], run_ort(qm, {"x": x})[0]
     assert r["output_kind"] == "map" and r["agreement_top1"] is None and r["quant"]["top1"] is None
     assert r["map_agreement"] == pytest.approx(100 * np.mean((f > 0.3) == (q > 0.3)))
+    mf, mq = f > 0.3, q > 0.3
+    assert r["map"]["mask_iou"] == pytest.approx(np.sum(mf & mq) / np.sum(mf | mq))
+    assert (r["map"]["marked_float"], r["map"]["marked_quant"]) == pytest.approx((100 * mf.mean(), 100 * mq.mean()))
+    per = [10 * np.log10(np.sum(a.astype(np.float64) ** 2) / np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(f, q)]
+    assert r["map"]["sqnr_per_sample_median_db"] == pytest.approx(np.median(per), rel=1e-6)
     assert r["sqnr_db"]["y"] > 20
