@@ -102,3 +102,41 @@ def test_layernorm_spellings_become_one_op():
     assert ops.count("LayerNormalization") == 1 and not {"ReduceMean", "Sqrt", "Pow"} & set(ops), ops
     x = data(3, 8)
     np.testing.assert_allclose(run_ort(fused, {"x": x})[0], run_ort(m, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def layernorm_error_bound(xq, gamma, width, mean_bits, out_frac, y_codes):
+    """The integer LayerNorm's bound against float64 LayerNorm of its input codes, per element, in
+    output codes: 1 (two roundings) + |gamma| 2^f_y 2^-(m+1) / sigma (the mean kept to m extra
+    bits, at most half a unit off) + |y| / (2^m sqrt(N) sigma) (the square root floored), sigma
+    the row's standard deviation in input codes; 10 % and 2^-12 |y| of slack for the second-order
+    terms (the gain rounded to its bits, the mean error inside the variance)."""
+    sig = np.sqrt(((xq - xq.mean(-1, keepdims=True)) ** 2).mean(-1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.abs(gamma) * 2.0 ** (out_frac - mean_bits - 1) / sig + \
+            np.abs(y_codes) / (2.0 ** mean_bits * np.sqrt(width) * sig)
+    return np.where(sig > 0, 1 + 1.1 * t + np.abs(y_codes) * 2.0 ** -12, np.inf)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(width=st.sampled_from([2, 7, 32, 100, 768]), seed=st.integers(0, 1000))
+def test_integer_layernorm_on_nearly_constant_rows_within_its_stated_bound(width, seed):
+    """Rows whose codes hardly vary (standard deviation down to a fraction of a code, next to rows
+    that set a wide range): the error grows as 1/sigma, as the bound above says (up to 12 codes at
+    N = 768 for sigma below half a code); it is checked element by element, no row masked."""
+    rng = np.random.default_rng(seed)
+    gamma, beta = rng.uniform(0.5, 2.0, width) * rng.choice([-1, 1], width), rng.normal(0, 0.3, width)
+    m = norm_model("LayerNormalization", width, 4, gamma, beta)
+    x = (rng.normal(size=(32, 4, width)) * np.exp(rng.uniform(np.log(0.002), 0, (32, 4, 1))) * 4 +
+         rng.normal(size=(32, 4, 1))).astype(np.float32)
+    ri = run(m, {"x": x}, QuantConfig(format="int"))
+    (mod,) = [q for q in ri.quantized.modules if q.kind == "layernorm"]
+    xq = np.clip(np.rint(np.ldexp(x.astype(np.float64), mod.input.frac)), *mod.input.code_range)
+    v = np.ldexp(xq, -mod.input.frac)
+    mu = v.mean(-1, keepdims=True)
+    f = (v - mu) / np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma + beta
+    y = np.ldexp(f, mod.output.frac)
+    want = np.clip(np.rint(y), mod.code_min, mod.code_max)
+    got = np.ldexp(run_ort(ri.model, {"x": x})[0].astype(np.float64), mod.output.frac)
+    err = np.abs(got - want)
+    bound = layernorm_error_bound(xq, gamma, width, mod.mean_bits, mod.output.frac, y)
+    assert np.all(err <= bound), float(np.max(err - bound))
