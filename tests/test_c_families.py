@@ -72,3 +72,53 @@ def test_convolutions_threaded(shape, fam, tmp_path):
     model, rng = _conv_model(cin, cout, h, w, k, stride, 1, res, 6)
     flags = [*cbuild.SANITIZE, *cbuild.families("k")[fam][0], "-DK_THREADS=3", "-DK_THREAD_WORK=0"]
     _check(model, rng, cin, h, w, flags, where=tmp_path)
+
+
+def _general_conv_model(cin, cout, h, w, kernel, strides, dilations, pads, residual, seed):
+    """Conv(any kernel, strides, dilations, pads) + bias [+ the input as residual] + Relu, float, NCHW."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    wt = rng.normal(0, 1 / np.sqrt(cin * kernel[0] * kernel[1]), (cout, cin, *kernel)).astype(np.float32)
+    inits = [numpy_helper.from_array(wt, "w"), numpy_helper.from_array(rng.normal(0, 0.1, cout).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=list(kernel), strides=list(strides),
+                              dilations=list(dilations), pads=list(pads))]
+    last = "c"
+    if residual:
+        nodes.append(helper.make_node("Add", ["c", "x"], ["s"]))
+        last = "s"
+    nodes.append(helper.make_node("Relu", [last], ["y"]))
+    oh, ow = ((n + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+              for i, n in enumerate((h, w)))
+    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, h, w])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, oh, ow])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), rng
+
+
+# direct convolutions (one group, 4 input channels or more: phase planes, no patches) over what
+# SHAPES does not reach: dilations, asymmetric pads, rectangular kernels, strides that differ by
+# axis, a strided pointwise convolution, a dilated one with a residual, channels past a quad
+DIRECT = [(8, 8, 13, 11, (3, 3), (1, 1), (2, 2), (2, 2, 2, 2), True),
+          (5, 12, 15, 9, (3, 5), (2, 1), (1, 1), (0, 2, 1, 2), False),
+          (9, 7, 10, 10, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0), False),
+          (33, 16, 6, 5, (3, 3), (2, 2), (1, 2), (1, 1, 1, 1), False),
+          (6, 4, 3, 40, (1, 7), (1, 3), (1, 1), (0, 3, 0, 3), False)]
+DIRECT_IDS = [f"{s[0]}x{s[2]}x{s[3]}-k{s[4][0]}{s[4][1]}s{s[5][0]}{s[5][1]}d{s[6][0]}{s[6][1]}" for s in DIRECT]
+
+
+@pytest.mark.parametrize("shape", DIRECT, ids=DIRECT_IDS)
+def test_direct_convolutions(shape, tmp_path):
+    """Every x86 family the machine runs (under the sanitizers, and -O3 -march=native) and the
+    portable one: output codes equal the integer graph's."""
+    cin, cout, h, w, kernel, strides, dil, pads, res = shape
+    model, rng = _general_conv_model(cin, cout, h, w, kernel, strides, dil, pads, res, 7)
+    for fam, (flags, _) in cbuild.families("k").items():
+        _check(model, rng, cin, h, w, [*cbuild.SANITIZE, *flags], where=tmp_path / fam)
+    _check(model, rng, cin, h, w, cbuild.OPTIMIZE, where=tmp_path / "native")
+
+
+@needs_arm
+@pytest.mark.parametrize("shape", DIRECT, ids=DIRECT_IDS)
+def test_direct_convolutions_arm_dotprod_under_qemu(shape, tmp_path):
+    cin, cout, h, w, kernel, strides, dil, pads, res = shape
+    model, rng = _general_conv_model(cin, cout, h, w, kernel, strides, dil, pads, res, 8)
+    _check(model, rng, cin, h, w, ARM, cbuild.AARCH64_CC, where=tmp_path, family=1)

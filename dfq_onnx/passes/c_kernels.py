@@ -209,6 +209,9 @@ typedef struct {
     int out_signed, res_signed;     /* codes' types (1: int8, 0: uint8) */
     int ystride;                    /* elements between output (and residual) channels */
     int fast;                       /* every channel: shift > 0, res_shift >= 0 (requantized in registers) */
+    const int32_t *koff;            /* NULL: K step k reads codes at k*Ppad*4; else at koff[k] (bytes, the
+                                       direct convolution's tap and channel quad in its phase planes) */
+    int wq, ow;                     /* wq > 0: pixel q is output (q / wq, q % wq), dropped where q % wq >= ow */
 } dfq_mm_t;
 
 /* A pixel's value past the fast path: emit_c's requantizer, element by element. */
@@ -221,6 +224,48 @@ static inline void dfq_mm_one(const dfq_mm_t *L, int c, int32_t v, const void *r
     if (!L->shift) { memcpy(y, &v, 4); return; }
     v = dfq_requant(v, L->shift[c], L->lo, L->hi);
     if (L->out_signed) *(int8_t *)y = (int8_t)v; else *(uint8_t *)y = (uint8_t)v;
+}
+
+/* The segments of pixels [p, p + cnt) of a wide grid (L->wq > 0) that are outputs: calls
+   f(i, n, o) for lanes [i, i + n) going to output pixels [o, o + n). */
+#define DFQ_WIDE_SEGMENTS(L, p, cnt, BODY) { \
+    int r_ = (p) / (L)->wq, col_ = (p) - r_ * (L)->wq, i_ = 0; \
+    while (i_ < (cnt)) { \
+        int n_ = (L)->wq - col_, m_ = (L)->ow - col_; \
+        if (n_ > (cnt) - i_) n_ = (cnt) - i_; \
+        if (m_ > n_) m_ = n_; \
+        if (m_ > 0) { const int i = i_, n = m_; const size_t o = (size_t)r_ * (L)->ow + col_; BODY } \
+        i_ += n_; col_ = 0; r_++; \
+    } }
+
+/* One vector of sums of channel c over pixels [p, p + cnt) of a wide grid: requantized (in
+   registers where L->fast) and stored to the output pixels they are, the columns past ow dropped. */
+static inline void dfq_mm_wide(const dfq_mm_t *L, int c, dfq_v v, int p, int cnt, const void *res, void *y) {
+    const size_t cy = (size_t)c * L->ystride;
+    unsigned char *yc = (unsigned char *)y;
+    const unsigned char *rc = (const unsigned char *)res;
+    if (L->fast) {
+        unsigned char t[DFQ_L];
+        if (L->res_shift) {
+            unsigned char rb8[DFQ_L];
+            memset(rb8, 0, sizeof rb8);
+            DFQ_WIDE_SEGMENTS(L, p, cnt, memcpy(rb8 + i, rc + cy + o, (size_t)n);)
+            if (L->acc_shift) v = dfq_sll(v, L->acc_shift[c]);
+            v = dfq_add(v, dfq_sll(dfq_load8(rb8, L->res_signed), L->res_shift[c]));
+        }
+        const int s = L->shift[c];
+        v = dfq_add(v, dfq_add(dfq_set1((int32_t)((1u << (s - 1)) - 1u)), dfq_and(dfq_sra(v, s), dfq_set1(1))));
+        v = dfq_sra(v, s);
+        v = dfq_min(dfq_max(v, dfq_set1(L->lo)), dfq_set1(L->hi));
+        dfq_store8(t, v);
+        DFQ_WIDE_SEGMENTS(L, p, cnt, memcpy(yc + cy + o, t + i, (size_t)n);)
+    } else {
+        int32_t t[DFQ_L];
+        const int ob = L->shift ? 1 : 4;
+        dfq_storei(t, v);
+        DFQ_WIDE_SEGMENTS(L, p, cnt, for (int j = 0; j < n; j++)
+            dfq_mm_one(L, c, t[i + j], res ? rc + cy + o + j : NULL, yc + (cy + o + j) * ob);)
+    }
 }
 
 /* Output channels [c0, c1) (multiples of 8 but the last) of P pixels: xp the packed codes, y / res
@@ -247,19 +292,34 @@ static inline void dfq_mm(const dfq_mm_t *L, const uint8_t *xp, int P, const voi
 #if DFQ_MT == 8
             DFQ_INIT(4) DFQ_INIT(5) DFQ_INIT(6) DFQ_INIT(7)
 #endif
-            const uint8_t *xk = xp + (size_t)p0 * 4;
-            const int8_t *wk = wb;
-            for (int k = 0; k < K4; k++, xk += (size_t)Ppad * 4, wk += 32) {
-                const dfq_v x0 = dfq_loadx(xk), x1 = dfq_loadx(xk + DFQ_L * 4);
 #if DFQ_SIMD == 2 && !defined(__AVXVNNI__)
-                const dfq_v lo8_ = _mm256_set1_epi16(0xff);
-                const dfq_v x0e = _mm256_and_si256(x0, lo8_), x0o = _mm256_srli_epi16(x0, 8);
+#define DFQ_SPLIT const dfq_v lo8_ = _mm256_set1_epi16(0xff); \
+                const dfq_v x0e = _mm256_and_si256(x0, lo8_), x0o = _mm256_srli_epi16(x0, 8); \
                 const dfq_v x1e = _mm256_and_si256(x1, lo8_), x1o = _mm256_srli_epi16(x1, 8);
+#else
+#define DFQ_SPLIT
 #endif
-                DFQ_MAC(0) DFQ_MAC(1) DFQ_MAC(2) DFQ_MAC(3)
 #if DFQ_MT == 8
-                DFQ_MAC(4) DFQ_MAC(5) DFQ_MAC(6) DFQ_MAC(7)
+#define DFQ_MACS DFQ_MAC(0) DFQ_MAC(1) DFQ_MAC(2) DFQ_MAC(3) DFQ_MAC(4) DFQ_MAC(5) DFQ_MAC(6) DFQ_MAC(7)
+#else
+#define DFQ_MACS DFQ_MAC(0) DFQ_MAC(1) DFQ_MAC(2) DFQ_MAC(3)
 #endif
+            const int8_t *wk = wb;
+            if (L->koff) {   /* direct convolution: each K step at its own offset in the phase planes */
+                const uint8_t *xq = xp + (size_t)p0 * 4;
+                for (int k = 0; k < K4; k++, wk += 32) {
+                    const uint8_t *xk = xq + L->koff[k];
+                    const dfq_v x0 = dfq_loadx(xk), x1 = dfq_loadx(xk + DFQ_L * 4);
+                    DFQ_SPLIT
+                    DFQ_MACS
+                }
+            } else {
+                const uint8_t *xk = xp + (size_t)p0 * 4;
+                for (int k = 0; k < K4; k++, xk += (size_t)Ppad * 4, wk += 32) {
+                    const dfq_v x0 = dfq_loadx(xk), x1 = dfq_loadx(xk + DFQ_L * 4);
+                    DFQ_SPLIT
+                    DFQ_MACS
+                }
             }
             dfq_v a[DFQ_MT][DFQ_NV];
             DFQ_OUT(0) DFQ_OUT(1) DFQ_OUT(2) DFQ_OUT(3)
@@ -273,7 +333,9 @@ static inline void dfq_mm(const dfq_mm_t *L, const uint8_t *xp, int P, const voi
                     if (p >= P) break;
                     const int cnt = P - p < DFQ_L ? P - p : DFQ_L;
                     const size_t at = (size_t)c * ys + p;
-                    if (L->fast) {
+                    if (L->wq) {
+                        dfq_mm_wide(L, c, a[m][n], p, cnt, res, y);
+                    } else if (L->fast) {
                         dfq_v v = a[m][n];
                         if (L->res_shift) {
                             unsigned char rb8[DFQ_L];
@@ -409,6 +471,66 @@ static inline void dfq_pack_patches(uint8_t *xp, const void *x, int sgn, int cin
             for (int ox = 0; ox < ow; ox++) {
                 const int ix = ox * sw + kx * dw - pl;
                 dr[4 * ox] = (ix >= 0 && ix < w) ? (uint8_t)(row[ix] ^ f) : f;
+            }
+        }
+    }
+}
+
+/* 4 rows of n codes interleaved to [n][4] (xor f: the family's offset). */
+static inline void dfq_interleave4(uint8_t *d, const unsigned char *r0, const unsigned char *r1,
+                                   const unsigned char *r2, const unsigned char *r3, int n, unsigned char f) {
+    int p = 0;
+#if DFQ_X86
+    const __m128i fv = _mm_set1_epi8((char)f);
+    for (; p + 16 <= n; p += 16) {
+        const __m128i a = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r0 + p)), fv);
+        const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r1 + p)), fv);
+        const __m128i c = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r2 + p)), fv);
+        const __m128i e = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r3 + p)), fv);
+        const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
+        const __m128i ce0 = _mm_unpacklo_epi8(c, e), ce1 = _mm_unpackhi_epi8(c, e);
+        _mm_storeu_si128((__m128i *)(d + 4 * p), _mm_unpacklo_epi16(ab0, ce0));
+        _mm_storeu_si128((__m128i *)(d + 4 * p + 16), _mm_unpackhi_epi16(ab0, ce0));
+        _mm_storeu_si128((__m128i *)(d + 4 * p + 32), _mm_unpacklo_epi16(ab1, ce1));
+        _mm_storeu_si128((__m128i *)(d + 4 * p + 48), _mm_unpackhi_epi16(ab1, ce1));
+    }
+#endif
+    for (; p < n; p++) {
+        d[4 * p] = r0[p] ^ f; d[4 * p + 1] = r1[p] ^ f; d[4 * p + 2] = r2[p] ^ f; d[4 * p + 3] = r3[p] ^ f;
+    }
+}
+
+/* The direct convolution's operand (one image of a one-group convolution): the zero-padded input
+   split into stride phase planes (phase (qy, qx) holds padded rows qy, qy + sh, ... and likewise
+   columns), each plane hq x wq pixels of 4 channels' codes, laid out [cin/4][sh*sw][Q][4] (Q >= hq
+   x wq pixels a plane, the rest padding); padding and the channels past cin are code 0. The
+   generator's offsets koff then read every tap of a channel quad as one run of pixels. */
+static inline void dfq_pack_planes(uint8_t *xp, const void *x, int sgn, int cin, int h, int w, int sh, int sw,
+                                   int pt, int pl, int hq, int wq, int Q) {
+    const unsigned char *xb = (const unsigned char *)x;
+    const unsigned char f = (unsigned char)DFQ_FLIP(sgn);
+    const int C4 = (cin + 3) / 4, phases = sh * sw;
+    memset(xp, f, (size_t)C4 * phases * Q * 4);
+    for (int c4 = 0; c4 < C4; c4++) for (int qy = 0; qy < sh; qy++) for (int qx = 0; qx < sw; qx++) {
+        uint8_t *d = xp + ((size_t)(c4 * phases + qy * sw + qx) * Q) * 4;
+        /* plane rows r: input row r * sh + qy - pt; plane columns c: input column c * sw + qx - pl */
+        int r0 = pt - qy > 0 ? (pt - qy + sh - 1) / sh : 0, r1 = (h - 1 + pt - qy) / sh + 1;
+        int c0 = pl - qx > 0 ? (pl - qx + sw - 1) / sw : 0, c1 = (w - 1 + pl - qx) / sw + 1;
+        if (r1 > hq) r1 = hq;
+        if (c1 > wq) c1 = wq;
+        if (h - 1 + pt - qy < 0 || w - 1 + pl - qx < 0 || r1 <= r0 || c1 <= c0) continue;
+        const unsigned char *rows[4];
+        for (int r = r0; r < r1; r++) {
+            const int iy = r * sh + qy - pt, ix0 = c0 * sw + qx - pl;
+            for (int j = 0; j < 4; j++) {
+                const int ic = 4 * c4 + j < cin ? 4 * c4 + j : cin - 1;  /* past cin: any codes (weights 0) */
+                rows[j] = xb + ((size_t)ic * h + iy) * w + ix0;
+            }
+            uint8_t *dr = d + ((size_t)r * wq + c0) * 4;
+            if (sw == 1) {
+                dfq_interleave4(dr, rows[0], rows[1], rows[2], rows[3], c1 - c0, f);
+            } else {
+                for (int c = 0; c < c1 - c0; c++) for (int j = 0; j < 4; j++) dr[4 * c + j] = rows[j][c * sw] ^ f;
             }
         }
     }

@@ -438,7 +438,8 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
     MM_TILE = 32          # pixels of the widest family's tile (c_kernels DFQ_PT): scratch is sized for it
     MM_PATCH_BYTES = 1 << 17  # packed patch codes of a convolution by patch rows, per block of output rows
 
-    def _mm_desc(self, mod, x: Tensor, out: Tensor, w2d: np.ndarray, ystride: int, consts: list) -> str:
+    def _mm_desc(self, mod, x: Tensor, out: Tensor, w2d: np.ndarray, ystride: int, consts: list,
+                 koff: str = "NULL", wq: int = 0, ow: int = 0) -> str:
         """The dfq_mm_t of a linear module with weights `w2d` [C, K] (c_kernels.py), its constants
         added to `consts`; the portable kernel's own weight and bias become portable-only."""
         for i, e in enumerate(consts):
@@ -464,13 +465,50 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
             rsig = int(self.t(mod.residual.name).ctype == "int8_t")
         lo, hi = (mod.code_min, mod.code_max) if mod.output is not None else (0, 0)
         return (f"static const dfq_mm_t L = {{{w2d.shape[0]}, {k4}, K_wp, DFQ_MM_BIAS(K_bx, K_ba), {sh}, {acc}, "
-                f"{res}, {lo}, {hi}, {int(out.ctype == 'int8_t')}, {rsig}, {ystride}, {int(fast)}}};")
+                f"{res}, {lo}, {hi}, {int(out.ctype == 'int8_t')}, {rsig}, {ystride}, {int(fast)}, {koff}, {wq}, {ow}}};")
+
+    DIRECT_MIN_CIN = 4    # one-group convolutions on this many input channels or more: direct (no patches)
+
+    def _simd_direct(self, mod, x: Tensor, out: Tensor, xs, ys, k, s, d, pt, pl, consts: list) -> tuple[str, int]:
+        """The SIMD families' body of a one-group convolution without patches: the padded input
+        packed once into stride phase planes of channel quads (dfq_pack_planes), then dfq_mm over a
+        grid as wide as a phase plane (the columns past the output's dropped), each K step (a tap
+        and a channel quad, weights reordered to match) reading the planes at a fixed offset (the
+        koff table); and its scratch (int32 elements)."""
+        n, cin, h, w = xs
+        cout, oh, ow = ys
+        c4 = -(-cin // 4)
+        hp = max(h + pt, (oh - 1) * s[0] + (k[0] - 1) * d[0] + 1)
+        wp = max(w + pl, (ow - 1) * s[1] + (k[1] - 1) * d[1] + 1)
+        hq, wq = -(-hp // s[0]), -(-wp // s[1])
+        phases = s[0] * s[1]
+        span = (oh - 1) * wq + ow
+        taps = [(ky, kx) for ky in range(k[0]) for kx in range(k[1])]
+        offs = [((ky * d[0]) // s[0]) * wq + (kx * d[1]) // s[1] for ky, kx in taps]
+        q = max(hq * wq, -(-span // self.MM_TILE) * self.MM_TILE + max(offs))  # every tile's reads in the plane
+        wt = np.zeros((cout, k[0], k[1], c4 * 4), np.int64)  # [C][ky][kx][cin padded]: K step = (tap, quad)
+        wt[:, :, :, :cin] = np.asarray(mod.weight).reshape(cout, cin, k[0], k[1]).transpose(0, 2, 3, 1)
+        koff = [((c * phases + ((ky * d[0]) % s[0]) * s[1] + (kx * d[1]) % s[1]) * q + o) * 4
+                for (ky, kx), o in zip(taps, offs) for c in range(c4)]
+        consts.append(("koff", "int32_t", np.array(koff), "DFQ_SIMD"))
+        desc = self._mm_desc(mod, x, out, wt.reshape(cout, -1), oh * ow, consts, "K_koff", wq, ow)
+        res = f"x1 + b * {cout * oh * ow}" if mod.residual is not None else "NULL"
+        simd = f"""{desc}
+uint8_t *xp = (uint8_t *)acc;
+for (int b = 0; b < {n}; b++) {{
+    dfq_pack_planes(xp, x0 + b * {cin * h * w}, {int(x.ctype == "int8_t")}, {cin}, {h}, {w}, {s[0]}, {s[1]}, {pt}, {pl}, {hq}, {wq}, {q});
+    dfq_mm_run(&L, xp, {span}, {res}, y0 + b * {cout * oh * ow});
+}}"""
+        return simd, c4 * phases * q
 
     def _simd_patches(self, mod, x: Tensor, out: Tensor, xs, ys, k, s, d, pt, pl, consts: list) -> tuple[str, int]:
         """The SIMD families' body of a one-group convolution: blocks of output rows whose patches
-        are packed (dfq_pack_patches) for dfq_mm; and its scratch (int32 elements)."""
+        are packed (dfq_pack_patches) for dfq_mm; and its scratch (int32 elements). Convolutions on
+        DIRECT_MIN_CIN channels or more go direct (_simd_direct)."""
         n, cin, h, w = xs
         cout, oh, ow = ys
+        if cin >= self.DIRECT_MIN_CIN:
+            return self._simd_direct(mod, x, out, xs, ys, k, s, d, pt, pl, consts)
         kw4 = -(-cin * k[0] * k[1] // 4) * 4
         rows = max(1, min(oh, self.MM_PATCH_BYTES // (kw4 * ow)))
         desc = self._mm_desc(mod, x, out, mod.weight.reshape(cout, -1), oh * ow, consts)
