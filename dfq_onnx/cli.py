@@ -379,7 +379,27 @@ def _print_summary(s: dict) -> None:
 @click.option("--data", required=True, metavar="DATA",
               help="Evaluation data, as for convert --calib: .npz (an optional `labels` array is used), "
                    "a folder of .npy files, or a folder of images named NAME_LABEL.jpg.")
-@click.option("--labels", metavar="FILE", help="Labels (.npy or text, one integer per sample); overrides the data's.")
+@click.option("--labels", metavar="FILE|DIR",
+              help="Class labels (.npy or text, one integer per sample; overrides the data's), or with --decode / "
+                   "--postprocess box labels: a COCO JSON file (sample i = the i-th entry of \"images\"; class k = "
+                   "the k-th category by id) or a folder of KITTI label files (one .txt per sample, sorted by "
+                   "name). Boxes in model-input pixels.")
+@click.option("--decode", type=click.Choice(["yolo", "picodet", "dbnet"]), default=None,
+              help="Decode both models' outputs to boxes and report COCO mAP@0.5 and mAP@[.5:.95] of the "
+                   "quantized model against the float model's detections (and against --labels): YOLOv5/v8 "
+                   "heads (with NMS), PicoDet raw heads (with NMS), DBNet maps (connected components). "
+                   "Needs pip install 'dfq-onnx[detect]'.")
+@click.option("--postprocess", metavar="MODULE:FUNCTION",
+              help="Instead of --decode: a function taking the list of output arrays of one batch and returning "
+                   "per sample (boxes [K,4] xyxy, scores [K], classes [K]).")
+@click.option("--conf", type=click.FloatRange(0, 1), default=None,
+              help="Box score threshold of --decode [default: 0.25 yolo/picodet, 0.5 dbnet (mean map value in "
+                   "a component)].")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.45, show_default=True,
+              help="NMS IoU threshold of --decode yolo/picodet.")
+@click.option("--label-classes", metavar="NAMES",
+              help="Comma-separated class names in the model's class order, matched to COCO category names "
+                   "or KITTI types [KITTI default: Car,Van,Truck,Pedestrian,Person_sitting,Cyclist,Tram,Misc].")
 @click.option("--num-samples", type=int, default=None, help="Use only the first N samples (default: all).")
 @click.option("--batch-size", default=32, show_default=True, type=int,
               help="Samples per onnxruntime run of the models (memory grows with it); a model with a fixed "
@@ -398,8 +418,8 @@ def _print_summary(s: dict) -> None:
                    "of elements each model marks; top-1 figures are only given for class scores.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def validate(float_model, quant_model, data, labels, num_samples, batch_size, preprocess, threads, runs, threshold,
-             as_json):
+def validate(float_model, quant_model, data, labels, decode, postprocess, conf, iou, label_classes, num_samples,
+             batch_size, preprocess, threads, runs, threshold, as_json):
     """Run FLOAT and QUANT (or the C library in CDIR) on the same inputs and compare them.
 
     FLOAT runs under onnxruntime. QUANT runs deployed (default optimizations: onnxruntime's int8 kernels) and simulated (no
@@ -408,16 +428,27 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
 
     CDIR, a folder written by `convert --format c`, is built with the system C compiler ($CC, else
     cc; -std=c99 -O3 -march=native, cached in ~/.cache/dfq-onnx) and its NAME_run_float runs on
-    the same inputs, one sample at a time, loaded with ctypes."""
+    the same inputs, one sample at a time, loaded with ctypes.
+
+    With --decode or --postprocess both models' outputs become boxes, and the report adds COCO
+    mAP@0.5 and mAP@[.5:.95] of the quantized model against the float model's detections (and of
+    both against --labels) and the detections per image of each."""
     from .validate import validate as run_validate
 
-    r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
-                     batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
-                     threshold=threshold)
+    names = [c.strip() for c in label_classes.split(",") if c.strip()] if label_classes else None
+    try:
+        r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
+                         batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
+                         threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
+                         label_classes=names)
+    except DfqError as e:  # _fail prints rich markup: keep "[detect]" and the like as written
+        from rich.markup import escape
+        raise DfqError(escape(str(e))) from e
     if _maybe_json(r, as_json):
         return
     if r.get("c_library"):
-        return _print_validate_c(r)
+        _print_validate_c(r)
+        return _print_detection(r["detection"], c_library=True)
     t = Table(title=f"{r['samples']} samples", title_justify="left")
     t.add_column("")
     t.add_column("float", justify="right")
@@ -445,6 +476,36 @@ def validate(float_model, quant_model, data, labels, num_samples, batch_size, pr
     t.add_row("nodes", str(r["nodes"]["float"]), str(r["nodes"]["quant"]), "")
     t.add_row(f"latency, batch 1, {r['threads']} threads (median)",
               f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms", "")
+    out.print(t)
+    _print_detection(r["detection"])
+
+
+def _print_detection(d: dict | None, c_library: bool = False) -> None:
+    if d is None:
+        return
+    how = d["decoder"] + ("" if d["conf"] is None else f", score > {d['conf']:g}") + \
+        ("" if d["iou"] is None else f", NMS IoU {d['iou']:g}")
+    t = Table(title=f"boxes ({how}; COCO mAP)", title_justify="left")
+    t.add_column("")
+    t.add_column("float", justify="right")
+    t.add_column("C library" if c_library else "quantized, deployed", justify="right")
+    sim = d.get("simulated")
+    if sim:
+        t.add_column("quantized, simulated", justify="right")
+
+    def f3(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    def row(label, fl, key):
+        t.add_row(label, fl, *[key(x) for x in [d] + ([sim] if sim else [])])
+
+    row("mAP@0.5 vs float detections", "", lambda x: f3(x["vs_float"]["map50"]))
+    row("mAP@[.5:.95] vs float detections", "", lambda x: f3(x["vs_float"]["map"]))
+    if d["vs_labels"] is not None:
+        row("mAP@0.5 vs labels", f3(d["vs_labels"]["float"]["map50"]), lambda x: f3(x["vs_labels"]["quant"]["map50"]))
+        row("mAP@[.5:.95] vs labels", f3(d["vs_labels"]["float"]["map"]), lambda x: f3(x["vs_labels"]["quant"]["map"]))
+    row("detections per image", f"{d['detections_per_image']['float']:.2f}",
+        lambda x: f"{x['detections_per_image']['quant']:.2f}")
     out.print(t)
 
 

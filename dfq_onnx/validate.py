@@ -65,7 +65,8 @@ def output_kind(y: np.ndarray) -> str:
 
 def validate(float_model, quant_model, data, *, labels=None, num_samples: int | None = None,
              batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
-             threshold: float = 0.5) -> dict:
+             threshold: float = 0.5, decode: str | None = None, postprocess: str | None = None,
+             conf: float | None = None, iou: float = 0.45, label_classes: list[str] | None = None) -> dict:
     """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both.
 
     Figures by the first output's kind (output_kind): top-1/top-5 accuracy and top-1 agreement
@@ -79,11 +80,27 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     graph; under "simulated"). Their difference shows kernels that do not compute what the
     graph says (such as 16-bit saturation in u8s8 kernels on CPUs without VNNI).
 
+    Boxes (decode "yolo" | "picodet" | "dbnet", or postprocess "module:function"; see
+    dfq_onnx.detection): both models' outputs are decoded the same way (conf: score threshold,
+    None for the decoder's default; iou: NMS IoU) and "detection" holds the quantized model's
+    COCO mAP@0.5 / mAP@[.5:.95] against the float model's detections (vs_float), both models' mAP
+    against ground truth when `labels` is a COCO JSON file or a folder of KITTI label files
+    (vs_labels), and detections per image; None without a decoder. COCO JSON: sample i is the
+    i-th entry of "images" (without "images", image id i); model class k is the k-th category by
+    ascending id (or the k-th name of label_classes). KITTI: one .txt per sample in sorted name
+    order; class k is the k-th of label_classes (default Car, Van, Truck, Pedestrian,
+    Person_sitting, Cyclist, Tram, Misc; DontCare and other types are skipped). Boxes are in
+    model-input pixels.
+
     quant_model may also be a folder written by `convert --format c`: see validate_c."""
+    box = _box_setup(labels, decode, postprocess)
+    if box["labels"] is not None:
+        labels = None
     if isinstance(quant_model, (str, Path)) and Path(quant_model).is_dir():
         return validate_c(float_model, quant_model, data, labels=labels, num_samples=num_samples,
                           batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
-                          threshold=threshold)
+                          threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
+                          label_classes=label_classes, _box=box)
     fm, qm = read_model(float_model, False), read_model(quant_model, False)
     fs, qs = input_specs(fm), input_specs(qm)
     if [(s.name, s.dtype, s.shape[1:]) for s in fs] != [(s.name, s.dtype, s.shape[1:]) for s in qs]:
@@ -127,6 +144,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     if kind != "classes":
         labels = None  # class labels mean nothing for a map or a value
     deployed, simulated = _compare(f_out, F, Q, labels, kind, threshold), _compare(f_out, F, S, labels, kind, threshold)
+    det = _detection(box, fm, first, F, {"quant": Q, "simulated": S}, n, bs, conf, iou, label_classes)
     fi, qi = inspect_model(fm), inspect_model(qm)
     return {
         "samples": n,
@@ -146,6 +164,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
                       "max_abs_error": simulated["max_abs_error"]},
         "deployed_minus_simulated_agreement": None if kind != "classes" else
         deployed["agreement_top1"] - simulated["agreement_top1"],
+        "detection": det,
         "latency_ms": {"float": _latency(fsess, first, runs), "quant": _latency(qsess, first, runs)},
         "threads": threads,
         "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
@@ -156,15 +175,23 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
 
 def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | None = None,
                batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
-               threshold: float = 0.5) -> dict:
+               threshold: float = 0.5, decode: str | None = None, postprocess: str | None = None,
+               conf: float | None = None, iou: float = 0.45, label_classes: list[str] | None = None,
+               _box: dict | None = None) -> dict:
     """validate's figures for a C library folder (`convert --format c`): the library is built with
     the system C compiler (cached) and its NAME_run_float runs on the inputs the float model gets
     under onnxruntime, one sample at a time (its shapes are fixed at batch 1). The keys are
     validate's, but there is no simulated run ("simulated" is None), the requantization points,
     op counts and nodes of the quantized side are those of NAME_int.onnx (the integer graph the C
     code equals), latency_ms.quant is the C library's, and "c_library" says how it was built and
-    on how many threads it ran: `threads` where the library has a NAME_THREADS option, else one."""
+    on how many threads it ran: `threads` where the library has a NAME_THREADS option, else one.
+    "detection" has validate's keys (the C library's outputs in place of the quantized model's)
+    without "simulated"."""
     from . import c_runner
+
+    box = _box if _box is not None else _box_setup(labels, decode, postprocess)
+    if box["labels"] is not None:
+        labels = None
 
     fm = read_model(float_model, False)
     fs = input_specs(fm)
@@ -205,6 +232,7 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
     if kind != "classes":
         labels = None
     r = _compare(f_out, F, C, labels, kind, threshold)
+    det = _detection(box, fm, first, F, {"quant": C}, n, batch_size, conf, iou, label_classes)
     fi, qi = inspect_model(fm), inspect_model(lib.int_model)
     b = runner.built
     return {
@@ -220,6 +248,7 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
         "max_abs_error": r["max_abs_error"],
         "simulated": None,
         "deployed_minus_simulated_agreement": None,
+        "detection": det,
         "latency_ms": {"float": _latency(fsess, first, runs),
                        "quant": runner.latency([first[s.name] for s in fs], runs)},
         "threads": threads,
@@ -233,6 +262,56 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
             "library": str(b.path) if b.cache is not None else None,
         },
     }
+
+
+def _box_setup(labels, decode: str | None, postprocess: str | None) -> dict:
+    """Checks before any model runs: the mAP backend is installed when boxes are asked for, and
+    box labels (COCO JSON or a KITTI folder) come with a decoder."""
+    from . import detection
+
+    box_labels = labels if isinstance(labels, (str, Path)) and detection.is_box_labels(labels) else None
+    on = bool(decode or postprocess)
+    if box_labels is not None and not on:
+        raise DfqError(f"{labels}: box labels (COCO JSON or a KITTI folder) need --decode or --postprocess")
+    if on:
+        if decode and postprocess:
+            raise DfqError("give --decode or --postprocess, not both")
+        if decode and decode not in detection.DECODERS:
+            raise DfqError(f"--decode {decode!r}: choose from {', '.join(detection.DECODERS)}")
+        detection.require_backend()
+    return {"on": on, "decode": decode, "postprocess": postprocess, "labels": box_labels}
+
+
+def _input_hw(first: dict) -> tuple[int, int]:
+    """(H, W) of the first input: NCHW when axis 1 has at most 4 entries, else NHWC."""
+    x = next(iter(first.values()))
+    if x.ndim != 4:
+        raise DfqError(f"box decoding needs an image input [N,C,H,W] or [N,H,W,C]; got {list(x.shape)}")
+    return (int(x.shape[2]), int(x.shape[3])) if x.shape[1] <= 4 else (int(x.shape[1]), int(x.shape[2]))
+
+
+def _detection(box: dict, fm, first: dict, F: list, others: dict, n: int, batch: int, conf, iou: float,
+               label_classes) -> dict | None:
+    """validate's "detection" figures (None when no decoder was asked for)."""
+    if not box["on"]:
+        return None
+    from . import detection
+
+    decoder = detection.make_decoder(box["decode"], box["postprocess"], fm, _input_hw(first), conf, iou)
+    truth = None if box["labels"] is None else detection.load_box_labels(box["labels"], n, label_classes)
+    dets_f = detection.decode_all(decoder, F, batch)
+    if conf is None and box["decode"]:
+        conf = 0.5 if box["decode"] == "dbnet" else 0.25
+    res = {"decoder": box["decode"] or f"postprocess {box['postprocess']}", "conf": conf,
+           "iou": None if box["decode"] == "dbnet" or box["postprocess"] else iou,
+           "labels": None if box["labels"] is None else str(box["labels"])}
+    for key, O in others.items():
+        fig = detection.figures(dets_f, detection.decode_all(decoder, O, batch), truth)
+        if key == "quant":
+            res.update(fig)
+        else:
+            res[key] = fig
+    return res
 
 
 def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels, kind: str = "classes",
