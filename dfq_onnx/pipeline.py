@@ -194,7 +194,9 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         graph, facts, symbols = emit_int(graph, qm)
     else:
         # onnxruntime's CPU int8 kernels take uint8 activations: signed codes are written offset by 128
-        graph, facts, symbols = emit_qdq(graph, qm, signed_as_uint8=config.format == "qdq" and config.layout == "ort")
+        ort_layout = config.format == "qdq" and config.layout == "ort"
+        graph, facts, symbols = emit_qdq(graph, qm, signed_as_uint8=ort_layout, shuffle_as_gather=ort_layout,
+                                         prelu_split=ort_layout)
 
     out = to_model(graph, original)
     if config.format == "qonnx":
