@@ -122,3 +122,31 @@ def test_direct_convolutions_arm_dotprod_under_qemu(shape, tmp_path):
     cin, cout, h, w, kernel, strides, dil, pads, res = shape
     model, rng = _general_conv_model(cin, cout, h, w, kernel, strides, dil, pads, res, 8)
     _check(model, rng, cin, h, w, ARM, cbuild.AARCH64_CC, where=tmp_path, family=1)
+
+
+def test_lookup_tables_in_every_family(tmp_path):
+    """Activations as tables (dfq_lut: AVX512-VBMI permutes, NEON table lookups, a loop elsewhere)
+    on maps of more than 64 codes, signed and unsigned inputs, one table and a table per channel
+    (PRelu): every family, sanitized, and ARM under qemu, equals the integer graph."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (5, 6, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.uniform(-0.5, 0.5, (6, 1, 1)).astype(np.float32), "slope")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["c", "slope"], ["p"]),
+             helper.make_node("Conv", ["p", "w2"], ["c2"]),
+             helper.make_node("Tanh", ["c2"], ["t"]),
+             helper.make_node("HardSwish", ["t"], ["y"])]
+    g = helper.make_graph(nodes, "tables", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 13, 17])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 13, 17])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    lib = run(model, {"x": rng.normal(0, 1, (16, 3, 13, 17)).astype(np.float32)},
+              QuantConfig(format="c", prefix="k", effort="fast")).library
+    tables = [s for s in lib.program.steps if s.what.startswith("table")]
+    assert len(tables) >= 2 and any("c * 256" in s.body for s in tables), [s.what for s in lib.program.steps]
+    for fam, (flags, _) in cbuild.families("k").items():
+        _check(model, rng, 3, 13, 17, [*cbuild.SANITIZE, *flags], where=tmp_path / fam)
+    _check(model, rng, 3, 13, 17, cbuild.OPTIMIZE, where=tmp_path / "native")
+    if cbuild.AARCH64_CC is not None and cbuild.QEMU is not None:
+        _check(model, rng, 3, 13, 17, ARM, cbuild.AARCH64_CC, where=tmp_path / "arm", family=1)

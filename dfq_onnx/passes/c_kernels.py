@@ -587,3 +587,42 @@ static inline void dfq_dw(const void *xq, int sgn, const int8_t *w, const int32_
 #endif
 #endif
 """
+
+
+# A lookup of 8-bit codes in a 256-entry table indexed by the code's byte: inserted when a step
+# calls dfq_lut (table modules: activations).
+LUT_RUNTIME = r"""
+#if DFQ_SIMD == 3 && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#elif DFQ_SIMD == 1
+#include <arm_neon.h>
+#endif
+/* y[i] = t[x[i]] for n bytes: AVX512-VBMI by two 128-byte permutes chosen by the top bit, NEON by
+   four 64-byte table lookups; a plain loop elsewhere and for the tail */
+static inline void dfq_lut(const uint8_t *t, const uint8_t *x, uint8_t *y, int n) {
+    int i = 0;
+#if DFQ_SIMD == 3 && defined(__AVX512VBMI__)
+    const __m512i t0 = _mm512_loadu_si512((const void *)t), t1 = _mm512_loadu_si512((const void *)(t + 64));
+    const __m512i t2 = _mm512_loadu_si512((const void *)(t + 128)), t3 = _mm512_loadu_si512((const void *)(t + 192));
+    for (; i + 64 <= n; i += 64) {
+        const __m512i v = _mm512_loadu_si512((const void *)(x + i));
+        const __m512i lo = _mm512_permutex2var_epi8(t0, v, t1), hi = _mm512_permutex2var_epi8(t2, v, t3);
+        _mm512_storeu_si512((void *)(y + i), _mm512_mask_blend_epi8(_mm512_movepi8_mask(v), lo, hi));
+    }
+#elif DFQ_SIMD == 1
+    const uint8x16x4_t q0 = {{vld1q_u8(t), vld1q_u8(t + 16), vld1q_u8(t + 32), vld1q_u8(t + 48)}};
+    const uint8x16x4_t q1 = {{vld1q_u8(t + 64), vld1q_u8(t + 80), vld1q_u8(t + 96), vld1q_u8(t + 112)}};
+    const uint8x16x4_t q2 = {{vld1q_u8(t + 128), vld1q_u8(t + 144), vld1q_u8(t + 160), vld1q_u8(t + 176)}};
+    const uint8x16x4_t q3 = {{vld1q_u8(t + 192), vld1q_u8(t + 208), vld1q_u8(t + 224), vld1q_u8(t + 240)}};
+    for (; i + 16 <= n; i += 16) {
+        const uint8x16_t v = vld1q_u8(x + i);
+        uint8x16_t r = vqtbl4q_u8(q0, v);   /* indices past 63 give 0; vqtbx leaves them as they are */
+        r = vqtbx4q_u8(r, q1, vsubq_u8(v, vdupq_n_u8(64)));
+        r = vqtbx4q_u8(r, q2, vsubq_u8(v, vdupq_n_u8(128)));
+        r = vqtbx4q_u8(r, q3, vsubq_u8(v, vdupq_n_u8(192)));
+        vst1q_u8(y + i, r);
+    }
+#endif
+    for (; i < n; i++) y[i] = t[x[i]];
+}
+"""

@@ -184,7 +184,8 @@ def _runtime(text: str) -> str:
     used = {n for n in RUNTIME if re.search(r"\b" + (n if n != "dfq_lo_hi" else "dfq_lo") + r"\(", text)}
     for n in list(used):
         used.update(RUNTIME_NEEDS.get(n, ()))
-    return "\n".join(RUNTIME[n] for n in RUNTIME if n in used) + (c_kernels.SIMD_RUNTIME if simd else "")
+    return ("\n".join(RUNTIME[n] for n in RUNTIME if n in used) + (c_kernels.SIMD_RUNTIME if simd else "") +
+            (c_kernels.LUT_RUNTIME if "dfq_lut(" in text else ""))
 
 
 def _array(name: str, ctype: str, values) -> tuple[str, int]:
@@ -467,7 +468,7 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
         return (f"static const dfq_mm_t L = {{{w2d.shape[0]}, {k4}, K_wp, DFQ_MM_BIAS(K_bx, K_ba), {sh}, {acc}, "
                 f"{res}, {lo}, {hi}, {int(out.ctype == 'int8_t')}, {rsig}, {ystride}, {int(fast)}, {koff}, {wq}, {ow}}};")
 
-    DIRECT_MIN_CIN = 4    # one-group convolutions on this many input channels or more: direct (no patches)
+    DIRECT_MIN_CIN = 3    # one-group convolutions on this many input channels or more: direct (no patches)
 
     def _simd_direct(self, mod, x: Tensor, out: Tensor, xs, ys, k, s, d, pt, pl, consts: list) -> tuple[str, int]:
         """The SIMD families' body of a one-group convolution without patches: the padded input
@@ -750,15 +751,24 @@ for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{
     def _table(self, mod, out: Tensor) -> None:
         x = self.t(mod.input.name)
         rows, size = mod.table.shape
-        consts = [("table", out.ctype, mod.table)]
         lo = mod.input.code_range[0]
+        # the IR's table (entry i: input code lo + i) indexed by the input code's byte instead
+        byte = np.arange(256)
+        code = byte - 256 * (byte >= 128) if x.ctype == "int8_t" else byte
+        idx = code - lo
+        ok = (idx >= 0) & (idx < size)
+        t256 = np.zeros((rows, 256), np.int64)
+        t256[:, ok] = np.asarray(mod.table, np.int64)[:, idx[ok]]
+        consts = [("table", "uint8_t", t256 & 0xFF)]
+        xb, yb = "(const uint8_t *)x0", "(uint8_t *)y0"
         if rows > 1:
             axis = len(x.shape) + mod.channel_axis
             inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
-            row = f"((i / {inner}) % {x.shape[axis]}) * {size} + "
+            ch = x.shape[axis]
+            body = f"""for (int o = 0; o < {x.size // (inner * ch)}; o++) for (int c = 0; c < {ch}; c++)
+    dfq_lut(K_table + c * 256, {xb} + (o * {ch} + c) * {inner}, {yb} + (o * {ch} + c) * {inner}, {inner});"""
         else:
-            row = ""
-        body = f"""for (int i = 0; i < {x.size}; i++) y0[i] = K_table[{row}(int32_t)x0[i] - ({lo})];"""
+            body = f"dfq_lut(K_table, {xb}, {yb}, {x.size});"
         self.step(f"table {mod.op} {mod.name}", [x.name], [out.name], body, consts)
 
     def _binary(self, mod, out: Tensor) -> None:
