@@ -23,6 +23,7 @@ scores [K], classes [K] int):
   first half); strides from the grid sizes against the input size; boxes are the DFL expectation
   (softmax over R+1 bins, times the stride) around cell centers (x + 0.5) stride. Then the
   threshold and per-class NMS.
+  Boxes of every decoder are clipped to the input image (boxes left empty are dropped).
 * ``dbnet``: DBNet probability maps [N,1,H,W]: pixels above `mask_threshold` (0.3), 8-connected
   components (scipy.ndimage.label when scipy is installed, else a union-find in numpy) to their
   bounding boxes; score = mean probability inside the component; components scoring below
@@ -158,8 +159,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
     return np.asarray(keep, np.int64)
 
 
-def _select(boxes, scores, classes, conf, iou, max_det) -> Det:
+def _clip(boxes: np.ndarray, input_hw) -> np.ndarray:
+    """Boxes clipped to the input image, as YOLOv5, PaddleDetection and PP-OCR do."""
+    b = np.array(boxes, np.float64)
+    b[..., 0::2] = b[..., 0::2].clip(0, input_hw[1])
+    b[..., 1::2] = b[..., 1::2].clip(0, input_hw[0])
+    return b
+
+
+def _select(boxes, scores, classes, conf, iou, max_det, input_hw) -> Det:
     m = scores > conf
+    boxes, scores, classes = _clip(boxes[m], input_hw), scores[m], classes[m]
+    m = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # nothing left inside the image: no box
     boxes, scores, classes = boxes[m], scores[m], classes[m]
     k = nms(boxes, scores, classes, iou, max_det)
     return boxes[k].astype(np.float32), scores[k].astype(np.float32), classes[k].astype(np.int64)
@@ -189,7 +200,7 @@ def decode_yolo(outputs: list[np.ndarray], input_hw: tuple[int, int], conf: floa
             boxes, cls = _xywh_to_xyxy(y[..., :4]), y[..., 5:] * y[..., 4:5]
         if cls.shape[-1] == 0:
             raise DfqError(f"--decode yolo: output of shape {list(arr[0].shape)} has no class scores")
-        return [_select(boxes[n], cls[n].max(-1), cls[n].argmax(-1), conf, iou, max_det) for n in range(len(y))]
+        return [_select(boxes[n], cls[n].max(-1), cls[n].argmax(-1), conf, iou, max_det, input_hw) for n in range(len(y))]
     heads = [a for a in arr if a.ndim in (4, 5)]
     if not heads:
         raise DfqError("--decode yolo: expected an output [N,K,5+C], [N,4+C,K], [N,A(5+C),H,W] or [N,A,H,W,5+C]; "
@@ -227,7 +238,7 @@ def decode_yolo(outputs: list[np.ndarray], input_hw: tuple[int, int], conf: floa
     if len({s.shape[-1] for s in all_scores}) != 1:
         raise DfqError("--decode yolo: heads with different class counts")
     boxes, cls = np.concatenate(all_boxes, 1), np.concatenate(all_scores, 1)
-    return [_select(boxes[n], cls[n].max(-1), cls[n].argmax(-1), conf, iou, max_det) for n in range(len(boxes))]
+    return [_select(boxes[n], cls[n].max(-1), cls[n].argmax(-1), conf, iou, max_det, input_hw) for n in range(len(boxes))]
 
 
 def picodet_layout(shapes: list[tuple], input_hw: tuple[int, int], sigmoid: list[bool] | None = None) -> list:
@@ -273,7 +284,7 @@ def decode_picodet(outputs: list[np.ndarray], input_hw: tuple[int, int], conf: f
         all_boxes.append(np.stack([cx - dist[..., 0], cy - dist[..., 1], cx + dist[..., 2], cy + dist[..., 3]], -1))
         all_scores.append(arr[si].astype(np.float64))
     boxes, cls = np.concatenate(all_boxes, 1), np.concatenate(all_scores, 1)
-    return [_select(boxes[n], cls[n].max(-1), cls[n].argmax(-1), conf, iou, max_det) for n in range(len(boxes))]
+    return [_select(boxes[n], cls[n].max(-1), cls[n].argmax(-1), conf, iou, max_det, input_hw) for n in range(len(boxes))]
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -339,7 +350,7 @@ def decode_dbnet(outputs: list[np.ndarray], input_hw: tuple[int, int], conf: flo
                 d = w * h * unclip_ratio / (2 * (w + h))
                 boxes.append([(x0 - d) * sx, (y0 - d) * sy, (x1 + d) * sx, (y1 + d) * sy])
                 scores.append(score)
-        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        b = _clip(np.asarray(boxes, np.float64).reshape(-1, 4), input_hw).astype(np.float32)
         s = np.asarray(scores, np.float32)
         order = np.argsort(-s, kind="stable")[:max_det]
         res.append((b[order], s[order], np.zeros(len(order), np.int64)))

@@ -85,7 +85,8 @@ def test_yolov5_raw_heads(logits):
     if logits:
         outs = [np.log(o / (1 - o)) for o in outs]
     dets = D.decode_yolo(outs, hw, sigmoid=[logits, logits])
-    same_boxes(dets[0], [b for b, _ in planted], [c for _, c in planted])
+    clipped = np.clip([b for b, _ in planted], 0, 64)  # the second box reaches above the image (y -30)
+    same_boxes(dets[0], clipped, [c for _, c in planted])
     np.testing.assert_allclose(sorted(dets[0][1]), [0.81, 0.81], rtol=1e-5)
 
 
@@ -118,7 +119,8 @@ def test_picodet_heads_and_layout():
     assert D.picodet_layout([o.shape for o in outs[3:] + outs[:3]], hw, [False] * 3 + [True] * 3) == \
         [(3, 0, 8), (4, 1, 16), (5, 2, 32)]
     dets = D.decode_picodet(outs, hw)
-    same_boxes(dets[0], [b for b, _ in planted], [c for _, c in planted])
+    clipped = np.clip([b for b, _ in planted], 0, [48, 64, 48, 64])  # the second box reaches y 80 > 64
+    same_boxes(dets[0], clipped, [c for _, c in planted])
 
 
 @pytest.mark.parametrize("scipy_available", [True, False])
@@ -134,9 +136,13 @@ def test_dbnet_components(monkeypatch, scipy_available):
     dets = D.decode_dbnet([m], (40, 60), unclip_ratio=0.0)
     same_boxes(dets[0], [[10, 5, 30, 15], [40, 20, 45, 31]], [0, 0])
     # unclip: each side grows by area x ratio / perimeter; on an input twice the map's size
+    dets = D.decode_dbnet([m[:, :, :18]], (36, 120), unclip_ratio=0.6)
+    d = 20 * 10 * 0.6 / (2 * 30)
+    same_boxes(dets[0], [[(10 - d) * 2, (5 - d) * 2, (30 + d) * 2, (15 + d) * 2]], [0])
+    # boxes are clipped to the input
     dets = D.decode_dbnet([m[:, :, :16]], (32, 120), unclip_ratio=1.5)
     d = 20 * 10 * 1.5 / (2 * 30)
-    same_boxes(dets[0], [[(10 - d) * 2, (5 - d) * 2, (30 + d) * 2, (15 + d) * 2]], [0])
+    same_boxes(dets[0], [[(10 - d) * 2, 0, (30 + d) * 2, 32]], [0])
 
 
 # --------------------------------------------------------------------------- mAP
@@ -211,7 +217,8 @@ def tiny_yolo(path, classes=2):
 
 
 def reference_yolo(heads, input_hw, conf, iou, anchors):
-    """This test's own decoding of sigmoided YOLOv5 grid heads: plain loops, then greedy per-class NMS."""
+    """This test's own decoding of sigmoided YOLOv5 grid heads: plain loops, boxes clipped to the
+    image, then greedy per-class NMS."""
     res = []
     n = heads[0].shape[0]
     for i in range(n):
@@ -228,8 +235,11 @@ def reference_yolo(heads, input_hw, conf, iou, anchors):
                         score = v[4] * v[5 + cls]
                         cx, cy = (2 * v[0] - 0.5 + gx) * stride_x, (2 * v[1] - 0.5 + gy) * stride_y
                         bw, bh = (2 * v[2]) ** 2 * anc[a][0], (2 * v[3]) ** 2 * anc[a][1]
-                        if score > conf:
-                            cand.append((score, cls, [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]))
+                        if score > conf:  # clipped to the image, as YOLOv5 does
+                            box = [min(max(v, 0.0), lim) for v, lim in zip(
+                                [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], [input_hw[1], input_hw[0]] * 2)]
+                            if box[2] > box[0] and box[3] > box[1]:  # not empty once clipped
+                                cand.append((score, cls, box))
         cand.sort(key=lambda t: -t[0])  # stable: ties keep the order above
         kept = []
         for sc, cl, b in cand:
@@ -246,7 +256,7 @@ def box_iou(a, b):
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    return inter / max((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter, 1e-12)  # clipped: may be empty
 
 
 def faster_coco_map(truth, dets):
