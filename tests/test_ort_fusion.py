@@ -151,7 +151,7 @@ def test_channel_shuffle_gather_only_for_the_ort_layout(fmt):
     assert "Transpose" in [n.op_type for n in r.model.graph.node]
 
 
-def prelu_chain(channels=(10, 16)):
+def prelu_chain(channels=(10, 16), hw=("h", "w")):
     """Conv -> PRelu (per-channel slopes of either sign, as MTCNN's) -> MaxPool -> Conv -> PRelu -> Conv."""
     rng = np.random.default_rng(5)
     nodes, inits, x, c = [], [], "x", 3
@@ -166,8 +166,8 @@ def prelu_chain(channels=(10, 16)):
             x = "mp"
     inits.append(numpy_helper.from_array((rng.normal(size=(4, c, 1, 1)) / np.sqrt(c)).astype(np.float32), "wl"))
     nodes.append(helper.make_node("Conv", [x, "wl"], ["out"]))
-    g = helper.make_graph(nodes, "prelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 16])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, 6, 8])], inits)
+    g = helper.make_graph(nodes, "prelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, *hw])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, None, None])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
 
 
@@ -205,3 +205,9 @@ def test_prelu_of_codes_is_split(tmp_path, monkeypatch):
                           [numpy_helper.from_array(s, "s"), numpy_helper.from_array(np.float32(0), "z")])
     a, b = run_ort(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), {"v": v})
     np.testing.assert_array_equal(a + 0.0, b + 0.0)  # + 0.0: the sign of a zero is lost in QuantizeLinear anyway
+
+
+def test_prelu_on_small_maps_stays_prelu():
+    """Maps under PRELU_SPLIT_MIN_PIXELS keep the PRelu (the split's extra ops cost more there)."""
+    r = run(prelu_chain(hw=(12, 16)), {"x": np.random.default_rng(1).normal(size=(8, 3, 12, 16)).astype(np.float32)})
+    assert r.facts["prelu_split"] == 0 and [n.op_type for n in r.model.graph.node].count("PRelu") == 2

@@ -10,12 +10,21 @@ from ..quantized import LinearModule, QuantizedModel
 
 
 CODE_DTYPES = {(8, False): np.int8, (8, True): np.uint8, (16, False): np.int16, (16, True): np.uint16}
-INT16_QDQ_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16 codes
+INT16_QDQ_OPSET = 21
+PRELU_SPLIT_MIN_PIXELS = 1024  # prelu_split: feature maps of at least this many pixels per channel (or unknown)  # QuantizeLinear/DequantizeLinear with int16/uint16 codes
 
 
 def _dims_equal(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(
         x == y and (isinstance(x, (int, np.integer)) or (isinstance(x, str) and x)) for x, y in zip(a, b))
+
+
+def _large_map(shape) -> bool:
+    """A 4-D feature map of at least PRELU_SPLIT_MIN_PIXELS pixels per channel, or of unknown size."""
+    if shape is None or len(shape) != 4:
+        return False
+    h, w = shape[2:]
+    return not all(isinstance(d, (int, np.integer)) and d > 0 for d in (h, w)) or h * w >= PRELU_SPLIT_MIN_PIXELS
 
 
 def channel_shuffles(g: gs.Graph) -> list[tuple[gs.Node, gs.Node, gs.Node, np.ndarray]]:
@@ -84,6 +93,9 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel, signed_as_uint8: bool = False,
     sign is lost in QuantizeLinear), so the same codes. onnxruntime's NHWC layout gives PRelu a
     [1,1,1,C] slope, and its PRelu kernel broadcast that in spans of C: 70 % of MTCNN P-Net's time
     (1.34x the float model; 1.02x split, one thread); its Mul broadcasts the same slope fast.
+    Only on 4-D maps of PRELU_SPLIT_MIN_PIXELS pixels or more (or of unknown size): on small maps
+    the three extra ops cost more than the broadcast (MTCNN R-Net, 22x22 and smaller, 2-D after
+    its Gemm: 0.965x unsplit, 1.005x all split; O-Net, 46x46: 0.80x -> 0.68x split).
     """
     plan = qm.plan
     g = graph.copy()
@@ -133,7 +145,7 @@ def emit_qdq(graph: gs.Graph, qm: QuantizedModel, signed_as_uint8: bool = False,
 
     for n in list(g.nodes) if prelu_split else []:
         if n.op != "PRelu" or not isinstance(n.inputs[1], gs.Constant) \
-                or not {n.inputs[0].name, n.outputs[0].name} <= coded:
+                or not {n.inputs[0].name, n.outputs[0].name} <= coded or not _large_map(n.inputs[0].shape):
             continue
         x, slope, y = n.inputs[0], n.inputs[1], n.outputs[0]
         pos, neg, scaled = (gs.Variable(new_name(g, f"{n.name}_{k}"), dtype=np.float32, shape=y.shape)
