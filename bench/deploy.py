@@ -167,6 +167,12 @@ def c_section(name: str, model: str, qdq, calib: np.ndarray, x: np.ndarray, work
         timers[f] = work / f"timer_{f}"
         subprocess.run([cbuild.CC, *flags, "-o", str(timers[f]), str(work / "timer.c"), str(work / f"{name}.c"), "-lm"],
                        check=True)
+    for f in ("portable", "small"):  # the microcontroller builds' code at -Os too (not timed)
+        if f in fams:
+            flags = ["-std=c99", "-Os", *cbuild.families(name)[f][0]]
+            subprocess.run([cbuild.CC, *flags, "-c", "-o", str(work / f"{name}_{f}_Os.o"), str(work / f"{name}.c")],
+                           check=True)
+            sizes[f"{f}_Os"] = _code_size(work / f"{name}_{f}_Os.o")
     size = sizes["c"]
     feeds = {inp: x[:1]}
     sessions = {"ort_float": _session(model), "dfq_qdq": _session(qdq.model)}
@@ -224,6 +230,47 @@ def qonnx_section(model: str, r, x: np.ndarray) -> dict:
             "qcdq_argmax_equal": float(np.mean(got2.reshape(len(x), -1).argmax(1) == want2.reshape(len(x), -1).argmax(1)))}
 
 
+FAMILY_NAMES = {"c": "native", "portable": "portable C99", "small": "small (shared kernels)", "avx2": "AVX2",
+                "vnni": "AVX512-VNNI"}
+
+
+def family_section(d: dict) -> list[str]:
+    """Markdown: each kernel family's latency, its ratio to onnxruntime float, code size and bit-exactness."""
+    L = ["### C kernel families", "",
+         "Each family the machine runs, built with `" + d["cflags"] + "` plus the family's flags "
+         "(`-D<NAME>_PORTABLE`, `-D<NAME>_SMALL`, `-march=x86-64-v3` [+ `-mavx512f -mavx512bw -mavx512vl "
+         "-mavx512vnni`]); *native* is `" + d["cflags"] + "` alone (the best family of this CPU). One thread, "
+         "batch 1, medians of the same alternating rounds as above; code = .text of the object file (at -Os "
+         "in parentheses for the portable and small builds); bit-exact = evaluation inputs equal to the "
+         "integer graph (ARM dot-product family cross-compiled, run under qemu, not timed).", "",
+         "| model | family | ms | / onnxruntime float | code (bytes) | bit-exact |", "|---|---|---|---|---|---|"]
+    for name, r in d["models"].items():
+        c = r["c"]
+        lat, sizes, ex = c["latency_ms"], c.get("object_by_family", {}), c.get("bit_exact_by_family", {})
+        for f in [f for f in ("c", "vnni", "avx2", "portable", "small") if f in lat]:
+            code = f"{sizes[f]['text']:,}" if f in sizes else "–"
+            if f"{f}_Os" in sizes:
+                code += f" ({sizes[f + '_Os']['text']:,})"
+            e = ex.get("native" if f == "c" else f)
+            L.append(f"| {name} | {FAMILY_NAMES.get(f, f)} | {lat[f]:.3f} | {lat[f] / lat['ort_float']:.2f}x | {code} | "
+                     f"{e if e is not None else '–'}/{c['samples']} |")
+        if "arm_dotprod_qemu" in ex:
+            L.append(f"| {name} | ARM NEON dot product (qemu) | – | – | – | {ex['arm_dotprod_qemu']} |")
+    return L + [""]
+
+
+def _with_families(text: str, d: dict) -> str:
+    """BENCHMARKS.md with the family table after the deployment section's C table."""
+    head = "## Deploying without onnxruntime: C library and QONNX"
+    at = text.find(head)
+    if at < 0:
+        return text
+    q = text.find("QONNX (`--format qonnx`)", at)
+    if q < 0:
+        return text
+    return text[:q] + "\n".join(family_section(d)) + "\n" + text[q:]
+
+
 def zoo_input(model: str) -> str:
     import onnx
     m = onnx.load(model, load_external_data=False)
@@ -261,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     out["models"] = {m: out["models"][m] for m in order}
     (cache / "deploy.json").write_text(json.dumps(out, indent=1))
     if not args.no_markdown:
-        (ROOT / "BENCHMARKS.md").write_text(bench_run.render(bench_run.load_results(cache)))
+        (ROOT / "BENCHMARKS.md").write_text(_with_families(bench_run.render(bench_run.load_results(cache)), out))
     return 0
 
 

@@ -41,8 +41,9 @@ X86 = {  # the x86 kernel families (c_kernels.py): flags, DFQ_SIMD they select, 
 
 def families(prefix: str) -> dict:
     """Kernel family -> (compiler flags, the DFQ_SIMD value they must select) for each family this
-    machine runs natively: the portable one always, the x86 ones where the CPU has the instructions."""
-    out = {"portable": ([f"-D{prefix.upper()}_PORTABLE"], 0)}
+    machine runs natively: the portable one and the small build (shared generic kernels) always,
+    the x86 ones where the CPU has the instructions."""
+    out = {"portable": ([f"-D{prefix.upper()}_PORTABLE"], 0), "small": ([f"-D{prefix.upper()}_SMALL"], 0)}
     for name, (flags, simd, need) in X86.items():
         if need <= CPU:
             out[name] = (flags, simd)

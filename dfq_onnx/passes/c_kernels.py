@@ -58,11 +58,16 @@ def select(prefix_upper: str) -> str:
     """The preprocessor lines choosing the family (before any constant that depends on it)."""
     P = prefix_upper
     return f"""/* Kernel family (see the header): -D{P}_PORTABLE forces the portable C99 kernels. */
-#if !defined({P}_PORTABLE) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined({P}_SMALL)   /* -D{P}_SMALL: the portable family, layers sharing generic kernels */
+#define DFQ_SMALL 1
+#else
+#define DFQ_SMALL 0
+#endif
+#if !defined({P}_PORTABLE) && !DFQ_SMALL && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define DFQ_SIMD 3
-#elif !defined({P}_PORTABLE) && defined(__AVX2__)
+#elif !defined({P}_PORTABLE) && !DFQ_SMALL && defined(__AVX2__)
 #define DFQ_SIMD 2
-#elif !defined({P}_PORTABLE) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#elif !defined({P}_PORTABLE) && !DFQ_SMALL && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
 #define DFQ_SIMD 1
 #else
 #define DFQ_SIMD 0
@@ -625,4 +630,67 @@ static inline void dfq_lut(const uint8_t *t, const uint8_t *x, uint8_t *y, int n
 #endif
     for (; i < n; i++) y[i] = t[x[i]];
 }
+"""
+
+
+# The small build (-D<PREFIX>_SMALL, for microcontrollers): every convolution and Gemm is one call
+# of this kernel with its shapes in a constant descriptor, instead of a function specialized per layer.
+SMALL_RUNTIME = r"""
+#if DFQ_SMALL
+typedef struct {
+    int n, cin, h, iw, cout, oh, ow, group, kh, kw, sh, sw, dh, dw, pt, pl;
+    int wstride;                          /* weight codes between output channels */
+    const int8_t *wt;                     /* [cout][wstride], a channel's [cin/group][kh][kw] first */
+    const int32_t *bias;                  /* [cout] or NULL */
+    const int8_t *shift;                  /* [cout] (NULL: int32 sums out) */
+    const int8_t *acc_shift, *res_shift;  /* [cout] or NULL */
+    int lo, hi, in_signed, out_signed, res_signed;
+} dfq_conv_t;
+
+static int32_t dfq_code(const unsigned char *p, size_t i, int sgn) {
+    return sgn ? (int32_t)((const signed char *)p)[i] : (int32_t)p[i];
+}
+
+/* y = requant(bias + sum x w [+ aligned residual]) at every output, shapes read at run time: the
+   same sums and the same requantizer as the specialized kernels */
+#if defined(__GNUC__)
+#define DFQ_SHARED __attribute__((noinline))   /* one copy, whatever the optimization level */
+#else
+#define DFQ_SHARED
+#endif
+static DFQ_SHARED void dfq_conv(const dfq_conv_t *L, const void *x, const void *res, void *y) {
+    const unsigned char *xb = (const unsigned char *)x, *rb = (const unsigned char *)res;
+    const int cin_g = L->cin / L->group, cout_g = L->cout / L->group;
+    for (int b = 0; b < L->n; b++) for (int oc = 0; oc < L->cout; oc++) {
+        const int8_t *wo = L->wt + (size_t)oc * L->wstride;
+        const int ic0 = oc / cout_g * cin_g;
+        for (int oy = 0; oy < L->oh; oy++) for (int ox = 0; ox < L->ow; ox++) {
+            int32_t v = L->bias ? L->bias[oc] : 0;
+            for (int i = 0; i < cin_g; i++) {
+                const size_t plane = ((size_t)b * L->cin + ic0 + i) * L->h;
+                for (int ky = 0; ky < L->kh; ky++) {
+                    const int iy = oy * L->sh + ky * L->dh - L->pt;
+                    if (iy < 0 || iy >= L->h) continue;
+                    for (int kx = 0; kx < L->kw; kx++) {
+                        const int ix = ox * L->sw + kx * L->dw - L->pl;
+                        if (ix >= 0 && ix < L->iw)
+                            v += dfq_code(xb, (plane + iy) * L->iw + ix, L->in_signed) * wo[(i * L->kh + ky) * L->kw + kx];
+                    }
+                }
+            }
+            const size_t at = (((size_t)b * L->cout + oc) * L->oh + oy) * L->ow + ox;
+            if (L->res_shift) {
+                if (L->acc_shift) v = v * (int32_t)(1u << L->acc_shift[oc]);
+                v += dfq_align(dfq_code(rb, at, L->res_signed), L->res_shift[oc]);
+            }
+            if (!L->shift) {
+                ((int32_t *)y)[at] = v;
+            } else {
+                v = dfq_requant(v, L->shift[oc], L->lo, L->hi);
+                if (L->out_signed) ((int8_t *)y)[at] = (int8_t)v; else ((uint8_t *)y)[at] = (uint8_t)v;
+            }
+        }
+    }
+}
+#endif
 """

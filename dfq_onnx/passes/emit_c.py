@@ -181,10 +181,14 @@ def _runtime(text: str) -> str:
     simd = "dfq_mm_run(" in text or "dfq_dw(" in text
     if simd:
         text += c_kernels.SIMD_RUNTIME
+    if "dfq_conv(" in text:
+        text += c_kernels.SMALL_RUNTIME
     used = {n for n in RUNTIME if re.search(r"\b" + (n if n != "dfq_lo_hi" else "dfq_lo") + r"\(", text)}
     for n in list(used):
         used.update(RUNTIME_NEEDS.get(n, ()))
+    small = "dfq_conv(" in text
     return ("\n".join(RUNTIME[n] for n in RUNTIME if n in used) + (c_kernels.SIMD_RUNTIME if simd else "") +
+            (c_kernels.SMALL_RUNTIME if small else "") +
             (c_kernels.LUT_RUNTIME if "dfq_lut(" in text else ""))
 
 
@@ -326,6 +330,33 @@ if ({cond}) {{
 }}
 }}"""
 
+    def _small_or(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, wstride: int, consts: list,
+                  body: str) -> str:
+        """`body` for every build but the small one (-D<PREFIX>_SMALL), where the layer is one call
+        of the shared kernel dfq_conv with a constant descriptor of its shapes; the weights are the
+        portable kernel's K_w ([cout][wstride])."""
+        n, cin, h, w = xs
+        cout, oh, ow = ys
+        sh = acc = res = "NULL"
+        if mod.output is not None:
+            consts.append(("shift", "int8_t", mod.shift))
+            sh = "K_shift"
+        rsig = 0
+        if mod.residual is not None:
+            if np.any(mod.acc_shift > 0):
+                consts.append(("acc_shift", "int8_t", mod.acc_shift))
+                acc = "K_acc_shift"
+            consts.append(("res_shift", "int8_t", mod.residual_shift))
+            res = "K_res_shift"
+            rsig = int(self.t(mod.residual.name).ctype == "int8_t")
+        lo, hi = (mod.code_min, mod.code_max) if mod.output is not None else (0, 0)
+        bias = "K_bias" if mod.bias is not None else "NULL"
+        small = (f"static const dfq_conv_t L = {{{n}, {cin}, {h}, {w}, {cout}, {oh}, {ow}, {g}, {k[0]}, {k[1]}, "
+                 f"{s[0]}, {s[1]}, {d[0]}, {d[1]}, {pt}, {pl}, {wstride}, K_w, {bias}, {sh}, {acc}, {res}, {lo}, "
+                 f"{hi}, {int(x.ctype == 'int8_t')}, {int(out.ctype == 'int8_t')}, {rsig}}};\n"
+                 f"dfq_conv(&L, x0, {'x1' if mod.residual is not None else 'NULL'}, y0);")
+        return f"(void)acc;\n#if DFQ_SMALL\n{{\n{small}\n}}\n#else\n{body}\n#endif"
+
     def _inputs(self, mod) -> list:
         return [mod.input.name] + ([mod.residual.name] if getattr(mod, "residual", None) is not None else [])
 
@@ -414,6 +445,7 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
 }}"""
         what = "depthwise" if cin_g == 1 else "few terms"
         scratch = planes + span
+        small = (xs, ys, g, k, s, d, pt, pl, cin_g * kk)
         if g == 1:  # one group: the SIMD families by patch rows
             simd, sc = self._simd_patches(mod, x, out, xs, ys, k, s, d, pt, pl, consts)
             body, scratch = self._simd_or(simd, body), max(scratch, sc)
@@ -434,6 +466,7 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
 }}"""
             body = f"#if DFQ_X86\n{dw}\n#else\n{body}\n#endif"
             scratch += 8  # the SIMD loads read up to 31 bytes past the planes
+        body = self._small_or(mod, x, out, *small, consts, body)
         self.step(f"{mod.op} {mod.name} ({what})", self._inputs(mod), [out.name], body, consts, scratch)
 
     MM_TILE = 32          # pixels of the widest family's tile (c_kernels DFQ_PT): scratch is sized for it
@@ -573,6 +606,7 @@ for (int b = 0; b < {n}; b++) for (int oy = 0; oy < {oh}; oy++) {{
         if g == 1:
             simd, sc = self._simd_patches(mod, x, out, xs, ys, k, s, d, pt, pl, consts)
             body, scratch = self._simd_or(simd, body), max(scratch, sc)
+        body = self._small_or(mod, x, out, xs, ys, g, k, s, d, pt, pl, kg, consts, body)
         self.step(f"{mod.op} {mod.name} (patch rows)", self._inputs(mod), [out.name], body, consts, scratch)
 
     POINT_BLOCK = 64  # pixels of a pointwise convolution's accumulator block (OB channels x 64 int32 stay in L1)
@@ -607,6 +641,8 @@ for (int oc = 0; oc < {cout}; oc += {ob}) {{
 }}
 }}"""
         body, scratch = self._simd_pointwise(mod, x, out, n, cin, cout, hw, consts, body, ob * pb)
+        body = self._small_or(mod, x, out, (n, cin, 1, hw), (cout, 1, hw), 1, (1, 1), (1, 1), (1, 1), 0, 0, cin,
+                              consts, body)
         self.step(f"{mod.op} {mod.name} (pointwise)", self._inputs(mod), [out.name], body, consts, scratch)
 
     def _simd_pointwise(self, mod, x: Tensor, out: Tensor, n: int, cin: int, cout: int, hw: int, consts: list,
@@ -651,6 +687,8 @@ for (int p = 0; p < {hw}; p++) {{
 }}
 }}"""
         body, scratch = self._simd_pointwise(mod, x, out, n, cin, cout, hw, consts, body, -(-cin * hw // 4))
+        body = self._small_or(mod, x, out, (n, cin, 1, hw), (cout, 1, hw), 1, (1, 1), (1, 1), (1, 1), 0, 0, cin,
+                              consts, body)
         self.step(f"{mod.op} {mod.name} (pointwise, few pixels)", self._inputs(mod), [out.name], body, consts, scratch)
 
     def _conv_transpose(self, mod, out: Tensor) -> None:
@@ -708,6 +746,8 @@ for (int oc = 0; oc < {cout}; oc++) for (int p = 0; p < {oh * ow}; p++) {{
         {tail}
     }}
 }}"""
+        body = self._small_or(mod, x, out, (rows, kk, 1, 1), (c, 1, 1), 1, (1, 1), (1, 1), (1, 1), 0, 0, kk,
+                              consts, body)
         self.step(f"{mod.op} {mod.name}", self._inputs(mod), [out.name], body, consts)
 
     def _pool(self, mod, out: Tensor) -> None:
