@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -24,7 +25,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, emoji=False)
+    """One line on stderr: the message as written (escaped: "[detect]" or a path in brackets is
+    text, not rich markup)."""
+    err.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False, emoji=False)
     sys.exit(code)
 
 
@@ -436,14 +439,10 @@ def validate(float_model, quant_model, data, labels, decode, postprocess, conf, 
     from .validate import validate as run_validate
 
     names = [c.strip() for c in label_classes.split(",") if c.strip()] if label_classes else None
-    try:
-        r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
-                         batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
-                         threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
-                         label_classes=names)
-    except DfqError as e:  # _fail prints rich markup: keep "[detect]" and the like as written
-        from rich.markup import escape
-        raise DfqError(escape(str(e))) from e
+    r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
+                     batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
+                     threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
+                     label_classes=names)
     if _maybe_json(r, as_json):
         return
     if r.get("c_library"):

@@ -281,3 +281,11 @@ def test_format_qonnx_writes_quant_nodes(tmp_path):
     m = onnx.load(out)
     assert any(n.op_type == "Quant" and n.domain == "qonnx.custom_op.general" for n in m.graph.node)
     assert not any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+
+def test_an_error_message_with_brackets_keeps_them(tmp_path):
+    """Error lines go through rich: a path like "scan[bold].onnx" (or "[detect]") was read as markup
+    and lost its brackets."""
+    missing = tmp_path / "scan[bold].onnx"
+    res = invoke("convert", missing, tmp_path / "o.onnx", "--calib", CALIB)
+    assert_clean_failure(res, 1, "scan[bold].onnx: no such file")
