@@ -4,7 +4,8 @@
     DFQ_SIMD 2  x86 AVX2: 256-bit vectors, 8 pixels; vpdpbusd where AVX-VNNI is there, else the codes
                 widened to int16 pairs and vpmaddwd (exact: no int16 saturation, unlike vpmaddubsw)
     DFQ_SIMD 1  ARM NEON with the dot product extension (sdot): 128-bit vectors, 4 pixels
-    DFQ_SIMD 0  portable C99 (the per-layer kernels of emit_c.py); forced by -D<PREFIX>_PORTABLE
+    DFQ_SIMD 0  portable C99 (the per-layer kernels of emit_c.py); forced by -D<PREFIX>_PORTABLE, and
+                by -D<PREFIX>_SMALL (DFQ_SMALL: convolutions and Gemm by one shared kernel, dfq_conv)
 
 The SIMD families share one matrix-product microkernel (dfq_mm) for pointwise convolutions and
 convolutions by patch rows: out[c, p] = bias[c] + sum_k w[c, k] x[k, p] over a tile of MT output
@@ -15,7 +16,8 @@ registers (the rounding shift of emit_c's runtime, lane-wise) and stored as code
 Operand layouts, written by the generator (weights, static const) or by the kernel (activations):
   weights  [C/8][K/4][8][4] int8 (channels and K padded with zero codes);
   codes    [K/4][Ppad][4], gathered per step from the NCHW tensor (or from patch rows) into the
-           scratch; x86 takes them unsigned (int8 codes + 128, the weight sums times 128 taken off
+           scratch; or, for a direct convolution, [cin/4][phases][Q][4] phase planes of the padded
+           input that each K step reads at its own offset (dfq_mm_t.koff); x86 takes them unsigned (int8 codes + 128, the weight sums times 128 taken off
            the bias), ARM signed (uint8 codes - 128, the weight sums times 128 added to the bias) --
            the offset trick of XNNPACK; the int32 sums are exact: the dot products wrap like the
            portable path's additions would not, and the true sum is proven to fit int32 (quantized.py),

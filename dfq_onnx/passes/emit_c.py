@@ -25,15 +25,19 @@ dot products; the requantizer is branch-free where a channel shifts right.
 Kernel families (c_kernels.py), chosen by the preprocessor where the library is compiled:
 AVX512-VNNI (vpdpbusd), AVX2 (vpmaddwd on codes widened to int16; vpdpbusd with AVX-VNNI), ARM
 NEON with the dot product (sdot), and the portable C99 kernels above, which -D<PREFIX>_PORTABLE
-forces. The SIMD families compute pointwise convolutions and one-group convolutions (by packed
-patches) with one shared register-tiled matrix-product kernel reading weights packed at generation
-time, and (x86) depthwise convolutions with a vpmaddwd kernel; every other step, and any layer a
-SIMD kernel does not take (grouped convolutions, Gemm, depthwise with a residual or a left shift,
-ARM depthwise), uses the portable kernel in every family. -D<PREFIX>_THREADS=N (with -pthread)
-splits the SIMD matrix products over N threads by blocks of output channels. Every family gives
-the same codes (tests/test_c_export.py, tests/test_c_families.py). Code size: the SIMD kernels are
-shared functions, each layer a constant descriptor; the portable kernels are one specialized
-function per layer (no separate small build: the portable build is the microcontroller build).
+forces. The SIMD families compute pointwise convolutions and one-group convolutions with one
+shared register-tiled matrix-product kernel reading weights packed at generation time: a
+one-group convolution on 3 input channels or more directly (its padded input packed once into
+stride phase planes of channel quads, each K step a tap and a channel quad read at a fixed offset,
+over a grid as wide as a phase plane: no patch copies), on fewer by packed patches; (x86)
+depthwise convolutions with a vpmaddwd kernel; tables (activations) by byte-indexed lookups
+(AVX512-VBMI permutes, NEON table lookups). Every other step, and any layer a SIMD kernel does not
+take (grouped convolutions, Gemm, depthwise with a residual or a left shift, ARM depthwise), uses
+the portable kernel in every family. -D<PREFIX>_THREADS=N (with -pthread) splits the SIMD matrix
+products over N threads by blocks of output channels. -D<PREFIX>_SMALL (microcontrollers): the
+portable family with every convolution and Gemm one call of a shared generic kernel (dfq_conv,
+shapes in a constant descriptor) instead of a function specialized per layer. Every family gives
+the same codes (tests/test_c_export.py, tests/test_c_families.py).
 
 Arithmetic, all in int32 (the IR proves every sum fits):
 - rounding right shift, ties to even: floor((v + 2^(s-1) - 1 + bit_s(v)) / 2^s) with an arithmetic
