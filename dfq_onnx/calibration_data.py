@@ -141,8 +141,10 @@ def label_from_name(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check_batch(batch: dict, specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
-    """Validate one batch against the model inputs; return it as float arrays of the input dtype."""
+def check_batch(batch: dict, specs: list[InputSpec], where: str, casts: dict | None = None) -> dict[str, np.ndarray]:
+    """Validate one batch against the model inputs; return it as float arrays of the input dtype.
+    casts: input name -> (the data's dtype, the model's) is recorded there for every input whose
+    data had to be cast (float64 or float16 data for a float32 input, integers, ...)."""
     if not isinstance(batch, dict):
         raise DfqError(f"{where}: expected a dict of input name -> array, got {type(batch).__name__}")
     names = {s.name for s in specs}
@@ -164,6 +166,8 @@ def check_batch(batch: dict, specs: list[InputSpec], where: str) -> dict[str, np
                 raise DfqError(f"{where}: input {s.name!r} has shape {a.shape}, model expects {_fmt_shape(s.shape)}")
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             raise DfqError(f"{where}: input {s.name!r} contains NaN or Inf")
+        if casts is not None and a.dtype != s.dtype:
+            casts[s.name] = (str(a.dtype), str(np.dtype(s.dtype)))
         out[s.name] = a.astype(s.dtype, copy=False)
     return out
 
@@ -184,6 +188,7 @@ class DataSource:
         self.pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess)
         self.src = src
         self.where = "calibration data"
+        self.casts: dict[str, tuple[str, str]] = {}  # input -> (data dtype, model dtype) where data was cast
         self._kind = self._classify(src)
 
     def _classify(self, src) -> str:
@@ -288,7 +293,7 @@ class DataSource:
         buf: list[dict[str, np.ndarray]] = []
         buf_n = done = 0
         for item in self._samples():
-            item = check_batch(item, self.specs, self.where)
+            item = check_batch(item, self.specs, self.where, self.casts)
             n = _rows(item)
             if limit is not None and done + buf_n + n > limit:
                 n = limit - done - buf_n

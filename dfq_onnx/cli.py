@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,10 +20,34 @@ from . import __version__
 from .config import QuantConfig
 from .errors import DfqError
 
-out = Console(highlight=False, soft_wrap=True)
-if not out.is_terminal:  # pipes and files: do not wrap at 80 columns
-    out = Console(highlight=False, soft_wrap=True, width=120)
+class _Out:
+    """stdout for tables: rich on a terminal; for pipes and files, the same text rendered at 120
+    columns (no wrap at 80) with every line's trailing padding removed."""
+
+    def __init__(self):
+        self.console = Console(highlight=False, soft_wrap=True)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.console.is_terminal
+
+    def print(self, *objects, **kw) -> None:
+        if self.console.is_terminal:
+            self.console.print(*objects, **kw)
+            return
+        render = Console(highlight=False, soft_wrap=True, width=120, record=True, file=io.StringIO(),
+                         color_system=None)
+        render.print(*objects, **kw)
+        click.echo("\n".join(line.rstrip() for line in render.export_text().splitlines()))
+
+
+out = _Out()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _n(count: int, word: str, plural: str | None = None) -> str:
+    """'1 module', '2 modules' (plural: the plural form where it is not word + s)."""
+    return f"{count} {word if count == 1 else plural or word + 's'}"
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -280,6 +306,8 @@ def _summary(result, config, inp, outp) -> dict:
 
 
 def _print_summary(s: dict) -> None:
+    from .passes.search_exponents import LOCAL_CONFIRM_DB
+
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -320,7 +348,10 @@ def _print_summary(s: dict) -> None:
         t.add_row("calibration", f"none (data-free): {f['bn_derived']} tensors from BatchNorm statistics, "
                                  f"{f['random']} from random N(0, 1) inputs")
     else:
-        t.add_row("calibration", f"{s['calibration_samples']} samples")
+        casts = f.get("calibration_casts") or {}
+        t.add_row("calibration", _n(s['calibration_samples'], 'sample') +
+                  ("; cast to the model's input type: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in casts.items())
+                   if casts else ""))
     md = f.get("max_drop_search")
     if md:
         t.add_row("max drop", f"top-1 agreement {md['agreement_top1']:.1f} % on {md['samples']} calibration samples "
@@ -341,14 +372,15 @@ def _print_summary(s: dict) -> None:
                                   "between them)")
     if "local_search_groups" in f:
         sq = f.get("search_sqnr_db")
-        t.add_row("exponent search", f"fast: {f['local_search_proposed']} of {f['local_search_groups']} activation groups "
+        t.add_row("exponent search", f"fast: {f['local_search_proposed']} of {_n(f['local_search_groups'], 'activation group')} "
                   "do better at their readers' outputs one fraction off" +
-                  (f"; {'kept' if f['exponents_moved'] else 'not kept'} (model output SQNR on the search samples "
-                   f"{sq[0]:.2f} -> {sq[1]:.2f} dB)" if sq else ""))
+                  (f"; {'kept' if f['exponents_moved'] else 'not kept'}: model output SQNR on the search samples "
+                   f"{sq[0]:.2f} -> {sq[1]:.2f} dB (the moves are kept only if it rises by more than "
+                   f"{LOCAL_CONFIRM_DB:g} dB)" if sq else ""))
     elif "exponents_moved" in f:
         a, b = f["search_sqnr_db"]
         held = f.get("search_confirmed_db")
-        t.add_row("exponent search", f"full: {f['exponents_moved']} activation fractions moved (output SQNR on the "
+        t.add_row("exponent search", f"full: {_n(f['exponents_moved'], 'activation fraction')} moved (output SQNR on the "
                   f"search samples {a:.2f} -> {b:.2f} dB" +
                   (f"; on the confirming samples {held[0]:.2f} -> {held[1]:.2f} dB"
                    + ("" if f["exponents_moved"] else ": not confirmed, none kept") if held else "") + ")")
@@ -363,15 +395,18 @@ def _print_summary(s: dict) -> None:
         t.add_row("sparsity", f"{s['sparsity']} in {f.get('pruned_modules', 0)} modules"
                   f" ({'jointly with rounding' if f.get('gptq_modules') else 'by magnitude'})"
                   + (f"; {len(dense)} dense (depthwise, or input channels not a multiple of the group)" if dense else ""))
-    t.add_row("range alignment", f"{s['facts'].get('aligned', 0)} tensors between convolutions")
-    t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else f"{f.get('bias_corrected', 0)} modules")
+    t.add_row("range alignment", f"{_n(s['facts'].get('aligned', 0), 'tensor')} between convolutions")
+    t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else _n(f.get('bias_corrected', 0), 'module'))
     if f.get("narrowed"):
         t.add_row("int32 range", f"weight fractions lowered in {sum(f['narrowed'].values())} channels of "
                                  f"{len(f['narrowed'])} modules so that no accumulator can overflow int32")
     if f.get("residual_rounded"):
         t.add_row("int32 range", f"{f['residual_rounded']} residual channels rounded to the accumulator's fraction "
                                  "(the exact alignment could overflow int32)")
-    t.add_row("time", f"{s['seconds']:.2f} s")
+    started = getattr(sys.modules.get("dfq_onnx_launcher"), "STARTED", None)
+    t.add_row("time", f"{s['seconds']:.2f} s converting (reading the model to the quantized model)" +
+              (f"; {time.perf_counter() - started:.2f} s since the command started (imports and writing included)"
+               if started is not None else ""))
     t.add_row("output", s["output"])
     out.print(t)
 

@@ -211,6 +211,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
                            dict(plan.float_ops), time.perf_counter() - t0,
                            seen[0], {**facts, **eq_facts, **align_facts, **bias_facts, **free_facts, **search_facts, **round_facts,
                                      "float_normalizations": plan.float_norms,
+                                     "calibration_casts": dict(data.casts) if data is not None else {},
                                      "narrowed": qm.facts["narrowed"], "residual_rounded": qm.facts["residual_rounded"],
                                      "max_accumulator_bits": qm.facts["max_accumulator_bits"],
                                      "saturation_guarded": len(guarded), "saturation_guarded_modules": guarded,

@@ -2,6 +2,7 @@
 file, input untouched."""
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -289,3 +290,20 @@ def test_an_error_message_with_brackets_keeps_them(tmp_path):
     missing = tmp_path / "scan[bold].onnx"
     res = invoke("convert", missing, tmp_path / "o.onnx", "--calib", CALIB)
     assert_clean_failure(res, 1, "scan[bold].onnx: no such file")
+
+
+def test_piped_summary_has_no_padding_and_says_what_happened(tmp_path):
+    """Piped (CliRunner's stdout is not a terminal): no line ends in padding; float64 calibration
+    data is cast and the summary says so; counts agree with their nouns; the exponent search states
+    its rule; the time says what it counts."""
+    calib = tmp_path / "c64.npz"
+    np.savez(calib, input=np.load(CALIB)["input"][:32].astype(np.float64))
+    res = invoke("convert", SHIPPED, tmp_path / "o.onnx", "--calib", calib)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines and not [ln for ln in lines if ln != ln.rstrip()], [ln for ln in lines if ln != ln.rstrip()][:3]
+    text = " ".join(" ".join(ln.split()) for ln in lines)
+    assert "32 samples; cast to the model's input type: input float64 -> float32" in text, text
+    assert not re.search(r"\b1 (modules|tensors|samples|activation groups|activation fractions)\b", text), text
+    assert "kept only if it rises by more than 0.1 dB" in text or "exponent search" not in text
+    assert "s converting (reading the model to the quantized model)" in text
