@@ -86,9 +86,10 @@ def handle_errors(fn):
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="dfq-onnx")
-def main():
+@click.pass_context
+def main(ctx):
     """dfq-onnx: quantize ONNX models with power-of-two scales (requantization by shifts).
 
     Linear layers are merged with their bias, residual Add and activation into unified modules
@@ -96,6 +97,8 @@ def main():
     ops on two activations an integer product or sum with one rounding; every scale is an exact
     power of two.
     """
+    if ctx.invoked_subcommand is None:  # bare `dfq-onnx`: the help, and success
+        click.echo(ctx.get_help())
 
 
 @main.command()
@@ -106,8 +109,8 @@ def main():
                    "or a folder of images (see --preprocess); or `none` for data-free mode (ranges "
                    "from BatchNorm statistics, random inputs where there are none; no bias "
                    "correction; check the result with validate). Required unless --float-only.")
-@click.option("--num-samples", default=128, show_default=True, type=int, help="Calibration samples to use.")
-@click.option("--batch-size", default=QuantConfig.batch_size, show_default=True, type=int,
+@click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1), help="Calibration samples to use.")
+@click.option("--batch-size", default=QuantConfig.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Calibration batch size (memory grows with it; speed barely does).")
 @click.option("--preprocess", metavar="SPEC",
               help='Image preprocessing, e.g. "resize=256 size=224 mean=0.485,0.456,0.406 '
@@ -438,8 +441,8 @@ def _print_summary(s: dict) -> None:
 @click.option("--label-classes", metavar="NAMES",
               help="Comma-separated class names in the model's class order, matched to COCO category names "
                    "or KITTI types [KITTI default: Car,Van,Truck,Pedestrian,Person_sitting,Cyclist,Tram,Misc].")
-@click.option("--num-samples", type=int, default=None, help="Use only the first N samples (default: all).")
-@click.option("--batch-size", default=32, show_default=True, type=int,
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N samples (default: all).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run of the models (memory grows with it); a model with a fixed "
                    "batch dim gets its own size, and a C library is fed one sample at a time.")
 @click.option("--preprocess", metavar="SPEC", help="Image preprocessing, as for convert.")
@@ -603,7 +606,7 @@ def _print_validate_c(r: dict) -> None:
                    "alignment or bias correction) and report each one's output SQNR and top-1 agreement "
                    "with float on the first 64 calibration samples, most sensitive first (needs --calib).")
 @click.option("--calib", metavar="DATA", help="With --hw/--sensitivity: calibration data, as for convert --calib.")
-@click.option("--num-samples", default=128, show_default=True, type=int,
+@click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1),
               help="With --hw/--sensitivity: calibration samples.")
 @click.option("--preprocess", metavar="SPEC", help="With --hw/--sensitivity: image preprocessing, as for convert.")
 @click.option("--weight-bits", default=8, show_default=True, type=click.IntRange(2, 8),

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from dfq_onnx.cli import main
 
-from helpers import CALIB, SHIPPED
+from helpers import CALIB, SHIPPED, TEST
 
 
 def digest(p):
@@ -307,3 +307,17 @@ def test_piped_summary_has_no_padding_and_says_what_happened(tmp_path):
     assert not re.search(r"\b1 (modules|tensors|samples|activation groups|activation fractions)\b", text), text
     assert "kept only if it rises by more than 0.1 dB" in text or "exponent search" not in text
     assert "s converting (reading the model to the quantized model)" in text
+
+
+def test_usage_errors_exit_2_and_bare_command_shows_help(tmp_path):
+    """Out-of-range counts are usage errors (exit 2 with click's usage line, like --weight-bits 9);
+    `dfq-onnx` alone prints the help and succeeds."""
+    for args in (("convert", SHIPPED, tmp_path / "o.onnx", "--calib", CALIB, "--num-samples", 0),
+                 ("convert", SHIPPED, tmp_path / "o.onnx", "--calib", CALIB, "--batch-size", 0),
+                 ("convert", SHIPPED, tmp_path / "o.onnx", "--calib", CALIB, "--weight-bits", 9),
+                 ("validate", SHIPPED, SHIPPED, "--data", TEST, "--num-samples", 0)):
+        res = invoke(*args)
+        assert res.exit_code == 2 and "Usage:" in res.output + res.stderr, (args, res.exit_code, res.output)
+        assert not (tmp_path / "o.onnx").exists()
+    res = invoke()
+    assert res.exit_code == 0 and "Commands:" in res.output and "convert" in res.output
