@@ -11,6 +11,9 @@ Counting rules:
 - weight_quantizers: constant tensors that are quantized (DequantizeLinear or QuantizeLinear of
   an initializer, or the integer weight of a ConvInteger/MatMulInteger).
 - scales: every element of every scale tensor of a Q/DQ node, counted once per tensor.
+- QONNX: a Quant node (quantize and dequantize in one) counts as a QuantizeLinear: on a constant
+  it is a weight quantizer, after a pass-through op whose input comes from a Quant of the same
+  scale, zero point and bit width it is lossless, else a requantization point; its scale counts.
 - per_layer_requant_points (float models only, else null): what a per-layer scheme would need
   on this graph: graph inputs plus one per output of every op that computes new values (Conv,
   BatchNormalization, activations, Add, ...; not pass-through ops).
@@ -29,6 +32,7 @@ from .graph_utils import PASS_THROUGH_OPS
 from .model_io import default_opset, read_model
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QONNX_QUANT = "Quant"  # QONNX's quantizer (x, scale, zero point, bit width): a Q/DQ pair in one node
 SHIFT_OPS = ("RoundingShift", "RoundingDivide")  # dfq's integer requantizers
 INTEGER_LINEAR = ("ConvInteger", "MatMulInteger")
 
@@ -51,7 +55,11 @@ def _qparams(node: onnx.NodeProto, consts) -> tuple | None:
     z = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
     if z is None:
         return None
-    return (s.tobytes(), s.shape, np.asarray(z).astype(np.int64).tobytes())
+    bits = consts.get(node.input[3]) if node.op_type == QONNX_QUANT and len(node.input) > 3 else None
+    return (s.tobytes(), s.shape, np.asarray(z).astype(np.int64).tobytes(),
+            None if bits is None else np.asarray(bits).tobytes(),
+            tuple((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)
+            if node.op_type == QONNX_QUANT else None)
 
 
 def inspect_model(model) -> dict:
@@ -70,7 +78,7 @@ def inspect_model(model) -> dict:
         lossless += kind == "lossless"
         if n.op_type in INTEGER_LINEAR and len(n.input) > 1 and n.input[1] in consts:
             quantized_consts.add(n.input[1])
-        if n.op_type in QDQ_OPS:
+        if n.op_type in QDQ_OPS + (QONNX_QUANT,):
             if len(n.input) > 1 and n.input[1] in consts:
                 scale_tensors[n.input[1]] = consts[n.input[1]]
             if n.input[0] in consts:
@@ -139,7 +147,7 @@ def quantized_ops(model: onnx.ModelProto) -> list[str]:
     """The op types that show a model is already quantized (Q/DQ, integer and QLinear kernels,
     dfq-onnx's requantizers), sorted."""
     ops = {n.op_type for n in model.graph.node}
-    return sorted(op for op in ops if op in QDQ_OPS + INTEGER_LINEAR + ("DynamicQuantizeLinear",)
+    return sorted(op for op in ops if op in QDQ_OPS + INTEGER_LINEAR + ("DynamicQuantizeLinear", QONNX_QUANT)
                   or op.startswith(SHIFT_OPS + ("QLinear",)))
 
 
@@ -150,7 +158,7 @@ def _requant_kind(n: onnx.NodeProto, producer, consts) -> str | None:
         return "requant"
     if _is_table(n, consts):  # a lookup table: its entries were rounded once, at conversion
         return "requant"
-    if n.op_type != "QuantizeLinear" or n.input[0] in consts:
+    if n.op_type not in ("QuantizeLinear", QONNX_QUANT) or n.input[0] in consts:
         return None
     return "lossless" if _is_lossless(n, producer, consts) else "requant"
 
@@ -180,9 +188,10 @@ def _is_lossless(q: onnx.NodeProto, producer, consts) -> bool:
     if p.op_type != "Concat":
         data = data[:1]
     want = _qparams(q, consts)
+    source = QONNX_QUANT if q.op_type == QONNX_QUANT else "DequantizeLinear"
     for i in data:
         d = producer.get(i)
-        if d is None or d.op_type != "DequantizeLinear" or want is None or _qparams(d, consts) != want:
+        if d is None or d.op_type != source or want is None or _qparams(d, consts) != want:
             return False
     return True
 

@@ -37,6 +37,32 @@ def _session(model, threads: int, simulated: bool = False) -> ort.InferenceSessi
                        f"{str(e).strip().splitlines()[0]}") from None
 
 
+def qonnx_as_qcdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A QONNX model (QONNX Quant nodes) as qonnx's QuantToQCDQ writes it: the same quantizers as
+    QuantizeLinear/Clip/DequantizeLinear, which onnxruntime runs; any other model unchanged. Needs
+    the qonnx package (the [qonnx] extra): without it, a one-line error that says so."""
+    if not any(n.op_type == "Quant" and n.domain.startswith("qonnx") for n in model.graph.node):
+        return model
+    try:
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.transformation.infer_shapes import InferShapes
+        from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
+    except ImportError:
+        raise DfqError("the quantized model is QONNX (Quant nodes), which onnxruntime cannot run: validate "
+                       "converts it with qonnx; pip install 'dfq-onnx[qonnx]'") from None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    try:
+        out = ModelWrapper(m).transform(InferShapes()).transform(QuantToQCDQ()).model
+    except Exception as e:
+        raise DfqError(f"qonnx cannot convert the QONNX model to QuantizeLinear/DequantizeLinear: "
+                       f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    if any(n.op_type == "Quant" for n in out.graph.node):
+        raise DfqError("qonnx left Quant nodes it cannot express as QuantizeLinear/DequantizeLinear "
+                       "(more than 8 bits, or a non-integer zero point): onnxruntime cannot run them")
+    return out
+
+
 def _topk(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits.reshape(len(logits), -1), axis=1)[:, :k]
 
@@ -92,7 +118,8 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     Person_sitting, Cyclist, Tram, Misc; DontCare and other types are skipped). Boxes are in
     model-input pixels.
 
-    quant_model may also be a folder written by `convert --format c`: see validate_c."""
+    quant_model may also be a folder written by `convert --format c`: see validate_c; or a QONNX
+    model (Quant nodes), run as qonnx's QCDQ conversion of it (qonnx_as_qcdq)."""
     box = _box_setup(labels, decode, postprocess)
     if box["labels"] is not None:
         labels = None
@@ -101,7 +128,10 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
                           batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
                           threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
                           label_classes=label_classes, _box=box)
-    fm, qm = read_model(float_model, False), read_model(quant_model, False)
+    fm, read = read_model(float_model, False), read_model(quant_model, False)
+    qm = qonnx_as_qcdq(read)
+    if qm is not read:  # a QONNX model: onnxruntime runs its QCDQ conversion
+        quant_model = qm
     fs, qs = input_specs(fm), input_specs(qm)
     if [(s.name, s.dtype, s.shape[1:]) for s in fs] != [(s.name, s.dtype, s.shape[1:]) for s in qs]:
         raise DfqError("the two models have different inputs: "

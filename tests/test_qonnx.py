@@ -78,3 +78,37 @@ def test_qcdq_conversion_equals_qdq_model(shipped_pair, test_data):
     got = run_ort(qcdq, {"input": x})[0]
     want = run_ort(r.model, {"input": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_inspect_counts_quant_nodes_like_the_qdq_model(shipped_pair):
+    """inspect on the QONNX file: its Quant nodes count as the QDQ model's quantizers do (the same
+    requantization points, the same lossless ones after pass-throughs), and every scale is a power
+    of two (it reported 0 of everything)."""
+    import dfq_onnx
+    r, q = shipped_pair
+    a, b = dfq_onnx.inspect(q), dfq_onnx.inspect(r.model)
+    assert a["requant_points"] == b["requant_points"] == r.requant_points
+    assert a["requant_lossless"] == b["requant_lossless"]
+    weights = sum(1 for n in q.graph.node if n.op_type == "Quant" and n.input[0] in {t.name for t in q.graph.initializer})
+    assert a["weight_quantizers"] == weights > 0
+    assert a["scales"]["total"] > 0 and a["scales"]["power_of_two"] == a["scales"]["total"]
+
+
+def test_validate_runs_a_qonnx_model_and_names_the_extra_without_qonnx(shipped_pair, tmp_path, monkeypatch):
+    """validate FLOAT QONNX runs the QONNX model through qonnx's QCDQ conversion: the figures equal
+    the QDQ model's (onnxruntime, same data). Without qonnx: one line naming the extra."""
+    import sys as _sys
+    from dfq_onnx.errors import DfqError
+    from dfq_onnx.validate import validate
+    from helpers import TEST
+    r, q = shipped_pair
+    path = tmp_path / "q.onnx"
+    onnx.save(q, path)
+    got = validate(SHIPPED, str(path), str(TEST), num_samples=200, runs=1)
+    want = validate(SHIPPED, r.model, str(TEST), num_samples=200, runs=1)
+    assert got["agreement_top1"] == want["agreement_top1"] and got["sqnr_db"] == want["sqnr_db"]
+    for mod in [m for m in _sys.modules if m == "qonnx" or m.startswith("qonnx.")]:
+        monkeypatch.setitem(_sys.modules, mod, None)
+    monkeypatch.setitem(_sys.modules, "qonnx", None)
+    with pytest.raises(DfqError, match=r"dfq-onnx\[qonnx\]"):
+        validate(SHIPPED, str(path), str(TEST), num_samples=10, runs=1)
