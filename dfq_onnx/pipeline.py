@@ -203,7 +203,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         out = to_qonnx(out, qm)
     if config.integer:
         opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
-        out.functions.extend(rounding_functions(opset))
+        used = {n.op_type for n in out.graph.node if n.domain == INT_DOMAIN}
+        out.functions.extend(f for f in rounding_functions(opset) if f.name in used)  # only those it calls
         out.opset_import.add(domain=INT_DOMAIN, version=1)
     kinds = {k: sum(1 for t in plan.requant if plan.requant_kind[t] == k) for k in ("input", "module", "table", "residual", "island")}
     per_layer = per_layer_requant_points(original)

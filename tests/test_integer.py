@@ -234,3 +234,11 @@ def test_average_pool_in_integers(kernel, pads, count_pad, tmp_path):
     f = run_ort(model, {"x": x})[0]
     q = run_ort(r.model, {"x": x})[0]
     assert 10 * np.log10(np.sum(f ** 2) / np.sum((f - q) ** 2)) > 20
+
+
+def test_the_integer_model_carries_only_the_functions_it_calls(shipped_int_unified_pair):
+    """Every model-local function is called by a node, and every dfq op called has its function
+    (it carried all six variants, two of them used)."""
+    m = shipped_int_unified_pair[0].model
+    called = {n.op_type for n in m.graph.node if n.domain == "dfq"}
+    assert called and {f.name for f in m.functions} == called
