@@ -477,10 +477,14 @@ def validate(float_model, quant_model, data, labels, decode, postprocess, conf, 
     from .validate import validate as run_validate
 
     names = [c.strip() for c in label_classes.split(",") if c.strip()] if label_classes else None
-    r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
-                     batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
-                     threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
-                     label_classes=names)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+        task = bar.add_task("running both models", total=None)
+        r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
+                         batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
+                         threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
+                         label_classes=names, on_start=lambda n: bar.update(task, total=n),
+                         on_batch=lambda n: bar.advance(task, n))
     if _maybe_json(r, as_json):
         return
     if r.get("c_library"):

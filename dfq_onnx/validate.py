@@ -92,8 +92,10 @@ def output_kind(y: np.ndarray) -> str:
 def validate(float_model, quant_model, data, *, labels=None, num_samples: int | None = None,
              batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
              threshold: float = 0.5, decode: str | None = None, postprocess: str | None = None,
-             conf: float | None = None, iou: float = 0.45, label_classes: list[str] | None = None) -> dict:
+             conf: float | None = None, iou: float = 0.45, label_classes: list[str] | None = None,
+             on_start=None, on_batch=None) -> dict:
     """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both.
+    on_start(number of samples) and on_batch(samples done in a batch) report progress.
 
     Figures by the first output's kind (output_kind): top-1/top-5 accuracy and top-1 agreement
     only for class scores (None otherwise); for a map, the percentage of elements on the same
@@ -127,7 +129,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         return validate_c(float_model, quant_model, data, labels=labels, num_samples=num_samples,
                           batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
                           threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
-                          label_classes=label_classes, _box=box)
+                          label_classes=label_classes, _box=box, on_start=on_start, on_batch=on_batch)
     fm, read = read_model(float_model, False), read_model(quant_model, False)
     qm = qonnx_as_qcdq(read)
     if qm is not read:  # a QONNX model: onnxruntime runs its QCDQ conversion
@@ -141,6 +143,8 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     if len(f_out) != len(q_out):
         raise DfqError(f"the two models have different outputs: {f_out} vs {q_out}")
     data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
+    if on_start is not None:
+        on_start(len(data))
     fsess, qsess = _session(float_model, threads), _session(quant_model, threads)
     ssess = _session(quant_model, threads, simulated=True)
     fixed = [s.fixed_batch for s in qs if s.fixed_batch is not None]
@@ -150,6 +154,8 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     outs_s: list[list[np.ndarray]] = [[] for _ in f_out]
     first = None
     for batch in data.batches(bs):
+        if on_batch is not None:
+            on_batch(len(next(iter(batch.values()))))
         if first is None:
             first = {k: v[:1] for k, v in batch.items()}
         try:
@@ -207,7 +213,7 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
                batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
                threshold: float = 0.5, decode: str | None = None, postprocess: str | None = None,
                conf: float | None = None, iou: float = 0.45, label_classes: list[str] | None = None,
-               _box: dict | None = None) -> dict:
+               _box: dict | None = None, on_start=None, on_batch=None) -> dict:
     """validate's figures for a C library folder (`convert --format c`): the library is built with
     the system C compiler (cached) and its NAME_run_float runs on the inputs the float model gets
     under onnxruntime, one sample at a time (its shapes are fixed at batch 1). The keys are
@@ -233,11 +239,15 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
         raise DfqError(f"the model has {len(f_out)} outputs {f_out} and the C library {len(lib.outputs)} "
                        f"{[p.name for p in lib.outputs]}")
     data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
+    if on_start is not None:
+        on_start(len(data))
     fsess = _session(float_model, threads)
     outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
     outs_c: list[list[np.ndarray]] = [[] for _ in f_out]
     first = None
     for batch in data.batches(batch_size):
+        if on_batch is not None:
+            on_batch(len(next(iter(batch.values()))))
         xs = [batch[s.name] for s in fs]
         runner.check_inputs([s.name for s in fs], [x.shape[1:] for x in xs])
         if first is None:

@@ -130,3 +130,12 @@ def test_a_probability_map_gets_thresholded_agreement_not_top1(tmp_path):
     per = [10 * np.log10(np.sum(a.astype(np.float64) ** 2) / np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(f, q)]
     assert r["map"]["sqnr_per_sample_median_db"] == pytest.approx(np.median(per), rel=1e-6)
     assert r["sqnr_db"]["y"] > 20
+
+
+def test_validate_reports_progress_over_every_sample(shipped_qdq):
+    """The progress callbacks (the CLI's bar on a terminal) see the sample count first and then
+    batches adding up to exactly the samples the figures are computed on."""
+    seen, total = [], []
+    r = validate(SHIPPED, shipped_qdq.model, str(TEST), num_samples=70, batch_size=32, runs=1,
+                 on_start=total.append, on_batch=seen.append)
+    assert total == [70] and sum(seen) == r["samples"] == 70 and seen == [32, 32, 6]
