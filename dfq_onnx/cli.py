@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -64,6 +66,39 @@ def _maybe_json(obj: dict, as_json: bool) -> bool:
     return as_json
 
 
+_state = {"output_written": False}  # set once the output is renamed into place (interrupts then exit 0)
+
+
+def _checkpoint(stage: str) -> None:
+    """Tests interrupt the command at named stages: with DFQ_TEST_SIGINT_AT=stage, send SIGINT to
+    this process here (start, calibrating, converted, written, printed)."""
+    if os.environ.get("DFQ_TEST_SIGINT_AT") == stage:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs at the next bytecode boundary
+
+
+def _restore_sigint() -> None:
+    """Python's KeyboardInterrupt handler for SIGINT again, after the heavy imports (a library may
+    have reset it to the default action, which ends the process without a word); an ignored SIGINT
+    (nohup, background job) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _write(save, *args) -> None:
+    """Run save(*args) (temporary file, then rename) with SIGINT held off until the output is in
+    place and marked written: an interrupt during the write takes effect after it, as a success."""
+    mask = hasattr(signal, "pthread_sigmask")
+    if mask:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        save(*args)
+        _state["output_written"] = True
+    finally:
+        if mask:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def handle_errors(fn):
     """One-line message and exit 1 for any failure; the traceback only with --debug."""
     @functools.wraps(fn)
@@ -77,6 +112,8 @@ def handle_errors(fn):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
+            if _state["output_written"]:  # the output is in place: the run has succeeded
+                sys.exit(0)
             _fail("interrupted", 130)  # the shell's code for SIGINT
         except Exception as e:  # an internal error: still one line unless --debug
             if debug:
@@ -203,6 +240,9 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
     from .model_io import check_output_path, save_library, save_model
     from .pipeline import fuse, run
 
+    _restore_sigint()
+    _checkpoint("start")
+
     if fmt == "c":
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
             raise click.UsageError(f"--prefix {prefix!r}: not a C identifier")
@@ -214,7 +254,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         check_output_path(output_model, input_model)
     if float_only:
         model = fuse(input_model)
-        save_model(model, output_model, input_model)
+        _write(save_model, model, output_model, input_model)
         if not quiet:
             out.print(f"wrote fused float model {output_model}")
         return
@@ -242,7 +282,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
             bar.update(task, description="rounding weights", completed=i, total=n)
         if max_drop is None:
             result = run(input_model, calib, config, preprocess=preprocess,
-                         on_start=lambda n: bar.update(task, total=n),
+                         on_start=lambda n: (bar.update(task, total=n), _checkpoint("calibrating")),
                          on_batch=lambda n: bar.advance(task, n), on_search=searching,
                          on_round=rounding_stage)
         else:
@@ -251,10 +291,12 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
             result, search = convert_max_drop(input_model, calib, config, max_drop, preprocess=preprocess,
                                               on_step=lambda msg: bar.update(task, description=msg))
             result.facts["max_drop_search"] = search
+    _checkpoint("converted")
     if result.library is not None:
-        save_library(result.library, result.model, output_model, input_model)
+        _write(save_library, result.library, result.model, output_model, input_model)
     else:
-        save_model(result.model, output_model, input_model)
+        _write(save_model, result.model, output_model, input_model)
+    _checkpoint("written")
     if "bn_derived" in result.facts:
         err.print("[bold yellow]warning:[/] data-free mode: activation ranges are estimated from BatchNorm "
                   f"statistics ({result.facts['bn_derived']} tensors) and random N(0, 1) inputs "
@@ -265,6 +307,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
     summary = _summary(result, config, input_model, output_model)
     if not _maybe_json(summary, as_json):
         _print_summary(summary)
+    _checkpoint("printed")
 
 
 def _parse_overrides(items) -> tuple[tuple, tuple]:

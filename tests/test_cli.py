@@ -2,6 +2,7 @@
 file, input untouched."""
 import hashlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -321,3 +322,24 @@ def test_usage_errors_exit_2_and_bare_command_shows_help(tmp_path):
         assert not (tmp_path / "o.onnx").exists()
     res = invoke()
     assert res.exit_code == 0 and "Commands:" in res.output and "convert" in res.output
+
+
+@pytest.mark.parametrize("stage,code", [("start", 130), ("calibrating", 130), ("converted", 130),
+                                        ("written", 0), ("printed", 0)])
+def test_sigint_at_each_stage(tmp_path, stage, code):
+    """A real SIGINT sent to the process at each stage (DFQ_TEST_SIGINT_AT): before the output is in
+    place, one line and 130, no output and no temporary file; once it is renamed into place the
+    run has succeeded: exit 0 and a whole model."""
+    out = tmp_path / "q.onnx"
+    env = {**os.environ, "DFQ_TEST_SIGINT_AT": stage}
+    p = subprocess.run([sys.executable, "-c", "import sys, dfq_onnx_launcher; sys.argv = ['dfq-onnx'] + sys.argv[1:]; "
+                        "dfq_onnx_launcher.main()", "convert", str(SHIPPED), str(out), "--calib", str(CALIB)],
+                       capture_output=True, text=True, env=env, timeout=300,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert p.returncode == code, (stage, p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert [q.name for q in tmp_path.iterdir()] == ([] if code else ["q.onnx"])
+    if code:
+        assert p.stderr.strip() == "error: interrupted"
+    else:
+        onnx.checker.check_model(onnx.load(str(out)))
