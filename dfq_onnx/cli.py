@@ -71,7 +71,8 @@ _state = {"output_written": False}  # set once the output is renamed into place 
 
 def _checkpoint(stage: str) -> None:
     """Tests interrupt the command at named stages: with DFQ_TEST_SIGINT_AT=stage, send SIGINT to
-    this process here (start, calibrating, converted, written, printed)."""
+    this process here (start, each of pipeline.STAGES by name as it begins, converted, written,
+    printed)."""
     if os.environ.get("DFQ_TEST_SIGINT_AT") == stage:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.5)  # the handler runs at the next bytecode boundary
@@ -280,11 +281,15 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
 
         def rounding_stage(i: int, n: int) -> None:
             bar.update(task, description="rounding weights", completed=i, total=n)
+
+        def staged(name: str) -> None:  # pipeline.STAGES, by name
+            bar.update(task, description=name.replace("_", " "))
+            _checkpoint(name)
         if max_drop is None:
             result = run(input_model, calib, config, preprocess=preprocess,
-                         on_start=lambda n: (bar.update(task, total=n), _checkpoint("calibrating")),
+                         on_start=lambda n: bar.update(task, total=n),
                          on_batch=lambda n: bar.advance(task, n), on_search=searching,
-                         on_round=rounding_stage)
+                         on_round=rounding_stage, on_stage=lambda name: staged(name))
         else:
             from .mixed_precision import convert_max_drop
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from dfq_onnx.cli import main
+from dfq_onnx.pipeline import STAGES
 
 from helpers import CALIB, SHIPPED, TEST
 
@@ -324,8 +325,8 @@ def test_usage_errors_exit_2_and_bare_command_shows_help(tmp_path):
     assert res.exit_code == 0 and "Commands:" in res.output and "convert" in res.output
 
 
-@pytest.mark.parametrize("stage,code", [("start", 130), ("calibrating", 130), ("converted", 130),
-                                        ("written", 0), ("printed", 0)])
+@pytest.mark.parametrize("stage,code", [("start", 130)] + [(st.__name__, 130) for st in STAGES] +
+                         [("converted", 130), ("written", 0), ("printed", 0)])
 def test_sigint_at_each_stage(tmp_path, stage, code):
     """A real SIGINT sent to the process at each stage (DFQ_TEST_SIGINT_AT): before the output is in
     place, one line and 130, no output and no temporary file; once it is renamed into place the
