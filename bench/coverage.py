@@ -827,14 +827,14 @@ def render_modern(cov: dict) -> list[str]:
     return L + [""]
 
 
-def splice(text: str, section: list[str]) -> str:
-    """BENCHMARKS.md text with its "## Coverage" section replaced by section (or inserted before the
-    hand-written reading of the figures, or appended)."""
+def splice(text: str, section: list[str], heading: str = "## Coverage") -> str:
+    """BENCHMARKS.md text with its section under `heading` replaced by section (or inserted before
+    the hand-written reading of the figures, or appended)."""
     ending = text[len(text.rstrip("\n")):] or "\n"
     lines = text.rstrip("\n").split("\n")
     block = section[:-1] if section and section[-1] == "" else section
-    if "## Coverage" in lines:
-        i = lines.index("## Coverage")
+    if heading in lines:
+        i = lines.index(heading)
         j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
         new = lines[:i] + block + ([""] if j < len(lines) else []) + lines[j:]
     else:

@@ -34,7 +34,6 @@ import datetime
 import importlib.util
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -370,22 +369,6 @@ def render_section(res: dict) -> list[str]:
     return L + [""]
 
 
-def splice(text: str, section: list[str]) -> str:
-    """BENCHMARKS.md with its "## QDQ speed" section replaced by section (or inserted before the
-    hand-written reading of the figures, or appended)."""
-    ending = text[len(text.rstrip("\n")):] or "\n"
-    lines = text.rstrip("\n").split("\n")
-    block = section[:-1] if section and section[-1] == "" else section
-    if "## QDQ speed" in lines:
-        i = lines.index("## QDQ speed")
-        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
-        new = lines[:i] + block + ([""] if j < len(lines) else []) + lines[j:]
-    else:
-        i = next((k for k, x in enumerate(lines) if x.startswith("## Reading the figures")), len(lines))
-        new = lines[:i] + ([""] if i == len(lines) else []) + block + [""] + lines[i:]
-    return "\n".join(new).rstrip("\n") + ending
-
-
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             RESULTS.write_text(json.dumps(res, indent=1))
         print(f"{len(names)} models in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
     res = json.loads(RESULTS.read_text())
-    args.out.write_text(splice(args.out.read_text(), render_section(res)))
+    args.out.write_text(_coverage().splice(args.out.read_text(), render_section(res), "## QDQ speed"))
     print(f"wrote {args.out} and {RESULTS}", file=sys.stderr)
     return 0
 

@@ -304,47 +304,28 @@ def render(results: dict) -> str:
               f"{results['concrete_ml']['machine']['cpu']} ({', '.join(results['concrete_ml']['machine']['flags'])}).", "",
               results["concrete_ml"]["markdown"], ""]
     if results.get("big"):  # bench/big.py: its section survives a re-render here
-        L += _big_module().render_section(results["big"])
+        L += _bench_module("big").render_section(results["big"])
     if results.get("coverage"):  # bench/coverage.py: its section survives a re-render here
-        L += _coverage_module().render_section(results["coverage"])
+        L += _bench_module("coverage").render_section(results["coverage"])
     if results.get("qdq_speed"):  # bench/qdq_speed.py: its section survives a re-render here
-        L += _qdq_speed_module().render_section(results["qdq_speed"])
+        L += _bench_module("qdq_speed").render_section(results["qdq_speed"])
     findings = HERE / "findings.md"  # hand-written reading of the figures; dated, kept in git
     if findings.exists():
         L += [findings.read_text().rstrip(), ""]
     return "\n".join(L) + "\n"
 
 
-def _coverage_module():
-    """bench/coverage.py, imported under another name (a plain `import coverage` could find the
-    coverage.py package instead)."""
+def _bench_module(stem: str):
+    """bench/STEM.py imported from its file as bench_STEM (a plain `import coverage` could find the
+    coverage.py package instead); registered in sys.modules, where dataclasses look their module up."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_coverage", HERE / "coverage.py")
+    name = f"bench_{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{stem}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_coverage"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _big_module():
-    """bench/big.py, imported from its file (as _coverage_module does for coverage.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_big", HERE / "big.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_big"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _qdq_speed_module():
-    """bench/qdq_speed.py, imported from its file (as _coverage_module does for coverage.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_qdq_speed", HERE / "qdq_speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_qdq_speed"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 

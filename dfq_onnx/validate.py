@@ -81,6 +81,19 @@ def _load_labels(labels) -> np.ndarray | None:
         raise DfqError(f"{p}: cannot read labels ({e})") from None
 
 
+def _kind_and_labels(F: list[np.ndarray], labels, data: DataSource) -> tuple[int, str, np.ndarray | None]:
+    """(samples, output kind, class labels): labels given, else the data's own, checked against the
+    sample count; None unless the first output holds class scores (labels mean nothing for a map)."""
+    n = len(F[0])
+    if labels is None:
+        labels = data.labels
+    labels = _load_labels(labels)
+    if labels is not None and len(labels) != n:
+        raise DfqError(f"labels: {len(labels)} labels for {n} samples")
+    kind = output_kind(F[0])
+    return n, kind, labels if kind == "classes" else None
+
+
 def output_kind(y: np.ndarray) -> str:
     """What the first output holds, from its shape without the batch axis: "classes" (one axis
     longer than 1: class scores), "map" (two or more: a probability, segmentation or detection
@@ -169,16 +182,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     F = [np.concatenate(o) for o in outs_f]
     Q = [np.concatenate(o) for o in outs_q]
     S = [np.concatenate(o) for o in outs_s]
-    n = len(F[0])
-    if labels is None:
-        labels = data.labels
-    labels = _load_labels(labels)
-    if labels is not None and len(labels) != n:
-        raise DfqError(f"labels: {len(labels)} labels for {n} samples")
-
-    kind = output_kind(F[0])
-    if kind != "classes":
-        labels = None  # class labels mean nothing for a map or a value
+    n, kind, labels = _kind_and_labels(F, labels, data)
     deployed, simulated = _compare(f_out, F, Q, labels, kind, threshold), _compare(f_out, F, S, labels, kind, threshold)
     det = _detection(box, fm, first, F, {"quant": Q, "simulated": S}, n, bs, conf, iou, label_classes)
     fi, qi = inspect_model(fm), inspect_model(qm)
@@ -262,15 +266,7 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
             outs_c[i].append(yc[i])
     F = [np.concatenate(o) for o in outs_f]
     C = [np.concatenate(o) for o in outs_c]
-    n = len(F[0])
-    if labels is None:
-        labels = data.labels
-    labels = _load_labels(labels)
-    if labels is not None and len(labels) != n:
-        raise DfqError(f"labels: {len(labels)} labels for {n} samples")
-    kind = output_kind(F[0])
-    if kind != "classes":
-        labels = None
+    n, kind, labels = _kind_and_labels(F, labels, data)
     r = _compare(f_out, F, C, labels, kind, threshold)
     det = _detection(box, fm, first, F, {"quant": C}, n, batch_size, conf, iou, label_classes)
     fi, qi = inspect_model(fm), inspect_model(lib.int_model)

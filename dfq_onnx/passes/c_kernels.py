@@ -412,6 +412,35 @@ static inline void dfq_mm_run(const dfq_mm_t *L, const uint8_t *xp, int P, const
     dfq_mm(L, xp, P, res, y, 0, L->C);
 }
 
+/* 4 rows of n codes interleaved to [n][4] (xor f: the family's offset). */
+static inline void dfq_interleave4(uint8_t *d, const unsigned char *r0, const unsigned char *r1,
+                                   const unsigned char *r2, const unsigned char *r3, int n, unsigned char f) {
+    int p = 0;
+#if DFQ_X86
+    const __m128i fv = _mm_set1_epi8((char)f);
+    for (; p + 16 <= n; p += 16) {
+        const __m128i a = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r0 + p)), fv);
+        const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r1 + p)), fv);
+        const __m128i c = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r2 + p)), fv);
+        const __m128i e = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r3 + p)), fv);
+        const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
+        const __m128i ce0 = _mm_unpacklo_epi8(c, e), ce1 = _mm_unpackhi_epi8(c, e);
+        _mm_storeu_si128((__m128i *)(d + 4 * p), _mm_unpacklo_epi16(ab0, ce0));
+        _mm_storeu_si128((__m128i *)(d + 4 * p + 16), _mm_unpackhi_epi16(ab0, ce0));
+        _mm_storeu_si128((__m128i *)(d + 4 * p + 32), _mm_unpacklo_epi16(ab1, ce1));
+        _mm_storeu_si128((__m128i *)(d + 4 * p + 48), _mm_unpackhi_epi16(ab1, ce1));
+    }
+#endif
+    if (p < n) {  /* the tail (all of it without SSE2), written so gcc 12 sees no dead loop tail */
+        uint8_t *dt = d + (size_t)4 * p;
+        const int m = n - p;
+        r0 += p; r1 += p; r2 += p; r3 += p;
+        for (int i = 0; i < m; i++, dt += 4) {
+            dt[0] = r0[i] ^ f; dt[1] = r1[i] ^ f; dt[2] = r2[i] ^ f; dt[3] = r3[i] ^ f;
+        }
+    }
+}
+
 /* The NCHW codes of one image, K rows of P pixels, packed to [K/4][Ppad][4] (offset per family). */
 static inline void dfq_pack_rows(uint8_t *xp, const void *x, int sgn, int K, int P) {
     const int Ppad = DFQ_PPAD(P);
@@ -421,31 +450,8 @@ static inline void dfq_pack_rows(uint8_t *xp, const void *x, int sgn, int K, int
     for (int k4 = 0; k4 < K4; k4++) {
         uint8_t *d = xp + (size_t)k4 * Ppad * 4;
         if (4 * k4 + 3 < K) {
-            const unsigned char *r0 = xb + (size_t)(4 * k4) * P, *r1 = r0 + P, *r2 = r1 + P, *r3 = r2 + P;
-            int p = 0;
-#if DFQ_X86
-            const __m128i fv = _mm_set1_epi8((char)f);
-            for (; p + 16 <= P; p += 16) {
-                const __m128i a = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r0 + p)), fv);
-                const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r1 + p)), fv);
-                const __m128i c = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r2 + p)), fv);
-                const __m128i e = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r3 + p)), fv);
-                const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
-                const __m128i ce0 = _mm_unpacklo_epi8(c, e), ce1 = _mm_unpackhi_epi8(c, e);
-                _mm_storeu_si128((__m128i *)(d + 4 * p), _mm_unpacklo_epi16(ab0, ce0));
-                _mm_storeu_si128((__m128i *)(d + 4 * p + 16), _mm_unpackhi_epi16(ab0, ce0));
-                _mm_storeu_si128((__m128i *)(d + 4 * p + 32), _mm_unpacklo_epi16(ab1, ce1));
-                _mm_storeu_si128((__m128i *)(d + 4 * p + 48), _mm_unpackhi_epi16(ab1, ce1));
-            }
-#endif
-            if (p < P) {  /* the tail (all of it without SSE2) */
-                uint8_t *dt = d + (size_t)4 * p;
-                const int n = P - p;
-                r0 += p; r1 += p; r2 += p; r3 += p;
-                for (int i = 0; i < n; i++, dt += 4) {
-                    dt[0] = r0[i] ^ f; dt[1] = r1[i] ^ f; dt[2] = r2[i] ^ f; dt[3] = r3[i] ^ f;
-                }
-            }
+            const unsigned char *r0 = xb + (size_t)(4 * k4) * P;
+            dfq_interleave4(d, r0, r0 + P, r0 + 2 * (size_t)P, r0 + 3 * (size_t)P, P, f);
         } else {
             for (int p = 0; p < P; p++) for (int j = 0; j < 4; j++) {
                 const int k = 4 * k4 + j;
@@ -483,29 +489,6 @@ static inline void dfq_pack_patches(uint8_t *xp, const void *x, int sgn, int cin
     }
 }
 
-/* 4 rows of n codes interleaved to [n][4] (xor f: the family's offset). */
-static inline void dfq_interleave4(uint8_t *d, const unsigned char *r0, const unsigned char *r1,
-                                   const unsigned char *r2, const unsigned char *r3, int n, unsigned char f) {
-    int p = 0;
-#if DFQ_X86
-    const __m128i fv = _mm_set1_epi8((char)f);
-    for (; p + 16 <= n; p += 16) {
-        const __m128i a = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r0 + p)), fv);
-        const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r1 + p)), fv);
-        const __m128i c = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r2 + p)), fv);
-        const __m128i e = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(r3 + p)), fv);
-        const __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
-        const __m128i ce0 = _mm_unpacklo_epi8(c, e), ce1 = _mm_unpackhi_epi8(c, e);
-        _mm_storeu_si128((__m128i *)(d + 4 * p), _mm_unpacklo_epi16(ab0, ce0));
-        _mm_storeu_si128((__m128i *)(d + 4 * p + 16), _mm_unpackhi_epi16(ab0, ce0));
-        _mm_storeu_si128((__m128i *)(d + 4 * p + 32), _mm_unpacklo_epi16(ab1, ce1));
-        _mm_storeu_si128((__m128i *)(d + 4 * p + 48), _mm_unpackhi_epi16(ab1, ce1));
-    }
-#endif
-    for (; p < n; p++) {
-        d[4 * p] = r0[p] ^ f; d[4 * p + 1] = r1[p] ^ f; d[4 * p + 2] = r2[p] ^ f; d[4 * p + 3] = r3[p] ^ f;
-    }
-}
 
 /* The direct convolution's operand (one image of a one-group convolution): the zero-padded input
    split into stride phase planes (phase (qy, qx) holds padded rows qy, qy + sh, ... and likewise

@@ -334,13 +334,10 @@ if ({cond}) {{
 }}
 }}"""
 
-    def _small_or(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, wstride: int, consts: list,
-                  body: str) -> str:
-        """`body` for every build but the small one (-D<PREFIX>_SMALL), where the layer is one call
-        of the shared kernel dfq_conv with a constant descriptor of its shapes; the weights are the
-        portable kernel's K_w ([cout][wstride])."""
-        n, cin, h, w = xs
-        cout, oh, ow = ys
+    def _requant_args(self, mod, consts: list) -> tuple:
+        """The requantizer's arguments of a linear module's kernel descriptor (shift, accumulator
+        shift, residual shift as constant names or NULL; the residual's signedness; code bounds),
+        their constants appended to `consts`."""
         sh = acc = res = "NULL"
         if mod.output is not None:
             consts.append(("shift", "int8_t", mod.shift))
@@ -354,6 +351,16 @@ if ({cond}) {{
             res = "K_res_shift"
             rsig = int(self.t(mod.residual.name).ctype == "int8_t")
         lo, hi = (mod.code_min, mod.code_max) if mod.output is not None else (0, 0)
+        return sh, acc, res, rsig, lo, hi
+
+    def _small_or(self, mod, x: Tensor, out: Tensor, xs, ys, g, k, s, d, pt, pl, wstride: int, consts: list,
+                  body: str) -> str:
+        """`body` for every build but the small one (-D<PREFIX>_SMALL), where the layer is one call
+        of the shared kernel dfq_conv with a constant descriptor of its shapes; the weights are the
+        portable kernel's K_w ([cout][wstride])."""
+        n, cin, h, w = xs
+        cout, oh, ow = ys
+        sh, acc, res, rsig, lo, hi = self._requant_args(mod, consts)
         bias = "K_bias" if mod.bias is not None else "NULL"
         small = (f"static const dfq_conv_t L = {{{n}, {cin}, {h}, {w}, {cout}, {oh}, {ow}, {g}, {k[0]}, {k[1]}, "
                  f"{s[0]}, {s[1]}, {d[0]}, {d[1]}, {pt}, {pl}, {wstride}, K_w, {bias}, {sh}, {acc}, {res}, {lo}, "
@@ -487,21 +494,9 @@ for (int b = 0; b < {n}; b++) for (int oc = 0; oc < {cout}; oc++) {{
         bx, ba = offset_biases(w2d, mod.bias, x.ctype == "int8_t")
         consts += [("wp", "int8_t", wp, "DFQ_SIMD"), ("bx", "int32_t", bx, "DFQ_SIMD && DFQ_X86"),
                    ("ba", "int32_t", ba, "DFQ_SIMD == 1")]
-        sh = acc = res = "NULL"
-        fast = mod.output is not None and bool(np.all(mod.shift > 0))
-        if mod.output is not None:
-            consts.append(("shift", "int8_t", mod.shift))
-            sh = "K_shift"
-        rsig = 0
-        if mod.residual is not None:
-            if np.any(mod.acc_shift > 0):
-                consts.append(("acc_shift", "int8_t", mod.acc_shift))
-                acc = "K_acc_shift"
-            consts.append(("res_shift", "int8_t", mod.residual_shift))
-            res = "K_res_shift"
-            fast = fast and bool(np.all(mod.residual_shift >= 0))
-            rsig = int(self.t(mod.residual.name).ctype == "int8_t")
-        lo, hi = (mod.code_min, mod.code_max) if mod.output is not None else (0, 0)
+        sh, acc, res, rsig, lo, hi = self._requant_args(mod, consts)
+        fast = mod.output is not None and bool(np.all(mod.shift > 0)) and \
+            (mod.residual is None or bool(np.all(mod.residual_shift >= 0)))
         return (f"static const dfq_mm_t L = {{{w2d.shape[0]}, {k4}, K_wp, DFQ_MM_BIAS(K_bx, K_ba), {sh}, {acc}, "
                 f"{res}, {lo}, {hi}, {int(out.ctype == 'int8_t')}, {rsig}, {ystride}, {int(fast)}, {koff}, {wq}, {ow}}};")
 
