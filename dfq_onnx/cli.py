@@ -165,9 +165,10 @@ def main(ctx):
 @click.option("--target", type=click.Choice(["ort", "ort-x86-vnni", "ort-x86", "ort-arm", "hw"]), default="ort",
               show_default=True,
               help="Where the model will run. ort: onnxruntime on any CPU, safe everywhere: on x86 without "
-                   "VNNI (AVX2) its u8 x s8 kernels sum pairs of products in int16, so each output channel whose "
-                   "two largest same-sign weight codes could saturate that gets a fraction one bit lower "
-                   "(repeated until none can); ort-x86 does the same. "
+                   "VNNI (AVX2) its u8 x s8 kernels sum pairs of products in int16 (adjacent input channels of one "
+                   "kernel tap; depthwise convolutions are exact), so each output channel with a pair of same-sign "
+                   "weight codes that could saturate that gets a fraction one bit lower (repeated until none can); "
+                   "ort-x86 does the same. "
                    "ort-x86-vnni, ort-arm: no limit (wrong results on AVX2-only x86 possible). hw: "
                    "integer hardware, the integer-only graph (--format int, whose u8 x u8 kernels need no limit).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "int", "c", "qonnx"]), default=None,
@@ -415,7 +416,7 @@ def _print_summary(s: dict) -> None:
         per = f.get("saturation_guarded_modules", {})
         t.add_row(f"target {s['target']}",
                   f"{f['saturation_guarded_channels']} weight channels in {f['saturation_guarded']} modules one bit "
-                  "coarser (no two same-sign codes add up past 128) so that int16 pair sums cannot saturate on x86 "
+                  "coarser (no pair of same-sign codes the kernels add adds up past 128) so that int16 pair sums cannot saturate on x86 "
                   "without VNNI" + (f": {', '.join(f'{n} {c}' for n, c in per.items())}" if len(per) <= 6 else "") +
                   "; --target ort-x86-vnni or ort-arm keeps every channel's fraction")
     if "equalized" in f:

@@ -41,7 +41,7 @@ class QuantConfig:
     #                               graph with QONNX Quant nodes, passes/emit_qonnx.py)
     prefix: str = "model"         # format c: the library's name (NAME.c, NAME.h, NAME_run)
     target: str = "ort"           # deployment: ort (any onnxruntime CPU, the safe default) and ort-x86 (no VNNI):
-    #                               weight codes kept within +-64 where they could saturate int16 pair sums;
+    #                               channels one bit coarser where a pair of codes the kernels add could saturate int16;
     #                               ort-x86-vnni | ort-arm: no limit; hw: the integer-only graph
     keep_float: tuple = ()        # names of unified modules (their linear/pool node) left in float
     overrides: tuple = ()         # (module name, weight bits) pairs: per-module weight precision

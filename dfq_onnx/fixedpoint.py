@@ -219,6 +219,26 @@ def u8s8_dot_avx2(x_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:
     return pairs.sum(axis=-1)
 
 
+def pair_sums_exceed(rows: np.ndarray, limit: int, adjacent: bool = True) -> np.ndarray:
+    """Per row (last axis) of integer weight codes, whether an x86 u8 x s8 kernel without VNNI
+    (u8s8_dot_avx2) can saturate on some u8 input: whether two codes it adds in int16 are of one
+    sign and add up past `limit` in magnitude (255 x 128 <= 32767, so limit 128). adjacent: the
+    pairs are elements (2i, 2i+1) of the row, as the kernel packs them (rows in its K order);
+    otherwise any two elements may pair, and a row's two largest same-sign codes decide."""
+    q = np.asarray(rows, np.int64)
+    if adjacent:
+        if q.shape[-1] % 2:
+            q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.int64)], axis=-1)
+        pos, neg = np.maximum(q, 0), np.maximum(-q, 0)
+        return ((pos[..., 0::2] + pos[..., 1::2] > limit) | (neg[..., 0::2] + neg[..., 1::2] > limit)).any(axis=-1)
+
+    def top2(v: np.ndarray) -> np.ndarray:
+        v = np.maximum(v, 0)
+        return v[..., 0] if v.shape[-1] < 2 else np.partition(v, v.shape[-1] - 2, axis=-1)[..., -2:].sum(axis=-1)
+
+    return (top2(q) > limit) | (top2(-q) > limit)
+
+
 def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
     """A real multiplier in (0, 1) as (m, s): m a Q31 integer in [2^30, 2^31), s >= 0 a right shift,
     real ~= m * 2^-31 * 2^-s (TFLite QuantizeMultiplier, right-shift case). Elementwise."""

@@ -274,6 +274,35 @@ def bias_codes(b: np.ndarray, acc_frac: np.ndarray) -> np.ndarray:
     return np.rint(np.ldexp(np.asarray(b, dtype=np.float64), np.asarray(acc_frac, dtype=np.int64))).astype(np.int64)
 
 
+def int16_pairs(node: gs.Node) -> bool | None:
+    """Whether onnxruntime's x86 u8 x s8 kernels without VNNI add this linear node's products in
+    int16 pairs (fixedpoint.u8s8_dot_avx2), along the rows kernel_rows gives: True for a Conv
+    (but a depthwise one), a Gemm and a MatMul with a 2-D weight, whose weights the kernels pack
+    as [K, N] with K in that order; False for a depthwise Conv (one input channel and one output
+    channel per group: its kernels widen every product to int32); None where the packing is not
+    known (any two weights of a channel may then pair)."""
+    shape = np.shape(node.inputs[1].values)
+    if node.op == "Conv":
+        return not (int(node.attrs.get("group", 1)) > 1 and shape[1] == 1
+                    and shape[0] == int(node.attrs.get("group", 1)))
+    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+        return True
+    if node.op == "MatMul" and len(shape) == 2:
+        return True
+    return None
+
+
+def kernel_rows(node: gs.Node, part: np.ndarray) -> np.ndarray:
+    """A slice of a linear node's weight along its output-channel axis as [channels, K] rows in
+    the order onnxruntime's kernels reduce over: a Conv's kernel taps, input channels fastest (its
+    filter reordered to [taps, C/group, M]); a Gemm's or MatMul's input dimension."""
+    if node.op == "Conv":
+        return np.moveaxis(part, 1, -1).reshape(part.shape[0], -1)
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return part.reshape(part.shape[0], -1)
+    return part.T
+
+
 def channel_fractions(node: gs.Node, frac, per_channel: bool) -> tuple[np.ndarray, int]:
     """(fraction per output channel, channel axis) of a linear node's weight: `frac` per channel,
     or its first entry for every channel of a per-tensor weight."""

@@ -11,7 +11,7 @@ from dfq_onnx.errors import DfqError
 from dfq_onnx.pipeline import run
 from dfq_onnx.sensitivity import EVAL_SAMPLES, module_sensitivity
 
-from helpers import CALIB, SHIPPED, run_ort
+from helpers import CALIB, SHIPPED, int8_weight_rows, run_ort, worst_pair_sum
 
 MODULES = ["/stem/stem.0/Conv", "/block1/conv1/Conv", "/block1/conv2/Conv", "/down/down.0/Conv",
            "/block2/conv1/Conv", "/block2/conv2/Conv", "/GlobalAveragePool", "/head/Gemm"]
@@ -128,19 +128,16 @@ def _weight_codes(model):
 
 def test_target_ort_x86_keeps_int16_pair_sums_from_saturating(test_data):
     """Without VNNI, onnxruntime's u8 x s8 kernels add two products in int16: with activation
-    codes up to 255 and any two weights of a channel paired, the two largest same-sign codes of
-    every channel must satisfy 255 * (|a| + |b|) <= 32767. Channels that already do keep their
+    codes up to 255, every pair the kernels add (helpers.int8_weight_rows) must satisfy
+    255 * (|a| + |b|) <= 32767 for same-sign codes a, b. Channels that already do keep their
     full-precision codes."""
-    def top2(w, sign):  # per output channel: the two largest codes of one sign, added
-        return np.sort(np.maximum(sign * w.reshape(w.shape[0], -1), 0), axis=1)[:, -2:].sum(axis=1)
-
-    full = _weight_codes(run(SHIPPED, CALIB, QuantConfig(target="ort-x86-vnni")).model)
-    assert max(int(top2(w, 1).max()) for w in full.values()) * 255 > 32767  # the risk exists
+    full = int8_weight_rows(run(SHIPPED, CALIB, QuantConfig(target="ort-x86-vnni")).model)
+    assert max(int(worst_pair_sum(w, s).max()) for w in full.values() for s in (1, -1)) * 255 > 32767  # the risk exists
     r = run(SHIPPED, CALIB, QuantConfig(target="ort-x86"))
-    codes = _weight_codes(r.model)
-    assert all(255 * top2(w, s).max() <= 32767 for w in codes.values() for s in (1, -1))
+    codes = int8_weight_rows(r.model)
+    assert all(255 * worst_pair_sum(w, s).max() <= 32767 for w in codes.values() for s in (1, -1))
     assert r.facts["saturation_guarded"] > 0
-    kept = sum(int(np.sum(np.all(full[n] == codes[n], axis=tuple(range(1, codes[n].ndim))))) for n in codes)
+    kept = sum(int(np.sum(np.all(full[n] == codes[n], axis=1))) for n in codes)
     assert kept > 0  # the guard works per channel: some channels' codes are untouched
     x, y = test_data
     assert 100 * np.mean(run_ort(r.model, {"input": x})[0].argmax(1) == y) >= 97.7  # float: 98.2

@@ -8,9 +8,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..config import U8S8_PAIR_SUM
-from ..fixedpoint import activation_fraction, weight_fractions
+from ..fixedpoint import activation_fraction, pair_sums_exceed, weight_fractions
 from ..graph_utils import out_channel_axis
-from ..quantized import CHUNK_ELEMENTS, channel_fractions, channel_slices, weight_codes
+from ..quantized import CHUNK_ELEMENTS, channel_fractions, channel_slices, int16_pairs, kernel_rows, weight_codes
 from .calibrate import TensorStats
 from .form_modules import Plan
 
@@ -84,46 +84,52 @@ def guard_saturation(graph: gs.Graph, exps: Exponents, per_channel: bool) -> tup
     without VNNI, and per module the number of output channels that needed it.
 
     Those kernels (vpmaddubsw) multiply u8 activation codes (0..255; signed codes are shifted to
-    u8) by s8 weight codes and add each two adjacent products in int16, saturating. Which weights
-    end up adjacent depends on the kernel's packing, so any two weights of an output channel may
-    pair: the channel is safe for every input iff its two largest positive codes, and its two
-    most negative ones, add up to at most U8S8_PAIR_SUM in magnitude (255 x 128 <= 32767).
-    Guarantees: a channel that is unsafe at its chosen fraction has the fraction lowered by one
-    (its codes halve) until it is safe; every other channel, and every activation fraction, is
-    unchanged. A per-tensor weight is lowered as a whole. Quantization is monotone, so the four
-    extreme weights of a channel decide it: the weight tensor is never quantized here."""
+    u8) by s8 weight codes and add products in int16 pairs, saturating: the pairs are elements
+    (2i, 2i+1) of each output channel's weights in the order the kernels reduce over
+    (quantized.kernel_rows: a Conv's taps with input channels fastest, a matrix's input
+    dimension). A channel is safe for every input iff no such pair holds two same-sign codes
+    adding up past U8S8_PAIR_SUM (255 x 128 <= 32767). Depthwise convolutions are never paired
+    (quantized.int16_pairs); where the packing is not known, any two weights of a channel may
+    pair. Guarantees: a channel that is unsafe at its chosen fraction has the fraction lowered by
+    one (its codes halve) until it is safe; every other channel, and every activation fraction, is
+    unchanged. A per-tensor weight is lowered as a whole."""
     nodes = {n.name: n for n in graph.nodes}
     weight, guarded = dict(exps.weight), {}
     for name, frac in exps.weight.items():
         node = nodes[name]
+        pairs = int16_pairs(node)
+        if pairs is False:
+            continue
         w = np.asarray(node.inputs[1].values)
         fr, axis = channel_fractions(node, frac, per_channel)
-        ext = _channel_extremes(w, axis)
+        bits = exps.weight_bits[name]
+        if pairs is None:  # any two weights may pair: the four extremes of a channel decide
+            ext = _channel_extremes(w, axis)
+
+            def risky_of(channels: np.ndarray) -> np.ndarray:
+                return pair_sums_exceed(weight_codes(ext[:, channels], fr[channels], bits, 1).T, U8S8_PAIR_SUM,
+                                        adjacent=False)
+        else:
+            def risky_of(channels: np.ndarray) -> np.ndarray:
+                part = np.take(w, channels, axis=axis)
+                return pair_sums_exceed(kernel_rows(node, weight_codes(part, fr[channels], bits, axis)), U8S8_PAIR_SUM)
+
         lowered = np.zeros(len(fr), dtype=bool)
-        while True:
-            risky = pair_sums_exceed(weight_codes(ext, fr, exps.weight_bits[name], 1).T)
+        todo = np.arange(len(fr))
+        step = max(1, CHUNK_ELEMENTS // max(1, w.size // len(fr)))  # channels quantized at once
+        while len(todo):
+            risky = np.concatenate([risky_of(todo[a:a + step]) for a in range(0, len(todo), step)])
             if not risky.any():
                 break
             if not per_channel:
                 risky[:] = True
-            fr = fr - risky
-            lowered |= risky
+            todo = todo[risky]
+            fr[todo] -= 1
+            lowered[todo] = True
         if lowered.any():
             weight[name] = fr if per_channel else fr[:1].copy()
             guarded[name] = int(lowered.sum()) if per_channel else len(fr)
     return replace(exps, weight=weight), guarded
-
-
-def pair_sums_exceed(codes: np.ndarray, limit: int = U8S8_PAIR_SUM) -> np.ndarray:
-    """Per row (last axis) of integer codes: whether its two largest positive codes, or its two
-    most negative ones, add up past `limit` in magnitude (the x86 u8 x s8 saturation rule)."""
-    q = np.asarray(codes, np.int64)
-
-    def top2(v: np.ndarray) -> np.ndarray:
-        v = np.maximum(v, 0)
-        return v[..., 0] if v.shape[-1] < 2 else np.partition(v, v.shape[-1] - 2, axis=-1)[..., -2:].sum(axis=-1)
-
-    return (top2(q) > limit) | (top2(-q) > limit)
 
 
 def _channel_extremes(w: np.ndarray, axis: int) -> np.ndarray:

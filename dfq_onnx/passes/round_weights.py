@@ -24,8 +24,9 @@ import onnx_graphsurgeon as gs
 from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
 from ..graph_utils import add_node, attr_str, new_name
 from ..model_io import analysis_session
-from ..quantized import channel_fractions, weight_codes
-from .choose_exponents import Exponents, pair_sums_exceed
+from ..fixedpoint import pair_sums_exceed
+from ..quantized import channel_fractions, int16_pairs, weight_codes
+from .choose_exponents import Exponents
 from .form_modules import Plan
 
 SAMPLES = 32                 # calibration samples the Hessians are measured on (MobileNetV2 W4A8: 16 gave 5.0 dB, 32 5.7)
@@ -161,8 +162,8 @@ def _rounded(node: gs.Node, exps: Exponents, per_channel: bool, hessian: Hessian
     else:
         q = quantize_columns(_to_matrices(node, w), hessian.h, fr, bits, act_order=act_order, sparsity=prune,
                              bounds=bounds)
-        if pair_limit is not None:  # a channel that was safe under round-to-nearest stays safe
-            unsafe = pair_sums_exceed(q, pair_limit) & ~pair_sums_exceed(rtn_m, pair_limit)
+        if pair_limit is not None and int16_pairs(node):  # a channel safe under round-to-nearest stays safe
+            unsafe = pair_sums_exceed(q, pair_limit) & ~pair_sums_exceed(rtn_m, pair_limit)  # columns in K order
             if unsafe.any():
                 q[unsafe] = rtn_m[unsafe] if prune is None else np.where(magnitude_mask(rtn_m[unsafe], prune), 0, rtn_m[unsafe])
     codes = _from_matrices(node, q, w.shape)
