@@ -270,8 +270,10 @@ def cached_weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int, c
 
 def bias_codes(b: np.ndarray, acc_frac: np.ndarray) -> np.ndarray:
     """A float bias per output channel at the accumulator's fraction, as int64 (the caller
-    proves the int32 range)."""
-    return np.rint(np.ldexp(np.asarray(b, dtype=np.float64), np.asarray(acc_frac, dtype=np.int64))).astype(np.int64)
+    proves the int32 range). Beyond +-2^62 (an all-zero weight channel's huge fraction) the codes are
+    clamped there, not wrapped: the caller's int32 check then narrows the fraction."""
+    scaled = np.ldexp(np.asarray(b, dtype=np.float64), np.asarray(acc_frac, dtype=np.int64))
+    return np.rint(np.clip(scaled, -2.0 ** 62, 2.0 ** 62)).astype(np.int64)
 
 
 def int16_pairs(node: gs.Node) -> bool | None:
