@@ -30,6 +30,8 @@ import contextlib
 import logging
 import math
 import os
+import pickle
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -80,30 +82,61 @@ def npz_shape(path: Path, key: str) -> tuple | None:
         return _npy_header(f)[0]
 
 
-def npz_rows(path: Path, key: str, lo: int, hi: int) -> np.ndarray:
-    """Rows lo..hi-1 of array `key` of an .npz, reading only those: a stored (np.savez) member is
-    read at its offset in the file; a compressed one (np.savez_compressed) is decompressed up to
-    row hi, holding only the rows asked for."""
+@contextlib.contextmanager
+def _npz_at(path: Path, key: str, lo: int):
+    """(shape, dtype, row bytes, a file positioned at row lo) of array `key` of an .npz: a stored
+    (np.savez) member is the .npz file itself at the row's offset; a compressed one
+    (np.savez_compressed) is decompressed up to it. Fortran-ordered arrays: row bytes None."""
     z, info = _npz_member(path, key)
     with z, z.open(info) as f:
         shape, fortran, dtype = _npy_header(f)
-        if fortran or dtype.hasobject or not shape:
-            return np.load(f, allow_pickle=False)[lo:hi]
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        hi = min(hi, shape[0])
-        count = max(hi - lo, 0)
-        if info.compress_type == zipfile.ZIP_STORED:
+        row = None if fortran or dtype.hasobject or not shape else \
+            int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if row is None:
+            yield shape, dtype, None, f
+        elif info.compress_type == zipfile.ZIP_STORED:
             with open(path, "rb") as raw:  # the member's data start: after its local header
                 raw.seek(info.header_offset)
                 local = raw.read(30)
                 start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
                     int.from_bytes(local[28:30], "little") + f.tell()
                 raw.seek(start + lo * row)
-                buf = raw.read(count * row)
+                yield shape, dtype, row, raw
         else:
             f.seek(lo * row, 1)
-            buf = f.read(count * row)
-        return np.frombuffer(buf, dtype=dtype).reshape((count,) + tuple(shape[1:])).copy()
+            yield shape, dtype, row, f
+
+
+def _rows_from(f, shape: tuple, dtype: np.dtype, row: int, count: int) -> np.ndarray:
+    buf = f.read(count * row)
+    return np.frombuffer(buf, dtype=dtype).reshape((len(buf) // row,) + tuple(shape[1:])).copy()
+
+
+def npz_rows(path: Path, key: str, lo: int, hi: int) -> np.ndarray:
+    """Rows lo..hi-1 of array `key` of an .npz, reading only those (and, compressed, what precedes)."""
+    with _npz_at(path, key, lo) as (shape, dtype, row, f):
+        if row is None:
+            return np.load(f, allow_pickle=False)[lo:hi]
+        return _rows_from(f, shape, dtype, row, max(min(hi, shape[0]) - lo, 0))
+
+
+class _NpzRows:
+    """Re-iterable samples lo..hi-1 of an .npz, read BLOCK rows at a time (npz_rows): a shard is
+    never whole in memory."""
+    BLOCK = 64
+
+    def __init__(self, path: Path, names: list[str], lo: int, hi: int):
+        self.path, self.names, self.lo, self.hi = path, names, lo, hi
+
+    def __iter__(self) -> Iterator[dict]:
+        with contextlib.ExitStack() as stack:  # one reader per array, each read front to back
+            readers = {k: stack.enter_context(_npz_at(self.path, k, self.lo)) for k in self.names}
+            if any(r[2] is None for r in readers.values()):  # Fortran order: whole arrays
+                yield {k: npz_rows(self.path, k, self.lo, self.hi) for k in self.names}
+                return
+            for a in range(self.lo, self.hi, self.BLOCK):
+                n = min(self.BLOCK, self.hi - a)
+                yield {k: _rows_from(f, shape, dtype, row, n) for k, (shape, dtype, row, f) in readers.items()}
 
 
 class _FolderRows:
@@ -215,8 +248,8 @@ class ShardedSource:
     def read(self, lo: int, hi: int) -> DataSource:
         """The DataSource of samples lo..hi-1 (reads only those)."""
         if self.kind == "npz":
-            arrays = {s.name: npz_rows(self.path, s.name, lo, hi) for s in self.specs}
-            ds = DataSource(arrays, self.specs, preprocess=self.pre)
+            ds = DataSource(_NpzRows(self.path, [s.name for s in self.specs], lo, hi), self.specs,
+                            preprocess=self.pre)
         else:
             ds = DataSource(_FolderRows(self.files, self.kind, self.specs[0], self.pre, lo, hi), self.specs,
                             preprocess=self.pre)
@@ -242,15 +275,18 @@ def _actor_classes(ray):
             from .model_io import analysis_session, to_graph
             import onnx
 
+            started = time.perf_counter()
             structure, arrays = probe
             self.source, self.die_after = source, die_after
             self.sess = analysis_session(to_graph(onnx.load_from_string(structure), arrays),
                                          "onnxruntime cannot run the model", threads=1)
+            self.load_seconds = time.perf_counter() - started
 
         def run(self, tensors: list[str], lo: int, hi: int, batch_size: int):
             """A stream: ("batch", samples) per batch, then ("result", {stats, casts}) or ("error", line)."""
             from .passes.calibrate import TensorStats, merge_stats, probe_batch
 
+            started = time.perf_counter()
             data = self.source.read(lo, hi)
             stats = {name: TensorStats() for name in tensors}
             try:
@@ -262,7 +298,8 @@ def _actor_classes(ray):
             except DfqError as e:
                 yield ("error", str(e))
                 return
-            yield ("result", {"stats": stats, "casts": data.casts})
+            yield ("result", {"stats": stats, "casts": data.casts,
+                              "worker": _measures(self.load_seconds, started, hi - lo)})
 
     @ray.remote(num_cpus=1)
     class Evaluator:
@@ -272,13 +309,16 @@ def _actor_classes(ray):
         def __init__(self, float_model, quant_model, source: ShardedSource, die_after: int | None):
             from .validate import _session
 
+            started = time.perf_counter()
             self.fsess, self.qsess = _session(float_model, 1), _session(quant_model, 1)
             self.ssess = _session(quant_model, 1, simulated=True)
             self.source, self.die_after = source, die_after
+            self.load_seconds = time.perf_counter() - started
 
         def run(self, names: list[str], lo: int, hi: int, batch_size: int, threshold: float):
             from .validate import output_kind, partial_figures
 
+            started = time.perf_counter()
             data = self.source.read(lo, hi)
             parts, kind = [], None
             try:
@@ -298,9 +338,20 @@ def _actor_classes(ray):
             except DfqError as e:
                 yield ("error", str(e))
                 return
-            yield ("result", {"parts": parts, "kind": kind})
+            yield ("result", {"parts": parts, "kind": kind, "worker": _measures(self.load_seconds, started, hi - lo)})
 
     return Calibrator, Evaluator
+
+
+def _measures(load_seconds: float, started: float, samples: int) -> dict:
+    """What a worker reports beside its result: model load time, shard time, samples, peak RSS."""
+    try:
+        peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"load_seconds": load_seconds, "seconds": time.perf_counter() - started, "samples": samples,
+            "peak_rss_mb": peak}
 
 
 def _quiet(ray) -> None:
@@ -323,6 +374,7 @@ class Cluster:
         self.ray = require_ray()
         self.workers, self.address = workers, address
         self.started = False
+        self.report: dict = {}  # the last run: per worker load/shard seconds and peak RSS; the merge's cost
 
     def __enter__(self) -> "Cluster":
         ray = self.ray
@@ -384,12 +436,16 @@ class Cluster:
                            f"{(str(e).strip().splitlines() or [''])[0]}); nothing was written") from None
         return results
 
+    def _note(self, results: list, merge_started: float, result_bytes: int) -> None:
+        self.report = {"workers": [r["worker"] for r in results], "result_bytes": result_bytes,
+                       "merge_seconds": time.perf_counter() - merge_started}
+
     def calibrate(self, graph, tensors: list[str], data: ShardedSource, batch_size: int = 32,
                   on_batch: Callable[[int], None] | None = None, keep: list | None = None,
                   keep_samples: int = 0) -> dict:
         """passes/calibrate.calibrate on the cluster: the same statistics, merged in shard order."""
         from .model_io import stubbed, to_model
-        from .passes.calibrate import TensorStats, probe_graph
+        from .passes.calibrate import TensorStats, merge_stats, probe_graph
         from onnx_graphsurgeon.ir.tensor import LazyValues
 
         probe = probe_graph(graph, tensors)
@@ -410,12 +466,13 @@ class Cluster:
                 keep.append(batch)
                 kept += len(next(iter(batch.values())))
         results = self._gather("calibration", calls, on_batch)
+        merge = time.perf_counter()
         stats = {name: TensorStats() for name in tensors}
         for r in results:  # shard order: the order of the batches in one process
-            for name in tensors:
-                stats[name] = stats[name].merge(r["stats"][name])
+            stats = merge_stats(stats, r["stats"])
             for k, v in r["casts"].items():
                 data.casts.setdefault(k, v)
+        self._note(results, merge, len(pickle.dumps(results[0]["stats"])))
         for a in actors:
             self.ray.kill(a)
         return stats
@@ -432,8 +489,11 @@ class Cluster:
         results = self._gather("validation", calls, on_batch)
         for a in actors:
             self.ray.kill(a)
+        merge = time.perf_counter()
         parts = [p for r in results for p in r["parts"]]
-        return results[0]["kind"], [d for d, _ in parts], [s for _, s in parts]
+        out = results[0]["kind"], [d for d, _ in parts], [s for _, s in parts]
+        self._note(results, merge, len(pickle.dumps(results[0]["parts"])))
+        return out
 
 
 def maybe_cluster(workers: int | None, address: str | None):
