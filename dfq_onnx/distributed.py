@@ -414,7 +414,9 @@ class Cluster:
         pending = list(calls)
         try:
             while pending:
-                ready, _ = ray.wait(pending, num_returns=1)
+                ready, _ = ray.wait(pending, num_returns=1, timeout=0.5)  # back in Python twice a second
+                if not ready:  # (so that a Ctrl-C is seen)
+                    continue
                 g = ready[0]
                 try:
                     tag, value = ray.get(next(g))
