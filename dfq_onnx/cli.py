@@ -124,6 +124,16 @@ def handle_errors(fn):
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
 
+def _cluster_options(fn):
+    """--workers N and --ray ADDRESS (convert and validate): see dfq_onnx/distributed.py."""
+    fn = click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
+                      help="Join the Ray cluster at ADDRESS (`ray start --head` on one node) instead; with "
+                           "--workers, that many workers (default: one per CPU of the cluster).")(fn)
+    return click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Run on a local Ray cluster of N worker processes, each reading its share of the "
+                             "data (pip install 'dfq-onnx[ray]'); the result is the same as in one process.")(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="dfq-onnx")
 @click.pass_context
@@ -229,12 +239,7 @@ def main(ctx):
                    "with float on the calibration samples drops by at most X points (QDQ only).")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Run on a local Ray cluster of N worker processes, each reading its share of the data "
-                   "(pip install 'dfq-onnx[ray]'); the result is the same as in one process.")
-@click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
-              help="Join the Ray cluster at ADDRESS (`ray start --head` on one node) instead; with "
-                   "--workers, that many workers (default: one per CPU of the cluster).")
+@_cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
@@ -515,12 +520,7 @@ def _print_summary(s: dict) -> None:
                    "longer than 1), report the percentage of elements on the same side of this value "
                    "in both models, the IoU of the masks above it (pooled over all samples) and the share "
                    "of elements each model marks; top-1 figures are only given for class scores.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Run on a local Ray cluster of N worker processes, each reading its share of the data "
-                   "(pip install 'dfq-onnx[ray]'); the result is the same as in one process.")
-@click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
-              help="Join the Ray cluster at ADDRESS (`ray start --head` on one node) instead; with "
-                   "--workers, that many workers (default: one per CPU of the cluster).")
+@_cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
 def validate(float_model, quant_model, data, labels, decode, postprocess, conf, iou, label_classes, num_samples,
