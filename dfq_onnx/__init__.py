@@ -18,18 +18,19 @@ from .config import QuantConfig  # noqa: E402
 from .errors import DfqError  # noqa: E402
 
 
-def convert(model, calib, config: QuantConfig | None = None, preprocess: str | None = None):
+def convert(model, calib, config: QuantConfig | None = None, preprocess: str | None = None, cluster=None):
     """Quantize a float model (path or onnx.ModelProto) and return the quantized onnx.ModelProto
     (QDQ, integer-only or QONNX by config.format; for format c the integer graph, whose C sources
     are pipeline.run(...).library).
 
     calib: a .npz path, a folder of .npy files or images, a dict of arrays (input name -> N x ...),
     an iterable of input dicts, or an onnxruntime CalibrationDataReader. preprocess: the image
-    spec for a folder of images (see `dfq-onnx convert --help`).
+    spec for a folder of images (see `dfq-onnx convert --help`). cluster: an entered
+    dfq_onnx.distributed.Cluster to calibrate on (same output, byte for byte).
     """
     from .pipeline import run
 
-    return run(model, calib, config, preprocess=preprocess).model
+    return run(model, calib, config, preprocess=preprocess, cluster=cluster).model
 
 
 def fuse(model):

@@ -124,6 +124,16 @@ def handle_errors(fn):
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
 
 
+def _cluster_options(fn):
+    """--workers N and --ray ADDRESS (convert and validate): see dfq_onnx/distributed.py."""
+    fn = click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
+                      help="Join the Ray cluster at ADDRESS (`ray start --head` on one node) instead; with "
+                           "--workers, that many workers (default: one per CPU of the cluster).")(fn)
+    return click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Run on a local Ray cluster of N worker processes, each reading its share of the "
+                             "data (pip install 'dfq-onnx[ray]'); the result is the same as in one process.")(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="dfq-onnx")
 @click.pass_context
@@ -230,15 +240,17 @@ def main(ctx):
                    "with float on the calibration samples drops by at most X points (QDQ only).")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
+@_cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
             weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, equalize, search_exponents,
             effort, rounding, sparsity, keep_float, overrides, max_drop,
-            float_only, as_json, quiet, prefix):
+            float_only, as_json, quiet, prefix, workers, ray_address):
     """Quantize IN.onnx to a power-of-two model OUT.onnx (W8A8 by default; QDQ, integer-only, QONNX,
     or with --format c a folder OUT holding a C99 library)."""
+    from .distributed import maybe_cluster
     from .model_io import check_output_path, save_library, save_model
     from .pipeline import fuse, run
 
@@ -272,9 +284,12 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                          keep_float=tuple(keep_float), overrides=weight_overrides, act_overrides=act_overrides,
                          search_exponents=search_exponents, equalize=equalize, effort=effort, rounding=rounding,
                          sparsity=sparsity, prefix=prefix)
+    if max_drop is not None and (workers or ray_address):
+        raise click.UsageError("--max-drop runs in one process: drop --workers / --ray")
     show = not quiet and err.is_terminal
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not show) as bar:
+    with maybe_cluster(workers, ray_address) as cluster, \
+            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     console=err, transient=True, disable=not show) as bar:
         task = bar.add_task("calibrating", total=None)
 
         def searching(i: int, n: int) -> None:
@@ -290,7 +305,7 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
             result = run(input_model, calib, config, preprocess=preprocess,
                          on_start=lambda n: bar.update(task, total=n),
                          on_batch=lambda n: bar.advance(task, n), on_search=searching,
-                         on_round=rounding_stage, on_stage=lambda name: staged(name))
+                         on_round=rounding_stage, on_stage=lambda name: staged(name), cluster=cluster)
         else:
             from .mixed_precision import convert_max_drop
 
@@ -506,10 +521,11 @@ def _print_summary(s: dict) -> None:
                    "longer than 1), report the percentage of elements on the same side of this value "
                    "in both models, the IoU of the masks above it (pooled over all samples) and the share "
                    "of elements each model marks; top-1 figures are only given for class scores.")
+@_cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
 def validate(float_model, quant_model, data, labels, decode, postprocess, conf, iou, label_classes, num_samples,
-             batch_size, preprocess, threads, runs, threshold, as_json):
+             batch_size, preprocess, threads, runs, threshold, as_json, workers, ray_address):
     """Run FLOAT and QUANT (or the C library in CDIR) on the same inputs and compare them.
 
     FLOAT runs under onnxruntime. QUANT runs deployed (default optimizations: onnxruntime's int8 kernels) and simulated (no
@@ -523,17 +539,19 @@ def validate(float_model, quant_model, data, labels, decode, postprocess, conf, 
     With --decode or --postprocess both models' outputs become boxes, and the report adds COCO
     mAP@0.5 and mAP@[.5:.95] of the quantized model against the float model's detections (and of
     both against --labels) and the detections per image of each."""
+    from .distributed import maybe_cluster
     from .validate import validate as run_validate
 
     names = [c.strip() for c in label_classes.split(",") if c.strip()] if label_classes else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+    with maybe_cluster(workers, ray_address) as cluster, \
+            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
         task = bar.add_task("running both models", total=None)
         r = run_validate(float_model, quant_model, data, labels=labels, num_samples=num_samples,
                          batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
                          threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
                          label_classes=names, on_start=lambda n: bar.update(task, total=n),
-                         on_batch=lambda n: bar.advance(task, n))
+                         on_batch=lambda n: bar.advance(task, n), cluster=cluster)
     if _maybe_json(r, as_json):
         return
     if r.get("c_library"):

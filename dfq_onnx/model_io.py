@@ -460,16 +460,19 @@ def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
         return graph
 
 
-def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimize: bool = True) -> ort.InferenceSession:
+def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimize: bool = True,
+                     threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session for a pass's own probe graph (quiet; no memory pattern: measured
     on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed). basic: only
     basic graph optimizations, so a QDQ graph with constant scales runs as simulated float
     arithmetic. optimize=False: none at all (a QDQ graph whose scales are graph inputs: onnxruntime's
     basic Clip/Q fusions assume constant scales; measured on EfficientNet-Lite0, basic level gave
     an output SQNR of 4.1 dB where the graph computes 11.6 dB). If onnxruntime refuses the graph:
-    DfqError "<failure>: <its first line>"."""
+    DfqError "<failure>: <its first line>". threads: onnxruntime's intra-op threads (0: its default,
+    one per core; a cluster worker that owns one CPU passes 1)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.intra_op_num_threads = threads
     so.enable_mem_pattern = False
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

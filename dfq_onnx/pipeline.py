@@ -72,6 +72,7 @@ class Conversion:
     on_batch: Callable[[int], None] | None = None
     on_search: Callable[[int, int], None] | None = None
     on_round: Callable[[int, int], None] | None = None
+    cluster: object = None                   # distributed.Cluster: calibration runs on its workers
     started: float = field(default_factory=time.perf_counter)
     original: onnx.ModelProto | None = None  # the float model's structure (weights stubbed)
     graph: object = None                     # the graphsurgeon graph each stage leaves
@@ -123,8 +124,9 @@ def load(c: Conversion) -> None:
         raise DfqError("calibration data is required: pass --calib DATA (a .npz keyed by input name, "
                        "a folder of .npy files or of images), or --calib none for data-free mode")
     c.data_free = isinstance(c.calib, str) and c.calib.lower() == "none"
-    c.data = None if c.data_free else DataSource(c.calib, input_specs(c.original), num_samples=config.num_samples,
-                                                 preprocess=c.preprocess)
+    source = DataSource if c.cluster is None else c.cluster.source  # a cluster's: split, read by its workers
+    c.data = None if c.data_free else source(c.calib, input_specs(c.original), num_samples=config.num_samples,
+                                             preprocess=c.preprocess)
     c.graph = to_graph(c.original, weights)
     del weights  # the graphs hold them; what a pass replaces is freed with the graph that held it
 
@@ -188,7 +190,8 @@ def calibration(c: Conversion) -> None:
                LOCAL_SAMPLES if config.effort == "default" else 0,
                ROUND_SAMPLES if config.gptq else 0, BIAS_SAMPLES if config.bias_correction else 0,
                1 if config.format == "c" else 0)  # format c: one sample fixes the program's shapes
-    c.stats = calibrate(c.graph, c.plan.requant, c.data, config.batch_size, counted, c.kept, keep)
+    run_on = calibrate if c.cluster is None else c.cluster.calibrate  # the same statistics, merged in order
+    c.stats = run_on(c.graph, c.plan.requant, c.data, config.batch_size, counted, c.kept, keep)
 
 
 def alignment(c: Conversion) -> None:
@@ -304,11 +307,14 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         on_batch: Callable[[int], None] | None = None,
         on_search: Callable[[int, int], None] | None = None,
         on_round: Callable[[int, int], None] | None = None,
-        on_stage: Callable[[str], None] | None = None) -> ConvertResult:
+        on_stage: Callable[[str], None] | None = None, cluster=None) -> ConvertResult:
     """Convert a float model to a power-of-two quantized model (QDQ or integer-only). calib: the
     calibration data, or "none" for data-free mode (passes/data_free.py; no bias correction).
-    The STAGES run in order on one Conversion; on_stage(name) is called before each."""
-    c = Conversion(model, calib, config or QuantConfig(), preprocess, on_start, on_batch, on_search, on_round)
+    The STAGES run in order on one Conversion; on_stage(name) is called before each. cluster: a
+    distributed.Cluster (entered) to calibrate on, its workers each reading a shard of calib;
+    the output is the same, byte for byte."""
+    c = Conversion(model, calib, config or QuantConfig(), preprocess, on_start, on_batch, on_search, on_round,
+                   cluster)
     for stage in STAGES:
         if on_stage is not None:
             on_stage(stage.__name__)

@@ -81,17 +81,15 @@ def _load_labels(labels) -> np.ndarray | None:
         raise DfqError(f"{p}: cannot read labels ({e})") from None
 
 
-def _kind_and_labels(F: list[np.ndarray], labels, data: DataSource) -> tuple[int, str, np.ndarray | None]:
-    """(samples, output kind, class labels): labels given, else the data's own, checked against the
-    sample count; None unless the first output holds class scores (labels mean nothing for a map)."""
-    n = len(F[0])
+def _class_labels(n: int, kind: str, labels, data) -> np.ndarray | None:
+    """The class labels: those given, else the data's own, checked against the sample count n;
+    None unless the first output holds class scores (kind "classes": labels mean nothing for a map)."""
     if labels is None:
         labels = data.labels
     labels = _load_labels(labels)
     if labels is not None and len(labels) != n:
         raise DfqError(f"labels: {len(labels)} labels for {n} samples")
-    kind = output_kind(F[0])
-    return n, kind, labels if kind == "classes" else None
+    return labels if kind == "classes" else None
 
 
 def output_kind(y: np.ndarray) -> str:
@@ -106,13 +104,15 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
              batch_size: int = 32, threads: int = 2, runs: int = 50, preprocess: str | None = None,
              threshold: float = 0.5, decode: str | None = None, postprocess: str | None = None,
              conf: float | None = None, iou: float = 0.45, label_classes: list[str] | None = None,
-             on_start=None, on_batch=None) -> dict:
+             on_start=None, on_batch=None, cluster=None) -> dict:
     """Accuracy, agreement, SQNR, max error, requantization points, op counts and latency of both.
-    on_start(number of samples) and on_batch(samples done in a batch) report progress.
+    on_start(number of samples) and on_batch(samples done in a batch) report progress. cluster: an
+    entered dfq_onnx.distributed.Cluster whose workers each run a shard of the data (the same
+    figures; latency is measured here; not with box decoding or a C library yet).
 
     Figures by the first output's kind (output_kind): top-1/top-5 accuracy and top-1 agreement
     only for class scores (None otherwise); for a map, the percentage of elements on the same
-    side of `threshold` in both models, and map_figures (mask IoU at `threshold`, the share each
+    side of `threshold` in both models, and map figures (mask IoU at `threshold`, the share each
     model marks, median per-sample SQNR); SQNR (pooled: over all samples at once) and max abs
     error for every output.
 
@@ -138,7 +138,13 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     box = _box_setup(labels, decode, postprocess)
     if box["labels"] is not None:
         labels = None
+    if cluster is not None and box["on"]:
+        raise DfqError("validate on a cluster (--workers / --ray) does not decode boxes yet: "
+                       "drop --decode/--postprocess or run in one process")
     if isinstance(quant_model, (str, Path)) and Path(quant_model).is_dir():
+        if cluster is not None:
+            raise DfqError("validate on a cluster (--workers / --ray) runs ONNX models only: "
+                           "a C library folder runs in one process")
         return validate_c(float_model, quant_model, data, labels=labels, num_samples=num_samples,
                           batch_size=batch_size, threads=threads, runs=runs, preprocess=preprocess,
                           threshold=threshold, decode=decode, postprocess=postprocess, conf=conf, iou=iou,
@@ -155,36 +161,25 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     q_out = [o.name for o in qm.graph.output]
     if len(f_out) != len(q_out):
         raise DfqError(f"the two models have different outputs: {f_out} vs {q_out}")
-    data = DataSource(data, fs, num_samples=num_samples, preprocess=preprocess)
+    source = DataSource if cluster is None else cluster.source  # a cluster's: split, read by its workers
+    data = source(data, fs, num_samples=num_samples, preprocess=preprocess)
     if on_start is not None:
         on_start(len(data))
     fsess, qsess = _session(float_model, threads), _session(quant_model, threads)
-    ssess = _session(quant_model, threads, simulated=True)
     fixed = [s.fixed_batch for s in qs if s.fixed_batch is not None]
     bs = fixed[0] if fixed else batch_size  # the float model's fixed batch: DataSource.batches
-    outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
-    outs_q: list[list[np.ndarray]] = [[] for _ in f_out]
-    outs_s: list[list[np.ndarray]] = [[] for _ in f_out]
-    first = None
-    for batch in data.batches(bs):
-        if on_batch is not None:
-            on_batch(len(next(iter(batch.values()))))
-        if first is None:
-            first = {k: v[:1] for k, v in batch.items()}
-        try:
-            yf, yq, ys = fsess.run(None, batch), qsess.run(None, batch), ssess.run(None, batch)
-        except Exception as e:
-            raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).strip().splitlines()[0]}") from None
-        for i in range(len(f_out)):
-            outs_f[i].append(yf[i])
-            outs_q[i].append(yq[i])
-            outs_s[i].append(ys[i])
-    F = [np.concatenate(o) for o in outs_f]
-    Q = [np.concatenate(o) for o in outs_q]
-    S = [np.concatenate(o) for o in outs_s]
-    n, kind, labels = _kind_and_labels(F, labels, data)
-    deployed, simulated = _compare(f_out, F, Q, labels, kind, threshold), _compare(f_out, F, S, labels, kind, threshold)
-    det = _detection(box, fm, first, F, {"quant": Q, "simulated": S}, n, bs, conf, iou, label_classes)
+    if cluster is not None:  # partial figures of each batch, from the workers, in batch order
+        kind, parts_q, parts_s = cluster.evaluate(float_model, quant_model, f_out, data, bs, threshold, on_batch)
+        n = sum(p["samples"] for p in parts_q)
+        labels = _class_labels(n, kind, labels, data)
+        deployed, simulated = (finish_figures(f_out, parts_q, labels, kind),
+                               finish_figures(f_out, parts_s, labels, kind))
+        first = {k: v[:1] for k, v in next(iter(data.batches(bs, 1))).items()}
+        det = None
+    else:
+        first, n, kind, labels, deployed, simulated, det = _run_here(
+            fsess, qsess, _session(quant_model, threads, simulated=True), f_out, data, bs, labels, threshold,
+            box, fm, conf, iou, label_classes, on_batch)
     fi, qi = inspect_model(fm), inspect_model(qm)
     return {
         "samples": n,
@@ -211,6 +206,38 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
         "nodes": {"float": fi["nodes"], "quant": qi["nodes"]},
     }
+
+
+def _run_here(fsess, qsess, ssess, f_out: list[str], data: DataSource, bs: int, labels, threshold: float,
+              box: dict, fm, conf, iou: float, label_classes, on_batch) -> tuple:
+    """validate's loop in this process: (first sample, samples, output kind, class labels, figures
+    of the deployed run, of the simulated run, detection figures)."""
+    outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
+    outs_q: list[list[np.ndarray]] = [[] for _ in f_out]
+    outs_s: list[list[np.ndarray]] = [[] for _ in f_out]
+    first = None
+    for batch in data.batches(bs):
+        if on_batch is not None:
+            on_batch(len(next(iter(batch.values()))))
+        if first is None:
+            first = {k: v[:1] for k, v in batch.items()}
+        try:
+            yf, yq, ys = fsess.run(None, batch), qsess.run(None, batch), ssess.run(None, batch)
+        except Exception as e:
+            raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).strip().splitlines()[0]}") from None
+        for i in range(len(f_out)):
+            outs_f[i].append(yf[i])
+            outs_q[i].append(yq[i])
+            outs_s[i].append(ys[i])
+    F = [np.concatenate(o) for o in outs_f]
+    Q = [np.concatenate(o) for o in outs_q]
+    S = [np.concatenate(o) for o in outs_s]
+    n, kind = len(F[0]), output_kind(F[0])
+    labels = _class_labels(n, kind, labels, data)
+    deployed, simulated = (_compare(f_out, F, Q, labels, kind, threshold, bs),
+                           _compare(f_out, F, S, labels, kind, threshold, bs))
+    det = _detection(box, fm, first, F, {"quant": Q, "simulated": S}, n, bs, conf, iou, label_classes)
+    return first, n, kind, labels, deployed, simulated, det
 
 
 def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | None = None,
@@ -266,8 +293,9 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
             outs_c[i].append(yc[i])
     F = [np.concatenate(o) for o in outs_f]
     C = [np.concatenate(o) for o in outs_c]
-    n, kind, labels = _kind_and_labels(F, labels, data)
-    r = _compare(f_out, F, C, labels, kind, threshold)
+    n, kind = len(F[0]), output_kind(F[0])
+    labels = _class_labels(n, kind, labels, data)
+    r = _compare(f_out, F, C, labels, kind, threshold, batch_size)
     det = _detection(box, fm, first, F, {"quant": C}, n, batch_size, conf, iou, label_classes)
     fi, qi = inspect_model(fm), inspect_model(lib.int_model)
     b = runner.built
@@ -351,49 +379,81 @@ def _detection(box: dict, fm, first: dict, F: list, others: dict, n: int, batch:
 
 
 def _compare(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], labels, kind: str = "classes",
-             threshold: float = 0.5) -> dict:
+             threshold: float = 0.5, chunk: int | None = None) -> dict:
     """Accuracy of both and top-1 agreement (class scores), thresholded agreement (a map), SQNR
-    and max abs error per output of Q against F."""
-    sqnr, max_err = {}, {}
+    and max abs error per output of Q against F. Computed as partial_figures of consecutive chunks
+    of `chunk` samples (the batches the models ran in) merged in order by finish_figures: the
+    same arithmetic, to the last bit, as a cluster whose workers each took whole batches."""
+    n = len(F[0])
+    chunk = chunk or max(n, 1)
+    parts = [partial_figures(names, [f[i:i + chunk] for f in F], [q[i:i + chunk] for q in Q], kind, threshold)
+             for i in range(0, n, chunk)]
+    return finish_figures(names, parts, labels, kind)
+
+
+def partial_figures(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], kind: str,
+                    threshold: float) -> dict:
+    """What one batch contributes to _compare's figures, as values that merge exactly: per output
+    the float64 energies of the signal and of the error and the max abs error; for class scores
+    the top-5 classes of both per sample; for a map the element counts (same side of threshold,
+    intersection, union, marked by each) and the per-sample SQNRs."""
+    part: dict = {"samples": len(F[0]), "signal": [], "noise": [], "max_abs_error": []}
     for name, f, q in zip(names, F, Q):
         if f.shape != q.shape:
             raise DfqError(f"output {name!r}: shapes differ ({f.shape} vs {q.shape})")
         f64, e = f.astype(np.float64), f.astype(np.float64) - q.astype(np.float64)
-        noise = float(np.sum(e ** 2))
-        sqnr[name] = float("inf") if noise == 0 else float(10 * np.log10(np.sum(f64 ** 2) / noise))
-        max_err[name] = float(np.max(np.abs(e)))
+        part["signal"].append(float(np.sum(f64 ** 2)))
+        part["noise"].append(float(np.sum(e ** 2)))
+        part["max_abs_error"].append(float(np.max(np.abs(e))) if e.size else 0.0)
+    if kind == "classes":
+        part["top_float"], part["top_quant"] = _topk(F[0], 5), _topk(Q[0], 5)
+    elif kind == "map":
+        mf, mq = F[0] > threshold, Q[0] > threshold
+        per = []
+        for a, b in zip(F[0].astype(np.float64), Q[0].astype(np.float64)):
+            noise, signal = float(np.sum((a - b) ** 2)), float(np.sum(a ** 2))
+            if signal > 0:
+                per.append(float("inf") if noise == 0 else float(10 * np.log10(signal / noise)))
+        part.update(elements=int(mf.size), same=int(np.count_nonzero(mf == mq)),
+                    inter=int(np.count_nonzero(mf & mq)), union=int(np.count_nonzero(mf | mq)),
+                    marked_float=int(np.count_nonzero(mf)), marked_quant=int(np.count_nonzero(mq)),
+                    per_sample_sqnr=per)
+    return part
+
+
+def finish_figures(names: list[str], parts: list[dict], labels, kind: str) -> dict:
+    """_compare's figures from partial_figures of consecutive batches, merged in their order:
+    integer counts, float64 energies summed one batch after another, maxima, concatenations."""
+    sqnr, max_err = {}, {}
+    for i, name in enumerate(names):
+        signal = noise = 0.0
+        for p in parts:
+            signal += p["signal"][i]
+            noise += p["noise"][i]
+        sqnr[name] = float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+        max_err[name] = max(p["max_abs_error"][i] for p in parts)
     common = {"sqnr_db": sqnr, "max_abs_error": max_err, "map_agreement": None, "map": None}
     if kind != "classes":
         none = {"top1": None, "top5": None}
         if kind == "map":
-            common["map_agreement"] = float(100.0 * np.mean((F[0] > threshold) == (Q[0] > threshold)))
-            common["map"] = map_figures(F[0], Q[0], threshold)
+            count = {k: sum(p[k] for p in parts) for k in ("elements", "same", "inter", "union",
+                                                           "marked_float", "marked_quant")}
+            per = [v for p in parts for v in p["per_sample_sqnr"]]
+            common["map_agreement"] = float(100.0 * (count["same"] / count["elements"]))
+            common["map"] = {"mask_iou": None if count["union"] == 0 else float(count["inter"] / count["union"]),
+                             "marked_float": float(100.0 * (count["marked_float"] / count["elements"])),
+                             "marked_quant": float(100.0 * (count["marked_quant"] / count["elements"])),
+                             "sqnr_per_sample_median_db": float(np.median(per)) if per else None}
         return {"float": none, "quant": dict(none), "agreement_top1": None, **common}
-    top_f, top_q = _topk(F[0], 5), _topk(Q[0], 5)
+    top_f = np.concatenate([p["top_float"] for p in parts])
+    top_q = np.concatenate([p["top_quant"] for p in parts])
 
     def acc(top, k):
-        return None if labels is None else float(100.0 * np.mean(np.any(top[:, :k] == labels[:, None], axis=1)))
+        return None if labels is None else float(100.0 * (np.count_nonzero(np.any(top[:, :k] == labels[:, None], axis=1)) / len(top)))
 
     return {"float": {"top1": acc(top_f, 1), "top5": acc(top_f, 5)},
             "quant": {"top1": acc(top_q, 1), "top5": acc(top_q, 5)},
-            "agreement_top1": float(100.0 * np.mean(top_f[:, 0] == top_q[:, 0])), **common}
-
-
-def map_figures(f: np.ndarray, q: np.ndarray, threshold: float) -> dict:
-    """What a user of a probability / detection map reads: the mask IoU of the elements above
-    `threshold` in both models, pooled over all samples (None when neither marks anything), the
-    share of elements each model marks, and the median per-sample SQNR beside the pooled one
-    (per-sample SQNR misleads on maps near zero almost everywhere: a photo without text)."""
-    mf, mq = f > threshold, q > threshold
-    union = int(np.count_nonzero(mf | mq))
-    per = []
-    for a, b in zip(f.astype(np.float64), q.astype(np.float64)):
-        noise, signal = float(np.sum((a - b) ** 2)), float(np.sum(a ** 2))
-        if signal > 0:
-            per.append(float("inf") if noise == 0 else 10 * np.log10(signal / noise))
-    return {"mask_iou": None if union == 0 else float(np.count_nonzero(mf & mq) / union),
-            "marked_float": float(100.0 * np.mean(mf)), "marked_quant": float(100.0 * np.mean(mq)),
-            "sqnr_per_sample_median_db": float(np.median(per)) if per else None}
+            "agreement_top1": float(100.0 * (np.count_nonzero(top_f[:, 0] == top_q[:, 0]) / len(top_f))), **common}
 
 
 def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:

@@ -51,6 +51,13 @@ def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size:
     one forward pass and does not grow with the sample count. Each sample is subsampled the same
     way whatever the batching, so statistics of shards merge into those of the whole set.
     The first batches, up to keep_samples samples, are appended to `keep` for later passes."""
+    sess = analysis_session(probe_graph(graph, tensors), "onnxruntime cannot run the model")
+    return run_probe(sess, tensors, data, batch_size, on_batch, keep, keep_samples)
+
+
+def probe_graph(graph: gs.Graph, tensors: list[str]) -> gs.Graph:
+    """A copy of the float graph whose outputs are the reductions of `tensors` (_reductions, four
+    per tensor, in order) and which computes nothing else; it shares the weights."""
     g = graph.copy()
     tmap = g.tensors()
     outs = []
@@ -61,25 +68,40 @@ def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size:
         outs += _reductions(g, t)
     g.outputs = outs
     g.cleanup()
-    sess = analysis_session(g, "onnxruntime cannot run the model")
+    return g
+
+
+def run_probe(sess, tensors: list[str], data: DataSource, batch_size: int = 32,
+              on_batch: Callable[[int], None] | None = None, keep: list | None = None,
+              keep_samples: int = 0) -> dict[str, TensorStats]:
+    """calibrate's loop on a session of probe_graph (also what each worker of a cluster runs on its
+    shard, dfq_onnx/distributed.py)."""
     stats = {name: TensorStats() for name in tensors}
-    names = [o.name for o in outs]
     kept = 0
     for batch in data.batches(batch_size):
         n = len(next(iter(batch.values())))
         if keep is not None and kept < keep_samples:
             keep.append(batch)
             kept += n
-        try:
-            values = sess.run(names, batch)
-        except Exception as e:
-            raise DfqError(f"{data.where}: onnxruntime failed on the data: {str(e).splitlines()[0]}") from None
-        for i, name in enumerate(tensors):
-            lo, hi, sample, size = values[4 * i: 4 * i + 4]
-            stats[name] = stats[name].merge(TensorStats(int(size), float(lo), float(hi), abs_histogram(sample)))
+        stats = merge_stats(stats, probe_batch(sess, tensors, batch, data.where))
         if on_batch is not None:
             on_batch(n)
     return stats
+
+
+def probe_batch(sess, tensors: list[str], batch: dict, where: str) -> dict[str, TensorStats]:
+    """Statistics of `tensors` on one batch, from a session of probe_graph."""
+    try:
+        values = sess.run([o.name for o in sess.get_outputs()], batch)
+    except Exception as e:
+        raise DfqError(f"{where}: onnxruntime failed on the data: {str(e).splitlines()[0]}") from None
+    return {name: TensorStats(int(size), float(lo), float(hi), abs_histogram(sample))
+            for name, (lo, hi, sample, size) in zip(tensors, zip(*[iter(values)] * 4))}
+
+
+def merge_stats(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str, TensorStats]:
+    """Per tensor, a merged with b (exact: counts and histograms add, minima and maxima compare)."""
+    return {name: a[name].merge(b[name]) for name in a}
 
 
 def _reductions(g: gs.Graph, t: gs.Variable) -> list[gs.Variable]:
