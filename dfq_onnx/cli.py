@@ -165,8 +165,9 @@ def main(ctx):
                    'std=0.229,0.224,0.225 scale=1 layout=NCHW color=RGB". Default: resize to the '
                    "model's input size, pixels in [0, 1], layout from the input shape, RGB.")
 @click.option("--method", type=click.Choice(["mse", "max"]), default="mse", show_default=True,
-              help="Exponent choice: mse = least expected squared error among neighbouring "
-                   "fractional lengths; max = no clipping.")
+              help="Exponent choice: mse = least expected squared error among the fractional length "
+                   "that covers the calibrated maximum and the next one (an activation is clipped by at most "
+                   "one bit); max = no clipping.")
 @click.option("--per-tensor", is_flag=True, help="One weight exponent per tensor (default: per output channel).")
 @click.option("--weight-bits", default=8, show_default=True, type=click.IntRange(2, 8), help="Weight bits.")
 @click.option("--act-bits", default="8", show_default=True, type=click.Choice(["8", "16"]),

@@ -131,11 +131,22 @@ def _expected_error(hist: np.ndarray, centers: np.ndarray, top: float, step: flo
     return float(np.dot(hist, err))
 
 
+# How far below its calibrated maximum an activation's range may be cut: at most one bit (the top
+# code at least half the maximum). The least squared error on the calibration histogram often asks
+# for two to four bits, which fits the calibration data and fails on data unlike it: on the
+# coverage zoo (held-out data), four allowed bits against one gave PP-OCRv5 rec 15.1 vs 16.9 dB,
+# PP-OCRv4 rec 8.9 vs 10.0, layout 2.3 vs 2.7, yolo_style 16.2 vs 16.5; MobileNetV2 and
+# EfficientNet-Lite0 on photo crops 12.87 vs 12.93 and 18.46 vs 18.49 dB (76.2 vs 74.4 and 89.4 vs
+# 90.0 % agreement).
+MAX_CLIP_BITS = 1
+
+
 def activation_fraction(hist: np.ndarray, max_abs: float, bits: int, unsigned: bool,
                         method: str = "mse") -> int:
     """Fractional length for an activation from its |x| histogram and maximum.
 
-    "max": no clipping. "mse": among f_max .. f_max+4, the least expected squared error.
+    "max": no clipping. "mse": among f_max .. f_max + MAX_CLIP_BITS, the least expected squared
+    error.
     """
     f0 = max_fraction(max_abs, bits, unsigned)
     if method == "max" or max_abs <= 0:
@@ -144,7 +155,7 @@ def activation_fraction(hist: np.ndarray, max_abs: float, bits: int, unsigned: b
     hist = np.asarray(hist, dtype=np.float64)
     hi = qrange(bits, unsigned)[1]
     best, best_err = f0, np.inf
-    for f in range(f0, f0 + 5):
+    for f in range(f0, f0 + 1 + MAX_CLIP_BITS):
         total = _expected_error(hist, centers, hi * 2.0 ** -f, 2.0 ** -f)
         if total < best_err * (1 - 1e-9):
             best, best_err = f, total
@@ -153,13 +164,13 @@ def activation_fraction(hist: np.ndarray, max_abs: float, bits: int, unsigned: b
 
 def clip_threshold(hist: np.ndarray, max_abs: float, bits: int, unsigned: bool, method: str = "mse") -> float:
     """The top of the code range with the least expected squared error when the scale may be any
-    number: T = max_abs 2^(-k/16) for k = 0..79 ("mse"), or max_abs ("max")."""
+    number: T = max_abs 2^(-k/16) for k = 0..16 MAX_CLIP_BITS ("mse"), or max_abs ("max")."""
     if method == "max" or max_abs <= 0:
         return float(max_abs)
     centers = _bin_centers()
     hist = np.asarray(hist, dtype=np.float64)
     hi = qrange(bits, unsigned)[1]
-    tops = max_abs * 2.0 ** (-np.arange(80) / 16)
+    tops = max_abs * 2.0 ** (-np.arange(16 * MAX_CLIP_BITS + 1) / 16)
     errs = [_expected_error(hist, centers, t, t / hi) for t in tops]
     return float(tops[int(np.argmin(errs))])
 
