@@ -56,6 +56,7 @@ BATCH = 8
 SAMPLES = 32
 PREPROCESS = "resize=256 size=224 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 scale=1 layout=NCHW color=RGB"
 TOOLS = ("dfq-qdq", "dfq-int", "ort-minmax")
+GEMM_WIDTH = 23_500  # "gemm23500": one Gemm of 23,500 x 23,500 float32 weights, 2.2 GB (over protobuf's 2 GB)
 
 
 def _seed(name: str) -> int:
@@ -132,6 +133,39 @@ def materialize(name: str, out: Path, widen: int = 1) -> Path:
     else:
         onnx.save_model(model, str(tmp))
     os.replace(tmp, out)
+    return out
+
+
+def write_gemm(out: Path, n: int = GEMM_WIDTH, seed: int = 0) -> Path:
+    """A float model y = Gemm(x, W, b) (transB) with one n x n float32 weight, its tensors in
+    OUT.data beside OUT (relative location): over 2 GB for n >= 23,170. The weight is generated
+    and written a block of rows at a time (He-init, seeded), so building it holds one block, not
+    the weight; the bias is N(0, 0.01^2) inside the model file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.with_name(out.name + ".data")
+    rows = max(1, (64 << 20) // (4 * n))  # 64 MB blocks
+    with open(data, "wb") as f:
+        for k, r0 in enumerate(range(0, n, rows)):
+            rng = np.random.default_rng([seed, k])
+            block = rng.standard_normal((min(rows, n - r0), n), dtype=np.float32)
+            block *= np.float32(np.sqrt(2.0 / n))
+            block.tofile(f)
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[n, n])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data.name), ("offset", "0"), ("length", str(4 * n * n))):
+        w.external_data.add(key=key, value=value)
+    b = numpy_helper.from_array((np.random.default_rng([seed, -1 % 2 ** 32]).standard_normal(n) * 0.01)
+                                .astype(np.float32), "b")
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)], "gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="dfq-onnx bench/big.py")
+    m.ir_version = 8
+    onnx.save_model(m, str(out))
     return out
 
 

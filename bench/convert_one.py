@@ -72,7 +72,7 @@ def convert_dfq(model: Path, out: Path, arrays: dict, fmt: str, args) -> None:
     from dfq_onnx.model_io import save_model
 
     cfg = dfq_onnx.QuantConfig(format=fmt, num_samples=len(next(iter(arrays.values()))), batch_size=BATCH)
-    save_model(dfq_onnx.convert(str(model), arrays, cfg), out)
+    save_model(dfq_onnx.convert(str(model), arrays, cfg), out, model)  # an input over 2 GB: OUT + OUT.data
 
 
 class ArrayReader:

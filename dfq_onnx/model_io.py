@@ -42,6 +42,7 @@ ModelLike = "str | os.PathLike | onnx.ModelProto"
 STUB_MIN_ELEMENTS = 1024     # initializers this large are stubbed: no op's shape inference reads their values
 STUB_LOCATION = "dfq-in-memory"
 LARGE_MODEL_BYTES = 1_900_000_000  # protobuf's limit is 2 GiB: above this, save_model writes external data
+LEAN_BYTES = 2 ** 31  # weights over this (a model over protobuf's limit): lean onnxruntime sessions (shared_session)
 _STUBBABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
               TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
               TensorProto.UINT64, TensorProto.BOOL}
@@ -113,6 +114,42 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
                            f"{target.stat().st_size}: refused")
 
 
+def _read_external_data(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
+    """Load a model's external data (refused as read_model refuses it): each large initializer of
+    the main graph is read from its file straight into a read-only numpy array (np.fromfile: one
+    copy, the array) and becomes a stub (stub_tensor); any other external tensor is read into the
+    protobuf as onnx does. Returns the arrays by name."""
+    _check_external_data(model, path)
+    folder = path.resolve().parent
+    arrays = {}
+    try:
+        for k, t in enumerate(model.graph.initializer):
+            if t.data_location != TensorProto.EXTERNAL or t.data_type not in _STUBBABLE or sys.byteorder != "little":
+                continue
+            n = int(np.prod(t.dims, dtype=np.int64))
+            if n < STUB_MIN_ELEMENTS:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            a = np.fromfile(folder / info["location"], dtype=dtype, count=n, offset=int(info.get("offset", 0) or 0))
+            if a.size != n:
+                raise DfqError(f"{path}: tensor {t.name!r}: its external data holds {a.size} of {n} values")
+            a = a.reshape(tuple(t.dims))
+            a.setflags(write=False)
+            arrays[t.name] = a
+            model.graph.initializer[k].CopyFrom(stub_tensor(t.name, t.data_type, t.dims))
+        for t in _tensors(model.graph):
+            if t.data_location == TensorProto.EXTERNAL and not _is_stub(t):
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(folder))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+    except DfqError:
+        raise
+    except Exception as e:  # unreadable data file
+        raise DfqError(f"{path}: cannot read its external data ({_first_line(e)})") from None
+    return arrays
+
+
 def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
     """Read (or take) a model, check it, upgrade it to opset >= min_opset (13 by default; 21 for
     16-bit QuantizeLinear) and infer shapes. A full ModelProto (weights included); the pipeline
@@ -126,7 +163,11 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
     array}). The same checks: the checker (its tensor-size test on the real tensors), the opset
     upgrade, shape inference (on the structure: no weight is serialized)."""
     where = "model" if isinstance(src, onnx.ModelProto) else str(src)
-    model = read_model(src)
+    if isinstance(src, onnx.ModelProto):
+        model, external = src, {}
+    else:  # the weights in external data files go from the file to their arrays, never into the protobuf
+        model = read_model(src, external_data=False)
+        external = _read_external_data(model, Path(src))
     _check(model, where)
     if model is src:  # the caller's model is only read: dims are rewritten below
         model = onnx.ModelProto()
@@ -165,7 +206,7 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
                            f"{_first_line(e)}") from None
 
     big = {t.name for t in model.graph.initializer if _stubbable(t)}
-    arrays = {}
+    arrays = dict(external)
     for t in model.graph.initializer:
         if t.name in big:
             if t.HasField("raw_data") and sys.byteorder == "little":  # the bytes themselves, not a copy of them
@@ -184,7 +225,7 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
                 raise DfqError("the converter changed a large initializer")
             light = converted
         except DfqError:  # an adapter that needs the weights' values: convert the whole model
-            model = convert(model)
+            model = convert(with_arrays(model, external) if external else model)
             return load_light(model, target)
     del model
     return infer_shapes(light), arrays
@@ -271,6 +312,13 @@ def _check(model: onnx.ModelProto, where: str, converted: bool = False) -> None:
         if converted:
             raise
         raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model's verdict on a model, without serializing its weights (the checker
+    takes the model as bytes: a copy of every weight, and a second one where it parses them):
+    the checker on the structure, the size test on the large tensors themselves."""
+    _check(model, "model", converted=True)
 
 
 def _check_tensor_size(t: TensorProto) -> None:
@@ -460,14 +508,15 @@ def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
         return graph
 
 
-def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimize: bool = True) -> ort.InferenceSession:
+def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimize: bool = True):
     """An onnxruntime CPU session for a pass's own probe graph (quiet; no memory pattern: measured
     on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed). basic: only
     basic graph optimizations, so a QDQ graph with constant scales runs as simulated float
     arithmetic. optimize=False: none at all (a QDQ graph whose scales are graph inputs: onnxruntime's
     basic Clip/Q fusions assume constant scales; measured on EfficientNet-Lite0, basic level gave
     an output SQNR of 4.1 dB where the graph computes 11.6 dB). If onnxruntime refuses the graph:
-    DfqError "<failure>: <its first line>"."""
+    DfqError "<failure>: <its first line>". The graph's large constants are not serialized
+    (shared_session)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.enable_mem_pattern = False
@@ -477,15 +526,77 @@ def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimiz
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with stubbed(graph) as (values, _):
         model = to_model(graph)
-    arrays = [np.ascontiguousarray(v.load() if isinstance(v, LazyValues) else v) for v in values.values()]
-    ortvalues = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-    if values:  # the weights themselves, not a serialized copy
-        so.add_external_initializers(list(values), ortvalues)
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return shared_session(model, {k: v.load() if isinstance(v, LazyValues) else v for k, v in values.items()}, so)
     except Exception as e:
         raise DfqError(f"{failure}: {str(e).splitlines()[0]}") from None
-    sess._dfq_initializers = (arrays, ortvalues, so)  # onnxruntime reads them in place: keep them alive
+
+
+class FedSession:
+    """An onnxruntime session whose graph takes some weights as inputs, fed on every run from the
+    numpy arrays themselves (onnxruntime reads a contiguous numpy input in place): run() and
+    get_inputs() look like those of a session that holds them."""
+
+    def __init__(self, sess: ort.InferenceSession, fed: dict[str, np.ndarray], keep: tuple):
+        self._sess, self._fed, self._keep = sess, fed, keep
+
+    def run(self, output_names, input_feed: dict, run_options=None):
+        return self._sess.run(output_names, {**input_feed, **self._fed}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self._sess.get_inputs() if i.name not in self._fed]
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def _matrix_operand_only(model: onnx.ModelProto, name: str) -> bool:
+    """Every reader of `name` is a Gemm or MatMul that takes it as its second operand."""
+    readers = [(n, i) for n in model.graph.node for i, x in enumerate(n.input) if x == name]
+    return bool(readers) and all(n.op_type in ("Gemm", "MatMul") and n.domain in ("", "ai.onnx") and i == 1
+                                 for n, i in readers)
+
+
+def lean(arrays) -> bool:
+    """Weights over LEAN_BYTES (2 GiB of floating-point arrays: only a model over protobuf's limit
+    has them): onnxruntime sessions then hold no copy of the Gemm/MatMul matrices (shared_session)."""
+    return sum(a.nbytes for a in arrays if a.dtype.kind == "f") > LEAN_BYTES
+
+
+def shared_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], so: ort.SessionOptions):
+    """An onnxruntime CPU session of `model`, a structure whose initializers named in `arrays`
+    are stubs, computing on those arrays. They are external initializers, which onnxruntime
+    copies (SessionOptions.add_external_initializers; measured: +548 MB for VGG-19's 548 MB, +2.1
+    GB for a 23,500 x 23,500 Gemm) and, for a constant Gemm/MatMul matrix, packs into one more
+    copy (+2.1 GB there, transiently both). Over LEAN_BYTES of weights (lean()), a matrix that only
+    Gemm/MatMul read as their second operand is a graph input instead, fed from the array on every
+    run (FedSession: no copy), and prepacking is off. Not below: onnxruntime computes a one-row
+    product on an unpacked matrix by another kernel (a matrix-vector product) whose float sums
+    round differently, and models under 2 GB convert byte for byte as they always did."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    fed = {}
+    if lean(arrays.values()):
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        fed = {k: a for k, a in arrays.items() if _matrix_operand_only(model, k)}
+    if fed:
+        structure = onnx.ModelProto()
+        _copy_fields(structure, model, "graph")
+        _copy_fields(structure.graph, model.graph, "initializer")
+        structure.graph.initializer.extend(t for t in model.graph.initializer if t.name not in fed)
+        have = {i.name for i in structure.graph.input}
+        for t in model.graph.initializer:
+            if t.name in fed and t.name not in have:
+                structure.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        model = structure
+    rest = {k: a for k, a in arrays.items() if k not in fed}
+    ortvalues = [ort.OrtValue.ortvalue_from_numpy(a) for a in rest.values()]
+    if rest:
+        so.add_external_initializers(list(rest), ortvalues)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    keep = (rest, ortvalues, so)  # onnxruntime reads them in place: keep them alive
+    if fed:
+        return FedSession(sess, fed, keep)
+    sess._dfq_initializers = keep
     return sess
 
 
@@ -523,15 +634,18 @@ def check_output_path(out, inp=None) -> Path:
 
 def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_BYTES) -> Path:
     """Write `model` to `out` atomically (temporary file + rename). A model over `large` bytes
-    (protobuf cannot serialize 2 GiB) is written with its tensors in `out.name + ".data"` beside
-    `out` (both files first in a temporary folder there, then renamed, data first); `model`'s
-    tensors then refer to that file."""
+    (protobuf cannot serialize 2 GiB), or converted from an input over them (`inp`, its file and
+    external data), is written with its tensors in `out.name + ".data"` beside `out` (relative
+    location; both files first in a temporary folder there, then renamed, data first); `model`'s
+    tensors then refer to that file. Each tensor goes to the data file from its own bytes, so the
+    write holds no serialized copy of the weights."""
     out = check_output_path(out, inp)
     folder = out.resolve().parent
     try:
         size = model.ByteSize()
     except Exception:  # over what protobuf can size
         size = large + 1
+    external = size > large or (inp is not None and not isinstance(inp, onnx.ModelProto) and _model_bytes(inp) > large)
     try:
         tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
@@ -539,7 +653,7 @@ def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_B
     tmp = os.path.join(tmpdir, out.name)
     data = out.name + ".data"
     try:
-        if size > large:
+        if external:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
             os.chmod(os.path.join(tmpdir, data), 0o666 & ~_umask())
             os.replace(os.path.join(tmpdir, data), folder / data)
@@ -557,6 +671,22 @@ def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_B
         if os.path.isdir(tmpdir):
             os.rmdir(tmpdir)
     return out
+
+
+def _model_bytes(path) -> int:
+    """The bytes of a model file and of the external data files it names (0 if unreadable). A file
+    over 64 MB is judged by its own size (its weights are inside it; it is not parsed again)."""
+    try:
+        path = Path(path)
+        size = path.stat().st_size
+        if size > 1 << 26:
+            return size
+        m = onnx.load(str(path), load_external_data=False)
+        files = {e.value for t in _tensors(m.graph) if t.data_location == TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+        return size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    except Exception:
+        return 0
 
 
 def save_library(lib, model: onnx.ModelProto, out, inp=None) -> Path:

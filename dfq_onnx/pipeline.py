@@ -12,7 +12,7 @@ from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
 from .config import SATURATION_SAFE_TARGETS, QuantConfig
 from .errors import DfqError
-from .model_io import MIN_OPSET, load_light, to_graph, to_model
+from .model_io import MIN_OPSET, check_model, load_light, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
@@ -283,7 +283,10 @@ def render(c: Conversion) -> None:
         graph, facts, c.symbols = emit_qdq(c.graph, c.qm, signed_as_uint8=ort_layout, shuffle_as_gather=ort_layout,
                                            prelu_split=ort_layout)
     c.facts.update(facts)
+    c.graph = c.corrected = None  # the float weights: the output holds codes; freed before it is serialized
+    c.codes_cache.clear()
     c.out = to_model(graph, c.original)
+    del graph
     if config.format == "qonnx":
         c.out = to_qonnx(c.out, c.qm)
     if config.integer:
@@ -331,7 +334,7 @@ def _result(c: Conversion) -> ConvertResult:
                            per_layer_requant_points(c.original), dict(plan.float_ops),
                            time.perf_counter() - c.started, c.seen, facts, qm, c.symbols, c.library)
     _stamp(c.out, result, c.config)
-    onnx.checker.check_model(c.out)
+    check_model(c.out)
     return result
 
 
