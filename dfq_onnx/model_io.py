@@ -42,6 +42,7 @@ ModelLike = "str | os.PathLike | onnx.ModelProto"
 STUB_MIN_ELEMENTS = 1024     # initializers this large are stubbed: no op's shape inference reads their values
 STUB_LOCATION = "dfq-in-memory"
 LARGE_MODEL_BYTES = 1_900_000_000  # protobuf's limit is 2 GiB: above this, save_model writes external data
+BLOCK_BYTES = 1 << 28  # lean sessions dequantize a large matrix in blocks of at most this many float bytes
 LEAN_BYTES = 2 ** 31  # weights over this (a model over protobuf's limit): lean onnxruntime sessions (shared_session)
 _STUBBABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
               TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
@@ -557,6 +558,91 @@ def _matrix_operand_only(model: onnx.ModelProto, name: str) -> bool:
                                  for n, i in readers)
 
 
+def _dequantized_only(model: onnx.ModelProto, name: str) -> bool:
+    """Every reader of `name` is a DequantizeLinear that takes it as the codes it dequantizes."""
+    readers = [(n, i) for n in model.graph.node for i, x in enumerate(n.input) if x == name]
+    return bool(readers) and all(n.op_type == "DequantizeLinear" and i == 0 for n, i in readers)
+
+
+def _blocked_products(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
+    """(model, arrays) with each Gemm/MatMul whose matrix is DequantizeLinear(codes) of more than
+    BLOCK_BYTES as float split by output channels into products of at most that size, joined by a
+    Concat: onnxruntime then holds one block's dequantized floats at a time, not the whole matrix's
+    (a 23,500 x 23,500 Gemm: 2.2 GB). The codes' blocks are views of the codes where they are
+    contiguous (Gemm with transB, the usual layout)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    small = {t.name: t for t in model.graph.initializer if t.name not in arrays}
+
+    def value(name: str):
+        if name in arrays:
+            return arrays[name]
+        return numpy_helper.to_array(small[name]) if name in small else None
+
+    nodes, inits, new_arrays, dropped = [], [], dict(arrays), set()
+    for n in model.graph.node:
+        d = producer.get(n.input[1]) if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        codes = arrays.get(d.input[0]) if d is not None and d.op_type == "DequantizeLinear" else None
+        if codes is None or codes.ndim != 2 or readers.get(n.input[1]) != 1 or codes.size * 4 <= BLOCK_BYTES \
+                or attrs.get("transA", 0) or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        axis = 0 if n.op_type == "Gemm" and attrs.get("transB", 0) else 1
+        d_axis = {a.name: onnx.helper.get_attribute_value(a) for a in d.attribute}.get("axis", 1) % 2
+        scale, zp = value(d.input[1]), value(d.input[2]) if len(d.input) > 2 else None
+        if scale is None or (scale.size > 1 and d_axis != axis) or (zp is not None and zp.size != scale.size):
+            nodes.append(n)
+            continue
+        bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
+        attrs.pop("beta", None)
+        rows = codes.shape[axis]
+        step = max(1, BLOCK_BYTES // (4 * codes.shape[1 - axis]))
+        parts = []
+        for k, r0 in enumerate(range(0, rows, step)):
+            r1 = min(rows, r0 + step)
+            tag = f"{n.output[0]}_dfq_block{k}"
+            block = codes[r0:r1] if axis == 0 else np.ascontiguousarray(codes[:, r0:r1])
+            new_arrays[f"{tag}_codes"] = block
+            inits.append(stub_tensor(f"{tag}_codes", onnx.helper.np_dtype_to_tensor_dtype(block.dtype), block.shape))
+            q_in = [f"{tag}_codes"]
+            for what, v in (("scale", scale), ("zero", zp)):
+                if v is not None:
+                    inits.append(numpy_helper.from_array(v[r0:r1] if v.size > 1 else v, f"{tag}_{what}"))
+                    q_in.append(f"{tag}_{what}")
+            d_attrs = {"axis": axis} if scale.size > 1 else {}
+            nodes.append(onnx.helper.make_node("DequantizeLinear", q_in, [f"{tag}_w"], name=f"{tag}_dq", **d_attrs))
+            nodes.append(onnx.helper.make_node(n.op_type, [n.input[0], f"{tag}_w"], [f"{tag}_y"], name=f"{tag}_product",
+                                               **attrs))
+            parts.append(f"{tag}_y")
+        joined = n.output[0] if bias is None else f"{n.output[0]}_dfq_joined"
+        nodes.append(onnx.helper.make_node("Concat", parts, [joined], name=f"{n.output[0]}_dfq_blocks", axis=-1))
+        if bias is not None:  # Gemm's C (times beta), added once to the joined product
+            beta = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "beta"), 1.0)
+            c = bias
+            if beta != 1.0:
+                inits.append(numpy_helper.from_array(np.asarray(beta, np.float32), f"{n.output[0]}_dfq_beta"))
+                nodes.append(onnx.helper.make_node("Mul", [bias, f"{n.output[0]}_dfq_beta"], [f"{n.output[0]}_dfq_c"]))
+                c = f"{n.output[0]}_dfq_c"
+            nodes.append(onnx.helper.make_node("Add", [joined, c], [n.output[0]], name=f"{n.output[0]}_dfq_bias"))
+        dropped |= {d.output[0], d.input[0]}
+    if not dropped:
+        return model, arrays
+    out = onnx.ModelProto()
+    _copy_fields(out, model, "graph")
+    _copy_fields(out.graph, model.graph, "node")
+    del out.graph.initializer[:]
+    used = {x for n in nodes if n.output[0] not in dropped for x in n.input}
+    out.graph.node.extend(n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in dropped))
+    out.graph.initializer.extend(t for t in list(model.graph.initializer) + inits
+                                 if t.name in used or t.name in {i.name for i in model.graph.input})
+    names = {t.name for t in out.graph.initializer}
+    return out, {k: v for k, v in new_arrays.items() if k in names}
+
+
 def lean(arrays) -> bool:
     """Weights over LEAN_BYTES (2 GiB of floating-point arrays: only a model over protobuf's limit
     has them): onnxruntime sessions then hold no copy of the Gemm/MatMul matrices (shared_session)."""
@@ -577,7 +663,8 @@ def shared_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], so: or
     fed = {}
     if lean(arrays.values()):
         so.add_session_config_entry("session.disable_prepacking", "1")
-        fed = {k: a for k, a in arrays.items() if _matrix_operand_only(model, k)}
+        model, arrays = _blocked_products(model, arrays)
+        fed = {k: a for k, a in arrays.items() if _matrix_operand_only(model, k) or _dequantized_only(model, k)}
     if fed:
         structure = onnx.ModelProto()
         _copy_fields(structure, model, "graph")

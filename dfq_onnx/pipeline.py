@@ -1,6 +1,7 @@
 """The conversion, top to bottom. Read this file to know what dfq-onnx does to a model."""
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -285,6 +286,7 @@ def render(c: Conversion) -> None:
     c.facts.update(facts)
     c.graph = c.corrected = None  # the float weights: the output holds codes; freed before it is serialized
     c.codes_cache.clear()
+    gc.collect()
     c.out = to_model(graph, c.original)
     del graph
     if config.format == "qonnx":
@@ -316,6 +318,7 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_stage is not None:
             on_stage(stage.__name__)
         stage(c)
+        gc.collect()  # graphsurgeon graphs are reference cycles: the ones a stage dropped hold weights until collected
     return _result(c)
 
 
