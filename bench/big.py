@@ -1,7 +1,7 @@
 """Big-model benchmark: conversion time and peak RSS on AlexNet, ZFNet-512 and VGG-19 against
 onnxruntime's quantize_static, and the memory bound they are held to.
 
-  python bench/big.py [--models alexnet,zfnet512,vgg19] [--runs 3] [--tools dfq-qdq,dfq-int,ort-minmax]
+  python bench/big.py [--models alexnet,zfnet512,vgg19,gemm23500] [--runs 3] [--tools dfq-qdq,dfq-int,ort-minmax]
                       [--samples 32] [--build-only]
   python bench/big.py --render-only      # re-render the section of BENCHMARKS.md from results.json
 
@@ -30,8 +30,13 @@ onnxruntime's session), where
   * session: the resident memory an onnxruntime CPU session of the float model adds to a fresh
     process when it is created and runs one batch (VmHWM after minus VmRSS before, measured in
     its own process).
-Figures are medians of RUNS runs (time and peak RSS alike); ratios to onnxruntime come from the
-same invocation. materialize(name, path, widen=4) writes a VGG-19 whose first two classifier
+Figures are medians of RUNS runs (time and peak RSS alike), the tools' runs interleaved (run 1 of
+each tool, then run 2, ...) so that each sees the same machine load; ratios to onnxruntime come from
+the same invocation. The table also gives the peak against the float weights' bytes.
+
+gemm23500 (write_gemm): one Gemm of 23,500 x 23,500 float32 weights, 2.2 GB, over protobuf's 2 GB,
+its tensors in gemm23500.onnx.data; calibrated on SAMPLES seeded N(0, 1) rows
+(gemm_calib32.npz). materialize(name, path, widen=4) writes a VGG-19 whose first two classifier
 layers are 4x wider (over 2 GB, saved with external data) for the >2 GB load/save path; main()
 does not build it.
 """
@@ -56,6 +61,7 @@ BATCH = 8
 SAMPLES = 32
 PREPROCESS = "resize=256 size=224 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 scale=1 layout=NCHW color=RGB"
 TOOLS = ("dfq-qdq", "dfq-int", "ort-minmax")
+GEMM = "gemm23500"
 GEMM_WIDTH = 23_500  # "gemm23500": one Gemm of 23,500 x 23,500 float32 weights, 2.2 GB (over protobuf's 2 GB)
 
 
@@ -173,7 +179,22 @@ def model_path(name: str) -> Path:
     p = CACHE / f"{name}.onnx"
     if not p.exists():
         print(f"building {p} ...", flush=True)
-        materialize(name, p)
+        write_gemm(p) if name == GEMM else materialize(name, p)
+    return p
+
+
+def model_bytes(model: Path) -> int:
+    """The model file and its external data file (OUT.data or OUT.onnx.data) beside it."""
+    return model.stat().st_size + sum(f.stat().st_size for f in (model.with_suffix(".data"), model.with_name(model.name + ".data"))
+                                      if f.is_file())
+
+
+def gemm_calib_path(samples: int = SAMPLES) -> Path:
+    """SAMPLES random N(0, 1) rows for the one-Gemm model (seeded)."""
+    p = CACHE / f"gemm_calib{samples}.npz"
+    if not p.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(p, input=np.random.default_rng(0).standard_normal((samples, GEMM_WIDTH), dtype=np.float32))
     return p
 
 
@@ -194,6 +215,15 @@ def calib_path(samples: int = SAMPLES) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(p, input=x.astype(np.float32))
     return p
+
+
+def weights_bytes(model: Path) -> int:
+    """The float model's initializers' bytes (from dims and types; nothing is loaded)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+               for t in m.graph.initializer)
 
 
 def input_name(model: Path) -> str:
@@ -287,7 +317,9 @@ def render_section(results: dict) -> list[str]:
          f"(CPU flags: {', '.join(mc['flags']) or 'neither avx2 nor avx512_vnni'}), onnx {mc['onnx']}, onnxruntime "
          f"{mc['onnxruntime']}, dfq-onnx {mc['dfq_onnx']} ({mc['revision']}); {results['seconds'] / 60:.1f} min. "
          "Models: the structures of the ONNX model zoo's AlexNet, ZFNet-512 and VGG-19 that onnx ships "
-         "(light_*.onnx) with seeded He-init float weights, opset 13, dynamic batch (bench/big.py). Both tools "
+         "(light_*.onnx) with seeded He-init float weights, opset 13, dynamic batch (bench/big.py), and gemm23500: "
+         "one Gemm of 23,500 x 23,500 float32 weights (2.2 GB, over protobuf's 2 GB, in external data; calibrated "
+         "on seeded N(0, 1) rows). Both tools "
          f"calibrate on the same {results['samples']} photo crops (224x224, ImageNet-normalized), read into "
          "memory before the clock starts "
          + (f"({data_mb:.0f} MB) " if data_mb is not None else "")
@@ -297,24 +329,28 @@ def render_section(results: dict) -> list[str]:
          "onnxruntime takes 29 s and 4.5 GB on VGG-19, so this is the stricter comparison). Each "
          "conversion runs alone in a fresh process (bench/convert_one.py); time = the conversion from the call "
          "to the written file, peak RSS = the process's VmHWM (interpreter, imports and the calibration arrays "
-         f"included); medians of {results['runs']} runs. Bound = 1.5 x (model file + every intermediate tensor "
+         f"included); medians of {results['runs']} runs, the tools' runs interleaved. Bound = 1.5 x (model file + every intermediate tensor "
          f"of one {results['batch']}-sample batch + the memory an onnxruntime CPU session of the float model adds "
          "to a fresh process, created and run on one batch).", ""]
     for name, r in results["models"].items():
         t = r["tools"]
         ort = t.get("ort-minmax", {})
-        L += [f"**{name}**: model file {r['file_mb']:.0f} MB, one batch's activations {r['activations_mb']:.0f} MB, "
+        wmb = r.get("weights_mb")
+        L += [f"**{name}**: model file {r['file_mb']:.0f} MB"
+              + (f" (float weights {wmb:.0f} MB)" if wmb else "")
+              + f", one batch's activations {r['activations_mb']:.0f} MB, "
               f"onnxruntime session {r['session_mb']:.0f} MB; bound {r['bound_mb']:.0f} MB.", "",
-              "| tool | time (s) | time / ORT MinMax | peak RSS (MB) | RSS / ORT | bound (MB) | peak / bound |",
-              "|---|---|---|---|---|---|---|"]
+              "| tool | time (s) | time / ORT MinMax | peak RSS (MB) | RSS / ORT | peak / float weights | bound (MB) | peak / bound |",
+              "|---|---|---|---|---|---|---|---|"]
         for tool, x in t.items():
             label = TOOL_NAMES.get(tool, tool)
             if "error" in x:
-                L.append(f"| {label} | failed: `{x['error'][:120]}` | – | – | – | {r['bound_mb']:.0f} | – |")
+                L.append(f"| {label} | failed: `{x['error'][:120]}` | – | – | – | – | {r['bound_mb']:.0f} | – |")
                 continue
             rt = f"{x['seconds'] / ort['seconds']:.2f}x" if ort.get("seconds") else "–"
             rr = f"{x['peak_rss_mb'] / ort['peak_rss_mb']:.2f}x" if ort.get("peak_rss_mb") else "–"
-            L.append(f"| {label} | {x['seconds']:.1f} | {rt} | {x['peak_rss_mb']:.0f} | {rr} | {r['bound_mb']:.0f} | "
+            rw = f"{x['peak_rss_mb'] / wmb:.2f}x" if wmb else "–"
+            L.append(f"| {label} | {x['seconds']:.1f} | {rt} | {x['peak_rss_mb']:.0f} | {rr} | {rw} | {r['bound_mb']:.0f} | "
                      f"{x['peak_rss_mb'] / r['bound_mb']:.2f}x |")
         L.append("")
     return L
@@ -339,7 +375,7 @@ def splice(text: str, section: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="alexnet,zfnet512,vgg19")
+    ap.add_argument("--models", default="alexnet,zfnet512,vgg19,gemm23500")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--samples", type=int, default=SAMPLES)
@@ -359,12 +395,20 @@ def main(argv: list[str] | None = None) -> int:
         model = model_path(name)
         if args.build_only:
             continue
-        file_mb = model.stat().st_size / 2 ** 20
-        act, sess = activation_mb(model), session_mb(model, calib)
+        data = gemm_calib_path(args.samples) if name == GEMM else calib
+        file_mb = model_bytes(model) / 2 ** 20
+        weights_mb = weights_bytes(model) / 2 ** 20
+        act, sess = activation_mb(model), session_mb(model, data)
         bound = 1.5 * (file_mb + act + sess)
-        row = {"file_mb": file_mb, "activations_mb": act, "session_mb": sess, "bound_mb": bound, "tools": {}}
-        for tool in args.tools.split(","):
-            runs = [convert(tool, model, calib, args.samples) for _ in range(args.runs)]
+        row = {"file_mb": file_mb, "weights_mb": weights_mb, "activations_mb": act, "session_mb": sess,
+               "bound_mb": bound, "tools": {}}
+        tools = args.tools.split(",")
+        all_runs = {tool: [] for tool in tools}
+        for _ in range(args.runs):  # interleaved: each run of every tool sees the same machine load
+            for tool in tools:
+                all_runs[tool].append(convert(tool, model, data, args.samples))
+        for tool in tools:
+            runs = all_runs[tool]
             ok = [r for r in runs if "error" not in r]
             row["tools"][tool] = {"seconds": statistics.median(r["seconds"] for r in ok),
                                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),

@@ -7,7 +7,8 @@ its structure (large initializers as stubs, see below) plus those initializers a
 each held once; `to_graph(light, arrays)` makes the graphsurgeon graph that shares them.
 `save_model` guarantees: the output path is not the input path, and the file appears whole or
 not at all (written to a temporary file in the same folder, then renamed); a model over
-`large` bytes (default just under protobuf's 2 GB limit) keeps its tensors in OUT.data beside OUT.
+`large` bytes (default just under protobuf's 2 GB limit), or converted from an input over it, keeps its
+tensors in OUT.onnx.data beside OUT.onnx (the output's name + ".data", a relative location).
 
 Weights are never copied to analyse the structure: the checker, shape inference and
 onnxruntime's analysis sessions see a "light" model whose initializers of STUB_MIN_ELEMENTS
@@ -42,7 +43,7 @@ ModelLike = "str | os.PathLike | onnx.ModelProto"
 STUB_MIN_ELEMENTS = 1024     # initializers this large are stubbed: no op's shape inference reads their values
 STUB_LOCATION = "dfq-in-memory"
 LARGE_MODEL_BYTES = 1_900_000_000  # protobuf's limit is 2 GiB: above this, save_model writes external data
-BLOCK_BYTES = 1 << 28  # lean sessions dequantize a large matrix in blocks of at most this many float bytes
+BLOCK_BYTES = 1 << 26  # a dequantized Gemm/MatMul matrix is computed in blocks of at most this many float bytes
 LEAN_BYTES = 2 ** 31  # weights over this (a model over protobuf's limit): lean onnxruntime sessions (shared_session)
 _STUBBABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
               TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
@@ -564,12 +565,14 @@ def _dequantized_only(model: onnx.ModelProto, name: str) -> bool:
     return bool(readers) and all(n.op_type == "DequantizeLinear" and i == 0 for n, i in readers)
 
 
-def _blocked_products(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
+def _blocked_products(model: onnx.ModelProto, arrays: dict[str, np.ndarray], block_bytes: int = BLOCK_BYTES):
     """(model, arrays) with each Gemm/MatMul whose matrix is DequantizeLinear(codes) of more than
-    BLOCK_BYTES as float split by output channels into products of at most that size, joined by a
-    Concat: onnxruntime then holds one block's dequantized floats at a time, not the whole matrix's
-    (a 23,500 x 23,500 Gemm: 2.2 GB). The codes' blocks are views of the codes where they are
-    contiguous (Gemm with transB, the usual layout)."""
+    block_bytes as float split by output channels into products of at most that size (each with
+    its slice of the bias, dequantized the same way), joined by a Concat: onnxruntime then holds
+    one block's dequantized floats at a time, not the whole matrix's (VGG-19's first classifier
+    layer: 411 MB; a 23,500 x 23,500 Gemm: 2.2 GB). Every output element is the same sum as
+    before (the blocks split output channels, not the sum), so results are unchanged. The codes'
+    blocks are views where they are contiguous (Gemm with transB, the usual layout)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, int] = {}
     for n in model.graph.node:
@@ -582,63 +585,78 @@ def _blocked_products(model: onnx.ModelProto, arrays: dict[str, np.ndarray]):
             return arrays[name]
         return numpy_helper.to_array(small[name]) if name in small else None
 
-    nodes, inits, new_arrays, dropped = [], [], dict(arrays), set()
+    def dequantized(name: str, size: int, axis: int):
+        """(codes, scale, zero point or None, DequantizeLinear attributes) if `name` is the only
+        output of a DequantizeLinear of constants per channel along `axis` (or per tensor) that
+        nothing else reads; else None."""
+        d = producer.get(name)
+        if d is None or d.op_type != "DequantizeLinear" or readers.get(name) != 1 or d.domain not in ("", "ai.onnx"):
+            return None
+        codes, scale = value(d.input[0]), value(d.input[1])
+        zp = value(d.input[2]) if len(d.input) > 2 and d.input[2] else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in d.attribute}
+        if codes is None or scale is None or (len(d.input) > 2 and d.input[2] and zp is None) or \
+                codes.shape[axis % codes.ndim] != size or set(attrs) - {"axis"}:
+            return None
+        if scale.size > 1 and (attrs.get("axis", 1) % codes.ndim != axis % codes.ndim or scale.size != size):
+            return None
+        if zp is not None and zp.size != scale.size:
+            return None
+        return codes, scale, zp, d
+
+    nodes, inits, new_arrays, gone = [], [], dict(arrays), set()
     for n in model.graph.node:
-        d = producer.get(n.input[1]) if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 else None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        codes = arrays.get(d.input[0]) if d is not None and d.op_type == "DequantizeLinear" else None
-        if codes is None or codes.ndim != 2 or readers.get(n.input[1]) != 1 or codes.size * 4 <= BLOCK_BYTES \
-                or attrs.get("transA", 0) or n.domain not in ("", "ai.onnx"):
+        if n.op_type not in ("Gemm", "MatMul") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
             nodes.append(n)
             continue
         axis = 0 if n.op_type == "Gemm" and attrs.get("transB", 0) else 1
-        d_axis = {a.name: onnx.helper.get_attribute_value(a) for a in d.attribute}.get("axis", 1) % 2
-        scale, zp = value(d.input[1]), value(d.input[2]) if len(d.input) > 2 else None
-        if scale is None or (scale.size > 1 and d_axis != axis) or (zp is not None and zp.size != scale.size):
+        d = producer.get(n.input[1])
+        codes = value(d.input[0]) if d is not None and d.op_type == "DequantizeLinear" else None
+        if codes is None or codes.ndim != 2 or codes.size * 4 <= block_bytes:
             nodes.append(n)
             continue
-        bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
-        attrs.pop("beta", None)
         rows = codes.shape[axis]
-        step = max(1, BLOCK_BYTES // (4 * codes.shape[1 - axis]))
+        w = dequantized(n.input[1], rows, axis)
+        has_bias = n.op_type == "Gemm" and len(n.input) > 2 and bool(n.input[2])
+        bias = dequantized(n.input[2], rows, 0) if has_bias else None
+        if w is None or (has_bias and (bias is None or bias[0].ndim != 1)):
+            nodes.append(n)
+            continue
+        step = max(1, block_bytes // (4 * codes.shape[1 - axis]))
         parts = []
         for k, r0 in enumerate(range(0, rows, step)):
             r1 = min(rows, r0 + step)
             tag = f"{n.output[0]}_dfq_block{k}"
-            block = codes[r0:r1] if axis == 0 else np.ascontiguousarray(codes[:, r0:r1])
-            new_arrays[f"{tag}_codes"] = block
-            inits.append(stub_tensor(f"{tag}_codes", onnx.helper.np_dtype_to_tensor_dtype(block.dtype), block.shape))
-            q_in = [f"{tag}_codes"]
-            for what, v in (("scale", scale), ("zero", zp)):
-                if v is not None:
-                    inits.append(numpy_helper.from_array(v[r0:r1] if v.size > 1 else v, f"{tag}_{what}"))
-                    q_in.append(f"{tag}_{what}")
-            d_attrs = {"axis": axis} if scale.size > 1 else {}
-            nodes.append(onnx.helper.make_node("DequantizeLinear", q_in, [f"{tag}_w"], name=f"{tag}_dq", **d_attrs))
-            nodes.append(onnx.helper.make_node(n.op_type, [n.input[0], f"{tag}_w"], [f"{tag}_y"], name=f"{tag}_product",
-                                               **attrs))
+            inputs = [n.input[0]]
+            for what, (q, sc, zp, dq), ax in (("w", w, axis), ("b", bias, 0)) if has_bias else (("w", w, axis),):
+                block = (q[r0:r1] if ax == 0 else np.ascontiguousarray(q[:, r0:r1])) if q.ndim == 2 else q[r0:r1]
+                new_arrays[f"{tag}_{what}_codes"] = block
+                inits.append(stub_tensor(f"{tag}_{what}_codes", onnx.helper.np_dtype_to_tensor_dtype(block.dtype),
+                                         block.shape))
+                q_in = [f"{tag}_{what}_codes"]
+                for part, v in (("scale", sc), ("zero", zp)):
+                    if v is not None:
+                        inits.append(numpy_helper.from_array(np.ascontiguousarray(v[r0:r1]) if v.size > 1 else v,
+                                                             f"{tag}_{what}_{part}"))
+                        q_in.append(f"{tag}_{what}_{part}")
+                nodes.append(onnx.helper.make_node("DequantizeLinear", q_in, [f"{tag}_{what}"], name=f"{tag}_{what}_dq",
+                                                   **({"axis": ax} if sc.size > 1 else {})))
+                inputs.append(f"{tag}_{what}")
+                gone |= {dq.output[0]}
+            nodes.append(onnx.helper.make_node(n.op_type, inputs, [f"{tag}_y"], name=f"{tag}_product", **attrs))
             parts.append(f"{tag}_y")
-        joined = n.output[0] if bias is None else f"{n.output[0]}_dfq_joined"
-        nodes.append(onnx.helper.make_node("Concat", parts, [joined], name=f"{n.output[0]}_dfq_blocks", axis=-1))
-        if bias is not None:  # Gemm's C (times beta), added once to the joined product
-            beta = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "beta"), 1.0)
-            c = bias
-            if beta != 1.0:
-                inits.append(numpy_helper.from_array(np.asarray(beta, np.float32), f"{n.output[0]}_dfq_beta"))
-                nodes.append(onnx.helper.make_node("Mul", [bias, f"{n.output[0]}_dfq_beta"], [f"{n.output[0]}_dfq_c"]))
-                c = f"{n.output[0]}_dfq_c"
-            nodes.append(onnx.helper.make_node("Add", [joined, c], [n.output[0]], name=f"{n.output[0]}_dfq_bias"))
-        dropped |= {d.output[0], d.input[0]}
-    if not dropped:
+        nodes.append(onnx.helper.make_node("Concat", parts, [n.output[0]], name=f"{n.output[0]}_dfq_blocks", axis=-1))
+    if not gone:
         return model, arrays
+    kept = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in gone)]
+    used = {x for n in kept for x in n.input}
     out = onnx.ModelProto()
     _copy_fields(out, model, "graph")
     _copy_fields(out.graph, model.graph, "node")
     del out.graph.initializer[:]
-    used = {x for n in nodes if n.output[0] not in dropped for x in n.input}
-    out.graph.node.extend(n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in dropped))
-    out.graph.initializer.extend(t for t in list(model.graph.initializer) + inits
-                                 if t.name in used or t.name in {i.name for i in model.graph.input})
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(t for t in list(model.graph.initializer) + inits if t.name in used)
     names = {t.name for t in out.graph.initializer}
     return out, {k: v for k, v in new_arrays.items() if k in names}
 
@@ -654,16 +672,20 @@ def shared_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], so: or
     are stubs, computing on those arrays. They are external initializers, which onnxruntime
     copies (SessionOptions.add_external_initializers; measured: +548 MB for VGG-19's 548 MB, +2.1
     GB for a 23,500 x 23,500 Gemm) and, for a constant Gemm/MatMul matrix, packs into one more
-    copy (+2.1 GB there, transiently both). Over LEAN_BYTES of weights (lean()), a matrix that only
-    Gemm/MatMul read as their second operand is a graph input instead, fed from the array on every
-    run (FedSession: no copy), and prepacking is off. Not below: onnxruntime computes a one-row
-    product on an unpacked matrix by another kernel (a matrix-vector product) whose float sums
-    round differently, and models under 2 GB convert byte for byte as they always did."""
+    copy (+2.1 GB there, transiently both). A product with a dequantized matrix of over
+    BLOCK_BYTES is computed in blocks of output channels (_blocked_products: the same sums; VGG-19's
+    bias-correction probe peaks 370 MB lower). Over LEAN_BYTES of weights (lean()), a matrix that
+    only Gemm/MatMul read as their second operand, and int8 codes that only DequantizeLinear reads,
+    are graph inputs instead, fed from the arrays on every run (FedSession: no copy), and
+    prepacking is off. Not below: onnxruntime computes a one-row product on an unpacked matrix by
+    another kernel (a matrix-vector product) whose float sums round differently, and models under
+    2 GB convert byte for byte as they always did."""
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    big = lean(arrays.values())
+    model, arrays = _blocked_products(model, arrays, BLOCK_BYTES)
     fed = {}
-    if lean(arrays.values()):
+    if big:
         so.add_session_config_entry("session.disable_prepacking", "1")
-        model, arrays = _blocked_products(model, arrays)
         fed = {k: a for k, a in arrays.items() if _matrix_operand_only(model, k) or _dequantized_only(model, k)}
     if fed:
         structure = onnx.ModelProto()
