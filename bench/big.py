@@ -324,14 +324,16 @@ def render_section(results: dict) -> list[str]:
          "memory before the clock starts "
          + (f"({data_mb:.0f} MB) " if data_mb is not None else "")
          + f"and fed in batches of {results['batch']}: dfq-onnx `convert(model, arrays)` with default settings "
-         "(QDQ, and `format=int`), onnxruntime `quantize_static` (QDQ, per-channel, int8, MinMax) with a "
+         + ("(QDQ, and `format=int`), " if any("dfq-int" in r["tools"] for r in results["models"].values()) else "(QDQ), ")
+         + "onnxruntime `quantize_static` (QDQ, per-channel, int8, MinMax) with a "
          "CalibrationDataReader over the same arrays and the model file as it is (no `quant_pre_process`: with it "
          "onnxruntime takes 29 s and 4.5 GB on VGG-19, so this is the stricter comparison). Each "
          "conversion runs alone in a fresh process (bench/convert_one.py); time = the conversion from the call "
          "to the written file, peak RSS = the process's VmHWM (interpreter, imports and the calibration arrays "
          f"included); medians of {results['runs']} runs, the tools' runs interleaved. Bound = 1.5 x (model file + every intermediate tensor "
          f"of one {results['batch']}-sample batch + the memory an onnxruntime CPU session of the float model adds "
-         "to a fresh process, created and run on one batch).", ""]
+         "to a fresh process, created and run on one batch)."
+         + (f" {results['note']}" if results.get("note") else ""), ""]
     for name, r in results["models"].items():
         t = r["tools"]
         ort = t.get("ort-minmax", {})
@@ -381,14 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=SAMPLES)
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="re-render BENCHMARKS.md's section from results.json")
+    ap.add_argument("--note", default=None, help="a sentence about this run for the section (stored in results.json)")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     if args.render_only:
+        if args.note is not None:
+            res = json.loads((CACHE / "results.json").read_text())
+            (CACHE / "results.json").write_text(json.dumps({**res, "note": args.note}, indent=1))
         args.out.write_text(splice(args.out.read_text(), render_section(json.loads((CACHE / "results.json").read_text()))))
         return 0
     calib = calib_path(args.samples)
     results = {}
-    info = {"machine": machine(), "runs": args.runs, "samples": args.samples, "batch": BATCH,
+    info = {"machine": machine(), "runs": args.runs, "note": args.note, "samples": args.samples, "batch": BATCH,
             "command": "python bench/big.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     t0 = time.perf_counter()
     for name in args.models.split(","):
