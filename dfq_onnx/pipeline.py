@@ -34,6 +34,8 @@ from .passes.form_modules import find_modules, plan_quantization
 from .quantized import QuantizedModel, build as build_quantized, check_finite
 from .report import per_layer_requant_points, quantized_ops
 
+COLLECT_MIN_BYTES = 1 << 26  # weights of this size or more: garbage is collected after each stage (a collection costs
+                             # tens of ms in a large process: not worth it for small models converted many times)
 MAX_EFFORT_STAGES = 4  # --effort max: second-order rounding in this many stages, each on the inputs its predecessors left
 
 
@@ -97,6 +99,7 @@ class Conversion:
     library: CLibrary | None = None
     out: onnx.ModelProto | None = None
     facts: dict = field(default_factory=dict)
+    weight_bytes: int = 0                    # the loaded weights' bytes
 
     def quantized_model(self, e=None) -> QuantizedModel:
         """The quantized IR of the current graph under exponents e (default: the current ones);
@@ -127,6 +130,7 @@ def load(c: Conversion) -> None:
     c.data = None if c.data_free else DataSource(c.calib, input_specs(c.original), num_samples=config.num_samples,
                                                  preprocess=c.preprocess)
     c.graph = to_graph(c.original, weights)
+    c.weight_bytes = sum(a.nbytes for a in weights.values())
     del weights  # the graphs hold them; what a pass replaces is freed with the graph that held it
 
 
@@ -286,7 +290,8 @@ def render(c: Conversion) -> None:
     c.facts.update(facts)
     c.graph = c.corrected = None  # the float weights: the output holds codes; freed before it is serialized
     c.codes_cache.clear()
-    gc.collect()
+    if c.weight_bytes >= COLLECT_MIN_BYTES:
+        gc.collect()
     c.out = to_model(graph, c.original)
     del graph
     if config.format == "qonnx":
@@ -318,7 +323,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_stage is not None:
             on_stage(stage.__name__)
         stage(c)
-        gc.collect()  # graphsurgeon graphs are reference cycles: the ones a stage dropped hold weights until collected
+        if c.weight_bytes >= COLLECT_MIN_BYTES:  # graphsurgeon graphs are reference cycles: the ones a
+            gc.collect()                         # stage dropped hold weights until they are collected
     return _result(c)
 
 

@@ -112,7 +112,7 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 def test_a_model_over_2_gb_converts_within_one_and_a_half_times_its_weights(tmp_path):
     """One Gemm of 23,500 x 23,500 float32 weights (2.2 GB, over protobuf's 2 GB, in OUT.onnx.data)
     converts in a fresh process whose peak RSS (interpreter and imports included) stays under 1.5x
-    the weights (measured 1.48x; before: 4.1x, 9.1 GB); the output is OUT + OUT.onnx.data with a
+    the weights (1.36x in bench/big.py; before: 4.1x, 9.1 GB); the output is OUT + OUT.onnx.data with a
     relative location and runs in onnxruntime, its int8 codes within 8 bits and its outputs close to
     the float model's as onnxruntime computes them (SQNR, the float model run in its own process)."""
     import importlib.util
