@@ -1,7 +1,7 @@
 """Big-model benchmark: conversion time and peak RSS on AlexNet, ZFNet-512 and VGG-19 against
 onnxruntime's quantize_static, and the memory bound they are held to.
 
-  python bench/big.py [--models alexnet,zfnet512,vgg19] [--runs 3] [--tools dfq-qdq,dfq-int,ort-minmax]
+  python bench/big.py [--models alexnet,zfnet512,vgg19,gemm23500] [--runs 3] [--tools dfq-qdq,dfq-int,ort-minmax]
                       [--samples 32] [--build-only]
   python bench/big.py --render-only      # re-render the section of BENCHMARKS.md from results.json
 
@@ -30,8 +30,13 @@ onnxruntime's session), where
   * session: the resident memory an onnxruntime CPU session of the float model adds to a fresh
     process when it is created and runs one batch (VmHWM after minus VmRSS before, measured in
     its own process).
-Figures are medians of RUNS runs (time and peak RSS alike); ratios to onnxruntime come from the
-same invocation. materialize(name, path, widen=4) writes a VGG-19 whose first two classifier
+Figures are medians of RUNS runs (time and peak RSS alike), the tools' runs interleaved (run 1 of
+each tool, then run 2, ...) so that each sees the same machine load; ratios to onnxruntime come from
+the same invocation. The table also gives the peak against the float weights' bytes.
+
+gemm23500 (write_gemm): one Gemm of 23,500 x 23,500 float32 weights, 2.2 GB, over protobuf's 2 GB,
+its tensors in gemm23500.onnx.data; calibrated on SAMPLES seeded N(0, 1) rows
+(gemm_calib32.npz). materialize(name, path, widen=4) writes a VGG-19 whose first two classifier
 layers are 4x wider (over 2 GB, saved with external data) for the >2 GB load/save path; main()
 does not build it.
 """
@@ -56,6 +61,8 @@ BATCH = 8
 SAMPLES = 32
 PREPROCESS = "resize=256 size=224 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 scale=1 layout=NCHW color=RGB"
 TOOLS = ("dfq-qdq", "dfq-int", "ort-minmax")
+GEMM = "gemm23500"
+GEMM_WIDTH = 23_500  # "gemm23500": one Gemm of 23,500 x 23,500 float32 weights, 2.2 GB (over protobuf's 2 GB)
 
 
 def _seed(name: str) -> int:
@@ -135,11 +142,59 @@ def materialize(name: str, out: Path, widen: int = 1) -> Path:
     return out
 
 
+def write_gemm(out: Path, n: int = GEMM_WIDTH, seed: int = 0) -> Path:
+    """A float model y = Gemm(x, W, b) (transB) with one n x n float32 weight, its tensors in
+    OUT.data beside OUT (relative location): over 2 GB for n >= 23,170. The weight is generated
+    and written a block of rows at a time (He-init, seeded), so building it holds one block, not
+    the weight; the bias is N(0, 0.01^2) inside the model file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.with_name(out.name + ".data")
+    rows = max(1, (64 << 20) // (4 * n))  # 64 MB blocks
+    with open(data, "wb") as f:
+        for k, r0 in enumerate(range(0, n, rows)):
+            rng = np.random.default_rng([seed, k])
+            block = rng.standard_normal((min(rows, n - r0), n), dtype=np.float32)
+            block *= np.float32(np.sqrt(2.0 / n))
+            block.tofile(f)
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[n, n])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data.name), ("offset", "0"), ("length", str(4 * n * n))):
+        w.external_data.add(key=key, value=value)
+    b = numpy_helper.from_array((np.random.default_rng([seed, -1 % 2 ** 32]).standard_normal(n) * 0.01)
+                                .astype(np.float32), "b")
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)], "gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="dfq-onnx bench/big.py")
+    m.ir_version = 8
+    onnx.save_model(m, str(out))
+    return out
+
+
 def model_path(name: str) -> Path:
     p = CACHE / f"{name}.onnx"
     if not p.exists():
         print(f"building {p} ...", flush=True)
-        materialize(name, p)
+        write_gemm(p) if name == GEMM else materialize(name, p)
+    return p
+
+
+def model_bytes(model: Path) -> int:
+    """The model file and its external data file (OUT.data or OUT.onnx.data) beside it."""
+    return model.stat().st_size + sum(f.stat().st_size for f in (model.with_suffix(".data"), model.with_name(model.name + ".data"))
+                                      if f.is_file())
+
+
+def gemm_calib_path(samples: int = SAMPLES) -> Path:
+    """SAMPLES random N(0, 1) rows for the one-Gemm model (seeded)."""
+    p = CACHE / f"gemm_calib{samples}.npz"
+    if not p.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(p, input=np.random.default_rng(0).standard_normal((samples, GEMM_WIDTH), dtype=np.float32))
     return p
 
 
@@ -160,6 +215,15 @@ def calib_path(samples: int = SAMPLES) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(p, input=x.astype(np.float32))
     return p
+
+
+def weights_bytes(model: Path) -> int:
+    """The float model's initializers' bytes (from dims and types; nothing is loaded)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+               for t in m.graph.initializer)
 
 
 def input_name(model: Path) -> str:
@@ -253,34 +317,42 @@ def render_section(results: dict) -> list[str]:
          f"(CPU flags: {', '.join(mc['flags']) or 'neither avx2 nor avx512_vnni'}), onnx {mc['onnx']}, onnxruntime "
          f"{mc['onnxruntime']}, dfq-onnx {mc['dfq_onnx']} ({mc['revision']}); {results['seconds'] / 60:.1f} min. "
          "Models: the structures of the ONNX model zoo's AlexNet, ZFNet-512 and VGG-19 that onnx ships "
-         "(light_*.onnx) with seeded He-init float weights, opset 13, dynamic batch (bench/big.py). Both tools "
+         "(light_*.onnx) with seeded He-init float weights, opset 13, dynamic batch (bench/big.py), and gemm23500: "
+         "one Gemm of 23,500 x 23,500 float32 weights (2.2 GB, over protobuf's 2 GB, in external data; calibrated "
+         "on seeded N(0, 1) rows). Both tools "
          f"calibrate on the same {results['samples']} photo crops (224x224, ImageNet-normalized), read into "
          "memory before the clock starts "
          + (f"({data_mb:.0f} MB) " if data_mb is not None else "")
          + f"and fed in batches of {results['batch']}: dfq-onnx `convert(model, arrays)` with default settings "
-         "(QDQ, and `format=int`), onnxruntime `quantize_static` (QDQ, per-channel, int8, MinMax) with a "
+         + ("(QDQ, and `format=int`), " if any("dfq-int" in r["tools"] for r in results["models"].values()) else "(QDQ), ")
+         + "onnxruntime `quantize_static` (QDQ, per-channel, int8, MinMax) with a "
          "CalibrationDataReader over the same arrays and the model file as it is (no `quant_pre_process`: with it "
          "onnxruntime takes 29 s and 4.5 GB on VGG-19, so this is the stricter comparison). Each "
          "conversion runs alone in a fresh process (bench/convert_one.py); time = the conversion from the call "
          "to the written file, peak RSS = the process's VmHWM (interpreter, imports and the calibration arrays "
-         f"included); medians of {results['runs']} runs. Bound = 1.5 x (model file + every intermediate tensor "
+         f"included); medians of {results['runs']} runs, the tools' runs interleaved. Bound = 1.5 x (model file + every intermediate tensor "
          f"of one {results['batch']}-sample batch + the memory an onnxruntime CPU session of the float model adds "
-         "to a fresh process, created and run on one batch).", ""]
+         "to a fresh process, created and run on one batch)."
+         + (f" {results['note']}" if results.get("note") else ""), ""]
     for name, r in results["models"].items():
         t = r["tools"]
         ort = t.get("ort-minmax", {})
-        L += [f"**{name}**: model file {r['file_mb']:.0f} MB, one batch's activations {r['activations_mb']:.0f} MB, "
+        wmb = r.get("weights_mb")
+        L += [f"**{name}**: model file {r['file_mb']:.0f} MB"
+              + (f" (float weights {wmb:.0f} MB)" if wmb else "")
+              + f", one batch's activations {r['activations_mb']:.0f} MB, "
               f"onnxruntime session {r['session_mb']:.0f} MB; bound {r['bound_mb']:.0f} MB.", "",
-              "| tool | time (s) | time / ORT MinMax | peak RSS (MB) | RSS / ORT | bound (MB) | peak / bound |",
-              "|---|---|---|---|---|---|---|"]
+              "| tool | time (s) | time / ORT MinMax | peak RSS (MB) | RSS / ORT | peak / float weights | bound (MB) | peak / bound |",
+              "|---|---|---|---|---|---|---|---|"]
         for tool, x in t.items():
             label = TOOL_NAMES.get(tool, tool)
             if "error" in x:
-                L.append(f"| {label} | failed: `{x['error'][:120]}` | – | – | – | {r['bound_mb']:.0f} | – |")
+                L.append(f"| {label} | failed: `{x['error'][:120]}` | – | – | – | – | {r['bound_mb']:.0f} | – |")
                 continue
             rt = f"{x['seconds'] / ort['seconds']:.2f}x" if ort.get("seconds") else "–"
             rr = f"{x['peak_rss_mb'] / ort['peak_rss_mb']:.2f}x" if ort.get("peak_rss_mb") else "–"
-            L.append(f"| {label} | {x['seconds']:.1f} | {rt} | {x['peak_rss_mb']:.0f} | {rr} | {r['bound_mb']:.0f} | "
+            rw = f"{x['peak_rss_mb'] / wmb:.2f}x" if wmb else "–"
+            L.append(f"| {label} | {x['seconds']:.1f} | {rt} | {x['peak_rss_mb']:.0f} | {rr} | {rw} | {r['bound_mb']:.0f} | "
                      f"{x['peak_rss_mb'] / r['bound_mb']:.2f}x |")
         L.append("")
     return L
@@ -305,32 +377,44 @@ def splice(text: str, section: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="alexnet,zfnet512,vgg19")
+    ap.add_argument("--models", default="alexnet,zfnet512,vgg19,gemm23500")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--samples", type=int, default=SAMPLES)
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="re-render BENCHMARKS.md's section from results.json")
+    ap.add_argument("--note", default=None, help="a sentence about this run for the section (stored in results.json)")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args(argv)
     if args.render_only:
+        if args.note is not None:
+            res = json.loads((CACHE / "results.json").read_text())
+            (CACHE / "results.json").write_text(json.dumps({**res, "note": args.note}, indent=1))
         args.out.write_text(splice(args.out.read_text(), render_section(json.loads((CACHE / "results.json").read_text()))))
         return 0
     calib = calib_path(args.samples)
     results = {}
-    info = {"machine": machine(), "runs": args.runs, "samples": args.samples, "batch": BATCH,
+    info = {"machine": machine(), "runs": args.runs, "note": args.note, "samples": args.samples, "batch": BATCH,
             "command": "python bench/big.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     t0 = time.perf_counter()
     for name in args.models.split(","):
         model = model_path(name)
         if args.build_only:
             continue
-        file_mb = model.stat().st_size / 2 ** 20
-        act, sess = activation_mb(model), session_mb(model, calib)
+        data = gemm_calib_path(args.samples) if name == GEMM else calib
+        file_mb = model_bytes(model) / 2 ** 20
+        weights_mb = weights_bytes(model) / 2 ** 20
+        act, sess = activation_mb(model), session_mb(model, data)
         bound = 1.5 * (file_mb + act + sess)
-        row = {"file_mb": file_mb, "activations_mb": act, "session_mb": sess, "bound_mb": bound, "tools": {}}
-        for tool in args.tools.split(","):
-            runs = [convert(tool, model, calib, args.samples) for _ in range(args.runs)]
+        row = {"file_mb": file_mb, "weights_mb": weights_mb, "activations_mb": act, "session_mb": sess,
+               "bound_mb": bound, "tools": {}}
+        tools = args.tools.split(",")
+        all_runs = {tool: [] for tool in tools}
+        for _ in range(args.runs):  # interleaved: each run of every tool sees the same machine load
+            for tool in tools:
+                all_runs[tool].append(convert(tool, model, data, args.samples))
+        for tool in tools:
+            runs = all_runs[tool]
             ok = [r for r in runs if "error" not in r]
             row["tools"][tool] = {"seconds": statistics.median(r["seconds"] for r in ok),
                                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),

@@ -72,7 +72,7 @@ def convert_dfq(model: Path, out: Path, arrays: dict, fmt: str, args) -> None:
     from dfq_onnx.model_io import save_model
 
     cfg = dfq_onnx.QuantConfig(format=fmt, num_samples=len(next(iter(arrays.values()))), batch_size=BATCH)
-    save_model(dfq_onnx.convert(str(model), arrays, cfg), out)
+    save_model(dfq_onnx.convert(str(model), arrays, cfg), out, model)  # an input over 2 GB: OUT + OUT.data
 
 
 class ArrayReader:
@@ -116,7 +116,7 @@ def convert_ort(model: Path, out: Path, arrays: dict, method: str, args) -> None
         quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Percentile,
-                        use_external_data_format=model.stat().st_size > 1_900_000_000)
+                        use_external_data_format=sum(f.stat().st_size for f in model.parent.glob(model.name + "*")) > 1_900_000_000)
 
 
 def peak_rss_mb() -> float | None:

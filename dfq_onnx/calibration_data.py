@@ -200,7 +200,8 @@ class DataSource:
             if p.is_file():
                 if p.suffix.lower() == ".npz":
                     try:
-                        self._npz = dict(np.load(p, allow_pickle=False))
+                        with np.load(p, allow_pickle=False) as z:  # closed here, not by a finalizer at a collection
+                            self._npz = dict(z)
                     except Exception as e:
                         raise DfqError(f"{p}: not a readable .npz file ({e})") from None
                     return "npz"

@@ -7,7 +7,8 @@ its structure (large initializers as stubs, see below) plus those initializers a
 each held once; `to_graph(light, arrays)` makes the graphsurgeon graph that shares them.
 `save_model` guarantees: the output path is not the input path, and the file appears whole or
 not at all (written to a temporary file in the same folder, then renamed); a model over
-`large` bytes (default just under protobuf's 2 GB limit) keeps its tensors in OUT.data beside OUT.
+`large` bytes (default just under protobuf's 2 GB limit), or converted from an input over it, keeps its
+tensors in OUT.onnx.data beside OUT.onnx (the output's name + ".data", a relative location).
 
 Weights are never copied to analyse the structure: the checker, shape inference and
 onnxruntime's analysis sessions see a "light" model whose initializers of STUB_MIN_ELEMENTS
@@ -42,6 +43,8 @@ ModelLike = "str | os.PathLike | onnx.ModelProto"
 STUB_MIN_ELEMENTS = 1024     # initializers this large are stubbed: no op's shape inference reads their values
 STUB_LOCATION = "dfq-in-memory"
 LARGE_MODEL_BYTES = 1_900_000_000  # protobuf's limit is 2 GiB: above this, save_model writes external data
+BLOCK_BYTES = 1 << 26  # a dequantized Gemm/MatMul matrix is computed in blocks of at most this many float bytes
+LEAN_BYTES = 2 ** 31  # weights over this (a model over protobuf's limit): lean onnxruntime sessions (shared_session)
 _STUBBABLE = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8,
               TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
               TensorProto.UINT64, TensorProto.BOOL}
@@ -113,6 +116,42 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
                            f"{target.stat().st_size}: refused")
 
 
+def _read_external_data(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
+    """Load a model's external data (refused as read_model refuses it): each large initializer of
+    the main graph is read from its file straight into a read-only numpy array (np.fromfile: one
+    copy, the array) and becomes a stub (stub_tensor); any other external tensor is read into the
+    protobuf as onnx does. Returns the arrays by name."""
+    _check_external_data(model, path)
+    folder = path.resolve().parent
+    arrays = {}
+    try:
+        for k, t in enumerate(model.graph.initializer):
+            if t.data_location != TensorProto.EXTERNAL or t.data_type not in _STUBBABLE or sys.byteorder != "little":
+                continue
+            n = int(np.prod(t.dims, dtype=np.int64))
+            if n < STUB_MIN_ELEMENTS:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            a = np.fromfile(folder / info["location"], dtype=dtype, count=n, offset=int(info.get("offset", 0) or 0))
+            if a.size != n:
+                raise DfqError(f"{path}: tensor {t.name!r}: its external data holds {a.size} of {n} values")
+            a = a.reshape(tuple(t.dims))
+            a.setflags(write=False)
+            arrays[t.name] = a
+            model.graph.initializer[k].CopyFrom(stub_tensor(t.name, t.data_type, t.dims))
+        for t in _tensors(model.graph):
+            if t.data_location == TensorProto.EXTERNAL and not _is_stub(t):
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(folder))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+    except DfqError:
+        raise
+    except Exception as e:  # unreadable data file
+        raise DfqError(f"{path}: cannot read its external data ({_first_line(e)})") from None
+    return arrays
+
+
 def load_model(src, min_opset: int = MIN_OPSET) -> onnx.ModelProto:
     """Read (or take) a model, check it, upgrade it to opset >= min_opset (13 by default; 21 for
     16-bit QuantizeLinear) and infer shapes. A full ModelProto (weights included); the pipeline
@@ -126,7 +165,11 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
     array}). The same checks: the checker (its tensor-size test on the real tensors), the opset
     upgrade, shape inference (on the structure: no weight is serialized)."""
     where = "model" if isinstance(src, onnx.ModelProto) else str(src)
-    model = read_model(src)
+    if isinstance(src, onnx.ModelProto):
+        model, external = src, {}
+    else:  # the weights in external data files go from the file to their arrays, never into the protobuf
+        model = read_model(src, external_data=False)
+        external = _read_external_data(model, Path(src))
     _check(model, where)
     if model is src:  # the caller's model is only read: dims are rewritten below
         model = onnx.ModelProto()
@@ -165,7 +208,7 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
                            f"{_first_line(e)}") from None
 
     big = {t.name for t in model.graph.initializer if _stubbable(t)}
-    arrays = {}
+    arrays = dict(external)
     for t in model.graph.initializer:
         if t.name in big:
             if t.HasField("raw_data") and sys.byteorder == "little":  # the bytes themselves, not a copy of them
@@ -184,7 +227,7 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
                 raise DfqError("the converter changed a large initializer")
             light = converted
         except DfqError:  # an adapter that needs the weights' values: convert the whole model
-            model = convert(model)
+            model = convert(with_arrays(model, external) if external else model)
             return load_light(model, target)
     del model
     return infer_shapes(light), arrays
@@ -271,6 +314,13 @@ def _check(model: onnx.ModelProto, where: str, converted: bool = False) -> None:
         if converted:
             raise
         raise DfqError(f"{where}: invalid ONNX model: {_first_line(e)}") from None
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model's verdict on a model, without serializing its weights (the checker
+    takes the model as bytes: a copy of every weight, and a second one where it parses them):
+    the checker on the structure, the size test on the large tensors themselves."""
+    _check(model, "model", converted=True)
 
 
 def _check_tensor_size(t: TensorProto) -> None:
@@ -461,15 +511,16 @@ def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
 
 
 def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimize: bool = True,
-                     threads: int = 0) -> ort.InferenceSession:
+                     threads: int = 0):
     """An onnxruntime CPU session for a pass's own probe graph (quiet; no memory pattern: measured
     on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed). basic: only
     basic graph optimizations, so a QDQ graph with constant scales runs as simulated float
     arithmetic. optimize=False: none at all (a QDQ graph whose scales are graph inputs: onnxruntime's
     basic Clip/Q fusions assume constant scales; measured on EfficientNet-Lite0, basic level gave
     an output SQNR of 4.1 dB where the graph computes 11.6 dB). If onnxruntime refuses the graph:
-    DfqError "<failure>: <its first line>". threads: onnxruntime's intra-op threads (0: its default,
-    one per core; a cluster worker that owns one CPU passes 1)."""
+    DfqError "<failure>: <its first line>". The graph's large constants are not serialized
+    (shared_session). threads: onnxruntime's intra-op threads (0: its default, one per core; a
+    cluster worker that owns one CPU passes 1)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
@@ -480,15 +531,184 @@ def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimiz
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with stubbed(graph) as (values, _):
         model = to_model(graph)
-    arrays = [np.ascontiguousarray(v.load() if isinstance(v, LazyValues) else v) for v in values.values()]
-    ortvalues = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-    if values:  # the weights themselves, not a serialized copy
-        so.add_external_initializers(list(values), ortvalues)
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return shared_session(model, {k: v.load() if isinstance(v, LazyValues) else v for k, v in values.items()}, so)
     except Exception as e:
         raise DfqError(f"{failure}: {str(e).splitlines()[0]}") from None
-    sess._dfq_initializers = (arrays, ortvalues, so)  # onnxruntime reads them in place: keep them alive
+
+
+class FedSession:
+    """An onnxruntime session whose graph takes some weights as inputs, fed on every run from the
+    numpy arrays themselves (onnxruntime reads a contiguous numpy input in place): run() and
+    get_inputs() look like those of a session that holds them."""
+
+    def __init__(self, sess: ort.InferenceSession, fed: dict[str, np.ndarray], keep: tuple):
+        self._sess, self._fed, self._keep = sess, fed, keep
+
+    def run(self, output_names, input_feed: dict, run_options=None):
+        return self._sess.run(output_names, {**input_feed, **self._fed}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self._sess.get_inputs() if i.name not in self._fed]
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def _matrix_operand_only(model: onnx.ModelProto, name: str) -> bool:
+    """Every reader of `name` is a Gemm or MatMul that takes it as its second operand."""
+    readers = [(n, i) for n in model.graph.node for i, x in enumerate(n.input) if x == name]
+    return bool(readers) and all(n.op_type in ("Gemm", "MatMul") and n.domain in ("", "ai.onnx") and i == 1
+                                 for n, i in readers)
+
+
+def _dequantized_only(model: onnx.ModelProto, name: str) -> bool:
+    """Every reader of `name` is a DequantizeLinear that takes it as the codes it dequantizes."""
+    readers = [(n, i) for n in model.graph.node for i, x in enumerate(n.input) if x == name]
+    return bool(readers) and all(n.op_type == "DequantizeLinear" and i == 0 for n, i in readers)
+
+
+def _blocked_products(model: onnx.ModelProto, arrays: dict[str, np.ndarray], block_bytes: int = BLOCK_BYTES):
+    """(model, arrays) with each Gemm/MatMul whose matrix is DequantizeLinear(codes) of more than
+    block_bytes as float split by output channels into products of at most that size (each with
+    its slice of the bias, dequantized the same way), joined by a Concat: onnxruntime then holds
+    one block's dequantized floats at a time, not the whole matrix's (VGG-19's first classifier
+    layer: 411 MB; a 23,500 x 23,500 Gemm: 2.2 GB). Every output element is the same sum as
+    before (the blocks split output channels, not the sum), so results are unchanged. The codes'
+    blocks are views where they are contiguous (Gemm with transB, the usual layout)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers[x] = readers.get(x, 0) + 1
+    small = {t.name: t for t in model.graph.initializer if t.name not in arrays}
+
+    def value(name: str):
+        if name in arrays:
+            return arrays[name]
+        return numpy_helper.to_array(small[name]) if name in small else None
+
+    def dequantized(name: str, size: int, axis: int):
+        """(codes, scale, zero point or None, DequantizeLinear attributes) if `name` is the only
+        output of a DequantizeLinear of constants per channel along `axis` (or per tensor) that
+        nothing else reads; else None."""
+        d = producer.get(name)
+        if d is None or d.op_type != "DequantizeLinear" or readers.get(name) != 1 or d.domain not in ("", "ai.onnx"):
+            return None
+        codes, scale = value(d.input[0]), value(d.input[1])
+        zp = value(d.input[2]) if len(d.input) > 2 and d.input[2] else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in d.attribute}
+        if codes is None or scale is None or (len(d.input) > 2 and d.input[2] and zp is None) or \
+                codes.shape[axis % codes.ndim] != size or set(attrs) - {"axis"}:
+            return None
+        if scale.size > 1 and (attrs.get("axis", 1) % codes.ndim != axis % codes.ndim or scale.size != size):
+            return None
+        if zp is not None and zp.size != scale.size:
+            return None
+        return codes, scale, zp, d
+
+    nodes, inits, new_arrays, gone = [], [], dict(arrays), set()
+    for n in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type not in ("Gemm", "MatMul") or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            nodes.append(n)
+            continue
+        axis = 0 if n.op_type == "Gemm" and attrs.get("transB", 0) else 1
+        d = producer.get(n.input[1])
+        codes = value(d.input[0]) if d is not None and d.op_type == "DequantizeLinear" else None
+        if codes is None or codes.ndim != 2 or codes.size * 4 <= block_bytes:
+            nodes.append(n)
+            continue
+        rows = codes.shape[axis]
+        w = dequantized(n.input[1], rows, axis)
+        has_bias = n.op_type == "Gemm" and len(n.input) > 2 and bool(n.input[2])
+        bias = dequantized(n.input[2], rows, 0) if has_bias else None
+        if w is None or (has_bias and (bias is None or bias[0].ndim != 1)):
+            nodes.append(n)
+            continue
+        step = max(1, block_bytes // (4 * codes.shape[1 - axis]))
+        parts = []
+        for k, r0 in enumerate(range(0, rows, step)):
+            r1 = min(rows, r0 + step)
+            tag = f"{n.output[0]}_dfq_block{k}"
+            inputs = [n.input[0]]
+            for what, (q, sc, zp, dq), ax in (("w", w, axis), ("b", bias, 0)) if has_bias else (("w", w, axis),):
+                block = (q[r0:r1] if ax == 0 else np.ascontiguousarray(q[:, r0:r1])) if q.ndim == 2 else q[r0:r1]
+                new_arrays[f"{tag}_{what}_codes"] = block
+                inits.append(stub_tensor(f"{tag}_{what}_codes", onnx.helper.np_dtype_to_tensor_dtype(block.dtype),
+                                         block.shape))
+                q_in = [f"{tag}_{what}_codes"]
+                for part, v in (("scale", sc), ("zero", zp)):
+                    if v is not None:
+                        inits.append(numpy_helper.from_array(np.ascontiguousarray(v[r0:r1]) if v.size > 1 else v,
+                                                             f"{tag}_{what}_{part}"))
+                        q_in.append(f"{tag}_{what}_{part}")
+                nodes.append(onnx.helper.make_node("DequantizeLinear", q_in, [f"{tag}_{what}"], name=f"{tag}_{what}_dq",
+                                                   **({"axis": ax} if sc.size > 1 else {})))
+                inputs.append(f"{tag}_{what}")
+                gone |= {dq.output[0]}
+            nodes.append(onnx.helper.make_node(n.op_type, inputs, [f"{tag}_y"], name=f"{tag}_product", **attrs))
+            parts.append(f"{tag}_y")
+        nodes.append(onnx.helper.make_node("Concat", parts, [n.output[0]], name=f"{n.output[0]}_dfq_blocks", axis=-1))
+    if not gone:
+        return model, arrays
+    kept = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] in gone)]
+    used = {x for n in kept for x in n.input}
+    out = onnx.ModelProto()
+    _copy_fields(out, model, "graph")
+    _copy_fields(out.graph, model.graph, "node")
+    del out.graph.initializer[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(t for t in list(model.graph.initializer) + inits if t.name in used)
+    names = {t.name for t in out.graph.initializer}
+    return out, {k: v for k, v in new_arrays.items() if k in names}
+
+
+def lean(arrays) -> bool:
+    """Weights over LEAN_BYTES (2 GiB of floating-point arrays: only a model over protobuf's limit
+    has them): onnxruntime sessions then hold no copy of the Gemm/MatMul matrices (shared_session)."""
+    return sum(a.nbytes for a in arrays if a.dtype.kind == "f") > LEAN_BYTES
+
+
+def shared_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], so: ort.SessionOptions):
+    """An onnxruntime CPU session of `model`, a structure whose initializers named in `arrays`
+    are stubs, computing on those arrays. They are external initializers, which onnxruntime
+    copies (SessionOptions.add_external_initializers; measured: +548 MB for VGG-19's 548 MB, +2.1
+    GB for a 23,500 x 23,500 Gemm) and, for a constant Gemm/MatMul matrix, packs into one more
+    copy (+2.1 GB there, transiently both). A product with a dequantized matrix of over
+    BLOCK_BYTES is computed in blocks of output channels (_blocked_products: the same sums; VGG-19's
+    bias-correction probe peaks 370 MB lower). Over LEAN_BYTES of weights (lean()), a matrix that
+    only Gemm/MatMul read as their second operand, and int8 codes that only DequantizeLinear reads,
+    are graph inputs instead, fed from the arrays on every run (FedSession: no copy), and
+    prepacking is off. Not below: onnxruntime computes a one-row product on an unpacked matrix by
+    another kernel (a matrix-vector product) whose float sums round differently, and models under
+    2 GB convert byte for byte as they always did."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    big = lean(arrays.values())
+    model, arrays = _blocked_products(model, arrays, BLOCK_BYTES)
+    fed = {}
+    if big:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        fed = {k: a for k, a in arrays.items() if _matrix_operand_only(model, k) or _dequantized_only(model, k)}
+    if fed:
+        structure = onnx.ModelProto()
+        _copy_fields(structure, model, "graph")
+        _copy_fields(structure.graph, model.graph, "initializer")
+        structure.graph.initializer.extend(t for t in model.graph.initializer if t.name not in fed)
+        have = {i.name for i in structure.graph.input}
+        for t in model.graph.initializer:
+            if t.name in fed and t.name not in have:
+                structure.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        model = structure
+    rest = {k: a for k, a in arrays.items() if k not in fed}
+    ortvalues = [ort.OrtValue.ortvalue_from_numpy(a) for a in rest.values()]
+    if rest:
+        so.add_external_initializers(list(rest), ortvalues)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    keep = (rest, ortvalues, so)  # onnxruntime reads them in place: keep them alive
+    if fed:
+        return FedSession(sess, fed, keep)
+    sess._dfq_initializers = keep
     return sess
 
 
@@ -526,15 +746,18 @@ def check_output_path(out, inp=None) -> Path:
 
 def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_BYTES) -> Path:
     """Write `model` to `out` atomically (temporary file + rename). A model over `large` bytes
-    (protobuf cannot serialize 2 GiB) is written with its tensors in `out.name + ".data"` beside
-    `out` (both files first in a temporary folder there, then renamed, data first); `model`'s
-    tensors then refer to that file."""
+    (protobuf cannot serialize 2 GiB), or converted from an input over them (`inp`, its file and
+    external data), is written with its tensors in `out.name + ".data"` beside `out` (relative
+    location; both files first in a temporary folder there, then renamed, data first); `model`'s
+    tensors then refer to that file. Each tensor goes to the data file from its own bytes, so the
+    write holds no serialized copy of the weights."""
     out = check_output_path(out, inp)
     folder = out.resolve().parent
     try:
         size = model.ByteSize()
     except Exception:  # over what protobuf can size
         size = large + 1
+    external = size > large or (inp is not None and not isinstance(inp, onnx.ModelProto) and _model_bytes(inp) > large)
     try:
         tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
@@ -542,7 +765,7 @@ def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_B
     tmp = os.path.join(tmpdir, out.name)
     data = out.name + ".data"
     try:
-        if size > large:
+        if external:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
             os.chmod(os.path.join(tmpdir, data), 0o666 & ~_umask())
             os.replace(os.path.join(tmpdir, data), folder / data)
@@ -560,6 +783,22 @@ def save_model(model: onnx.ModelProto, out, inp=None, large: int = LARGE_MODEL_B
         if os.path.isdir(tmpdir):
             os.rmdir(tmpdir)
     return out
+
+
+def _model_bytes(path) -> int:
+    """The bytes of a model file and of the external data files it names (0 if unreadable). A file
+    over 64 MB is judged by its own size (its weights are inside it; it is not parsed again)."""
+    try:
+        path = Path(path)
+        size = path.stat().st_size
+        if size > 1 << 26:
+            return size
+        m = onnx.load(str(path), load_external_data=False)
+        files = {e.value for t in _tensors(m.graph) if t.data_location == TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+        return size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    except Exception:
+        return 0
 
 
 def save_library(lib, model: onnx.ModelProto, out, inp=None) -> Path:

@@ -1,6 +1,7 @@
 """The conversion, top to bottom. Read this file to know what dfq-onnx does to a model."""
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
 from .config import SATURATION_SAFE_TARGETS, QuantConfig
 from .errors import DfqError
-from .model_io import MIN_OPSET, load_light, to_graph, to_model
+from .model_io import MIN_OPSET, check_model, load_light, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
@@ -33,6 +34,8 @@ from .passes.form_modules import find_modules, plan_quantization
 from .quantized import QuantizedModel, build as build_quantized, check_finite
 from .report import per_layer_requant_points, quantized_ops
 
+COLLECT_MIN_BYTES = 1 << 26  # weights of this size or more: garbage is collected after each stage (a collection costs
+                             # tens of ms in a large process: not worth it for small models converted many times)
 MAX_EFFORT_STAGES = 4  # --effort max: second-order rounding in this many stages, each on the inputs its predecessors left
 
 
@@ -97,6 +100,7 @@ class Conversion:
     library: CLibrary | None = None
     out: onnx.ModelProto | None = None
     facts: dict = field(default_factory=dict)
+    weight_bytes: int = 0                    # the loaded weights' bytes
 
     def quantized_model(self, e=None) -> QuantizedModel:
         """The quantized IR of the current graph under exponents e (default: the current ones);
@@ -128,6 +132,7 @@ def load(c: Conversion) -> None:
     c.data = None if c.data_free else source(c.calib, input_specs(c.original), num_samples=config.num_samples,
                                              preprocess=c.preprocess)
     c.graph = to_graph(c.original, weights)
+    c.weight_bytes = sum(a.nbytes for a in weights.values())
     del weights  # the graphs hold them; what a pass replaces is freed with the graph that held it
 
 
@@ -286,7 +291,12 @@ def render(c: Conversion) -> None:
         graph, facts, c.symbols = emit_qdq(c.graph, c.qm, signed_as_uint8=ort_layout, shuffle_as_gather=ort_layout,
                                            prelu_split=ort_layout)
     c.facts.update(facts)
+    c.graph = c.corrected = None  # the float weights: the output holds codes; freed before it is serialized
+    c.codes_cache.clear()
+    if c.weight_bytes >= COLLECT_MIN_BYTES:
+        gc.collect()
     c.out = to_model(graph, c.original)
+    del graph
     if config.format == "qonnx":
         c.out = to_qonnx(c.out, c.qm)
     if config.integer:
@@ -319,6 +329,8 @@ def run(model, calib, config: QuantConfig | None = None, *, preprocess: str | No
         if on_stage is not None:
             on_stage(stage.__name__)
         stage(c)
+        if c.weight_bytes >= COLLECT_MIN_BYTES:  # graphsurgeon graphs are reference cycles: the ones a
+            gc.collect()                         # stage dropped hold weights until they are collected
     return _result(c)
 
 
@@ -337,7 +349,7 @@ def _result(c: Conversion) -> ConvertResult:
                            per_layer_requant_points(c.original), dict(plan.float_ops),
                            time.perf_counter() - c.started, c.seen, facts, qm, c.symbols, c.library)
     _stamp(c.out, result, c.config)
-    onnx.checker.check_model(c.out)
+    check_model(c.out)
     return result
 
 

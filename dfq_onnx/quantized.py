@@ -336,8 +336,20 @@ def _along(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 def _sum_abs_per_channel(q: np.ndarray, axis: int) -> np.ndarray:
     # |int8| wraps only at -128, whose bits read as uint8 are 128: exact, with no wider copy; the
     # sums are int64 (exact, so the order of summation is irrelevant)
-    a = np.abs(q).view(np.uint8) if q.dtype == np.int8 else np.abs(q.astype(np.int64))
-    return a.sum(axis=tuple(i for i in range(q.ndim) if i != axis), dtype=np.int64)
+    # computed over slices of channels: the |q| temporary stays small whatever the weight's size
+    def part(s: np.ndarray, a: int, b: int) -> np.ndarray:
+        m = np.abs(s).view(np.uint8) if s.dtype == np.int8 else np.abs(s.astype(np.int64))
+        return m.sum(axis=tuple(i for i in range(s.ndim) if i != axis), dtype=np.int64)
+
+    if q.size <= CHUNK_ELEMENTS or q.ndim == 0:
+        return part(q, 0, 0)
+    return np.concatenate(channel_slices(part, q, axis))
+
+
+def _all_finite(v: np.ndarray) -> bool:
+    """No NaN or Inf in v; its boolean temporaries a slice at a time (no copy of the weight)."""
+    flat = v.reshape(-1)
+    return all(np.isfinite(flat[i:i + CHUNK_ELEMENTS]).all() for i in range(0, flat.size, CHUNK_ELEMENTS))
 
 
 def check_finite(graph: gs.Graph, modules) -> None:
@@ -348,7 +360,7 @@ def check_finite(graph: gs.Graph, modules) -> None:
             continue
         node = nodes[m.name]
         for what, t in (("weight", node.inputs[1]), ("bias", bias_of(node))):
-            if t is not None and not np.isfinite(np.asarray(t.values)).all():  # no float64 copy of the weight
+            if t is not None and not _all_finite(np.asarray(t.values)):
                 raise DfqError(f"{m.op} {m.name}: its {what} {t.name!r} holds NaN or Inf values; "
                                "no power-of-two fraction represents them")
 
