@@ -157,7 +157,8 @@ def main() -> None:
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     for kind, key in (("calib", "sha256"), ("eval", "figures")):
         vals = {k: v[key] for k, v in results.items() if k.startswith(kind)}
-        print(f"{kind}: {'all equal' if len(set(vals.values())) == 1 else 'DIFFER'} across {sorted(vals)}")
+        if vals:
+            print(f"{kind}: {'all equal' if len(set(vals.values())) == 1 else 'DIFFER'} across {sorted(vals)}")
 
 
 if __name__ == "__main__":
