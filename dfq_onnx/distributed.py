@@ -291,7 +291,7 @@ def _actor_classes(ray):
             stats = {name: TensorStats() for name in tensors}
             try:
                 for i, batch in enumerate(data.batches(batch_size)):
-                    stats = merge_stats(stats, probe_batch(self.sess, tensors, batch, data.where))
+                    stats = merge_stats(stats, probe_batch(self.sess, tensors, batch, data.where)[0])
                     if self.die_after is not None and i + 1 >= self.die_after:
                         os._exit(3)
                     yield ("batch", len(next(iter(batch.values()))))
@@ -444,29 +444,36 @@ class Cluster:
 
     def calibrate(self, graph, tensors: list[str], data: ShardedSource, batch_size: int = 32,
                   on_batch: Callable[[int], None] | None = None, keep: list | None = None,
-                  keep_samples: int = 0) -> dict:
-        """passes/calibrate.calibrate on the cluster: the same statistics, merged in shard order."""
-        from .model_io import stubbed, to_model
-        from .passes.calibrate import TensorStats, merge_stats, probe_graph
+                  keep_samples: int = 0, reference: list | None = None) -> dict:
+        """passes/calibrate.calibrate on the cluster: the same statistics, merged in shard order.
+        The kept batches are read here, and with `reference` run here through the same probe
+        session one process uses (its values, byte for byte), while the workers calibrate."""
+        from .model_io import analysis_session, stubbed, to_model
+        from .passes.calibrate import TensorStats, merge_stats, probe_batch, probe_graph
         from onnx_graphsurgeon.ir.tensor import LazyValues
 
-        probe = probe_graph(graph, tensors)
+        probe = probe_graph(graph, tensors, reference=reference is not None)
         with stubbed(probe) as (values, _):
             structure = to_model(probe).SerializeToString()
         arrays = {k: np.ascontiguousarray(v.load() if isinstance(v, LazyValues) else v) for k, v in values.items()}
         ref = self.ray.put((structure, arrays))
-        del arrays, probe
+        del arrays
         Calibrator, _ = _actor_classes(self.ray)
         shards = data.shards(self.workers, batch_size)
         actors = [Calibrator.remote(ref, data, self._die_after(k)) for k in range(len(shards))]
         calls = [a.run.remote(tensors, lo, hi, batch_size) for a, (lo, hi) in zip(actors, shards)]
         if keep is not None and keep_samples > 0:  # the later stages' samples, read here
+            sess = None if reference is None else analysis_session(probe, "onnxruntime cannot run the model")
             kept = 0
             for batch in data.batches(batch_size, keep_samples):
                 if kept >= keep_samples:
                     break
                 keep.append(batch)
                 kept += len(next(iter(batch.values())))
+                if sess is not None:
+                    reference.append(probe_batch(sess, tensors, batch, data.where, with_reference=True)[1])
+            del sess
+        del probe
         results = self._gather("calibration", calls, on_batch)
         merge = time.perf_counter()
         stats = {name: TensorStats() for name in tensors}

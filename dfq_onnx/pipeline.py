@@ -87,6 +87,7 @@ class Conversion:
     plan: object = None
     seen: int = 0                            # calibration samples run
     kept: list = field(default_factory=list)  # calibration batches kept for the search/rounding stages
+    reference: list = field(default_factory=list)  # the float model's first output on those, when calibration kept it
     stats: dict = field(default_factory=dict)
     exps: object = None
     guarded: dict = field(default_factory=dict)
@@ -111,6 +112,13 @@ class Conversion:
     def samples(self, n: int) -> list:
         """The first n kept calibration samples (whole batches for a model with a fixed batch)."""
         return first_samples(self.kept, n, whole=self.data is not None and self.data.fixed_batch is not None)
+
+    def references(self, batches: list) -> list:
+        """Per batch of self.samples(n), the float model's first output on it as calibration kept
+        it, or None (not kept, or the batch was cut shorter than the kept one)."""
+        rows = [len(next(iter(b.values()))) for b in batches]
+        return [self.reference[i] if i < len(self.reference) and n == len(next(iter(self.kept[i].values()))) else None
+                for i, n in enumerate(rows)]
 
 
 def load(c: Conversion) -> None:
@@ -176,8 +184,8 @@ def modules(c: Conversion) -> None:
 
 def calibration(c: Conversion) -> None:
     """Statistics at every requantization point: from the calibration data run by onnxruntime
-    (keeping the first batches the later stages need), or in data-free mode from BatchNorm
-    statistics and random inputs."""
+    (keeping the first batches the later stages need, and for the search the float model's
+    output on them), or in data-free mode from BatchNorm statistics and random inputs."""
     config = c.config
 
     def counted(n: int) -> None:
@@ -195,8 +203,10 @@ def calibration(c: Conversion) -> None:
                LOCAL_SAMPLES if config.effort == "default" else 0,
                ROUND_SAMPLES if config.gptq else 0, BIAS_SAMPLES if config.bias_correction else 0,
                1 if config.format == "c" else 0)  # format c: one sample fixes the program's shapes
+    searches = config.searches or config.effort == "default"  # the search compares with the float outputs
     run_on = calibrate if c.cluster is None else c.cluster.calibrate  # the same statistics, merged in order
-    c.stats = run_on(c.graph, c.plan.requant, c.data, config.batch_size, counted, c.kept, keep)
+    c.stats = run_on(c.graph, c.plan.requant, c.data, config.batch_size, counted, c.kept, keep,
+                     c.reference if searches else None)
 
 
 def alignment(c: Conversion) -> None:
@@ -236,11 +246,12 @@ def search(c: Conversion) -> None:
                                                        c.samples(BIAS_SAMPLES))
         c.searched_from = dict(c.exps.act)
     if fast_search:
-        c.exps, facts = local_search(c.graph, c.plan, c.exps, c.samples(LOCAL_SAMPLES),
-                                     per_channel=config.per_channel, corrected=c.corrected)
+        batches = c.samples(LOCAL_SAMPLES)
+        c.exps, facts = local_search(c.graph, c.plan, c.exps, batches, per_channel=config.per_channel,
+                                     corrected=c.corrected, reference=c.references(batches))
     else:
         c.exps, facts = search_exponents(c.graph, c.plan, c.exps, c.kept, per_channel=config.per_channel,
-                                         on_group=c.on_search, corrected=c.corrected)
+                                         on_group=c.on_search, corrected=c.corrected, reference=c.references(c.kept))
     c.facts.update(facts)
 
 

@@ -69,6 +69,21 @@ def test_reader_errors_are_the_readers_output_errors_in_a_second_runtime(fused):
     assert checked >= 15
 
 
+def test_calibration_keeps_the_float_output_the_search_compares_with(fused):
+    """The reference outputs calibration keeps for the search are the float model's first output
+    on exactly the kept batches (onnxruntime on the original file, unfused), one per kept batch,
+    and only for those; a keep count inside a batch included."""
+    graph, original, plan, exps = fused
+    data = DataSource(str(CALIB), input_specs(original), num_samples=21)
+    kept, reference = [], []
+    calibrate(graph, plan.requant, data, 5, keep=kept, keep_samples=12, reference=reference)
+    assert [len(b["input"]) for b in kept] == [5, 5, 5] and len(reference) == len(kept)
+    float_model = onnx.load(str(SHIPPED))
+    for b, r in zip(kept, reference):
+        want = run_ort(float_model, {"input": b["input"]})[0]
+        np.testing.assert_allclose(r, want, rtol=1e-4, atol=1e-4)
+
+
 def _module_inputs(m, model) -> list[str]:
     """The tensors a module's nodes read from outside the module (not initializers)."""
     inits = {i.name for i in model.graph.initializer}

@@ -44,59 +44,73 @@ class TensorStats:
 
 def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size: int = 32,
               on_batch: Callable[[int], None] | None = None, keep: list | None = None,
-              keep_samples: int = 0) -> dict[str, TensorStats]:
+              keep_samples: int = 0, reference: list | None = None) -> dict[str, TensorStats]:
     """Run the float graph on the data and return statistics of `tensors` (the graph is not
     changed). The run computes only what they need, and onnxruntime reduces each tensor to its
     min, max and a strided per-sample subset before anything reaches numpy, so memory stays near
     one forward pass and does not grow with the sample count. Each sample is subsampled the same
     way whatever the batching, so statistics of shards merge into those of the whole set.
-    The first batches, up to keep_samples samples, are appended to `keep` for later passes."""
-    sess = analysis_session(probe_graph(graph, tensors), "onnxruntime cannot run the model")
-    return run_probe(sess, tensors, data, batch_size, on_batch, keep, keep_samples)
+    The first batches, up to keep_samples samples, are appended to `keep` for later passes, and
+    the float graph's first output on each of them to `reference` (if given): the later passes
+    compare against it without running the float model again."""
+    sess = analysis_session(probe_graph(graph, tensors, reference=reference is not None),
+                            "onnxruntime cannot run the model")
+    return run_probe(sess, tensors, data, batch_size, on_batch, keep, keep_samples, reference)
 
 
-def probe_graph(graph: gs.Graph, tensors: list[str]) -> gs.Graph:
+def probe_graph(graph: gs.Graph, tensors: list[str], reference: bool = False) -> gs.Graph:
     """A copy of the float graph whose outputs are the reductions of `tensors` (_reductions, four
-    per tensor, in order) and which computes nothing else; it shares the weights."""
+    per tensor, in order), then with `reference` the float graph's first output, and which
+    computes nothing else; it shares the weights."""
     g = graph.copy()
     tmap = g.tensors()
+    first = g.outputs[0]
     outs = []
     for name in tensors:
         t = tmap[name]
         if t.dtype is None:
             t.dtype = np.float32
         outs += _reductions(g, t)
-    g.outputs = outs
+    g.outputs = outs + ([first] if reference else [])
     g.cleanup()
     return g
 
 
 def run_probe(sess, tensors: list[str], data: DataSource, batch_size: int = 32,
               on_batch: Callable[[int], None] | None = None, keep: list | None = None,
-              keep_samples: int = 0) -> dict[str, TensorStats]:
+              keep_samples: int = 0, reference: list | None = None) -> dict[str, TensorStats]:
     """calibrate's loop on a session of probe_graph (also what each worker of a cluster runs on its
-    shard, dfq_onnx/distributed.py)."""
+    shard, dfq_onnx/distributed.py); with `reference`, the session's last output (the float
+    model's first) on each kept batch is appended to it."""
     stats = {name: TensorStats() for name in tensors}
     kept = 0
     for batch in data.batches(batch_size):
         n = len(next(iter(batch.values())))
-        if keep is not None and kept < keep_samples:
+        keeping = keep is not None and kept < keep_samples
+        if keeping:
             keep.append(batch)
             kept += n
-        stats = merge_stats(stats, probe_batch(sess, tensors, batch, data.where))
+        part, ref = probe_batch(sess, tensors, batch, data.where, with_reference=keeping and reference is not None)
+        if ref is not None:
+            reference.append(ref)
+        stats = merge_stats(stats, part)
         if on_batch is not None:
             on_batch(n)
     return stats
 
 
-def probe_batch(sess, tensors: list[str], batch: dict, where: str) -> dict[str, TensorStats]:
-    """Statistics of `tensors` on one batch, from a session of probe_graph."""
+def probe_batch(sess, tensors: list[str], batch: dict, where: str,
+                with_reference: bool = False) -> tuple[dict[str, TensorStats], np.ndarray | None]:
+    """(statistics of `tensors` on one batch, and with_reference the float model's first output
+    on it, else None), from a session of probe_graph."""
+    names = [o.name for o in sess.get_outputs()]
     try:
-        values = sess.run([o.name for o in sess.get_outputs()], batch)
+        values = sess.run(names if with_reference else names[:4 * len(tensors)], batch)
     except Exception as e:
         raise DfqError(f"{where}: onnxruntime failed on the data: {str(e).splitlines()[0]}") from None
-    return {name: TensorStats(int(size), float(lo), float(hi), abs_histogram(sample))
-            for name, (lo, hi, sample, size) in zip(tensors, zip(*[iter(values)] * 4))}
+    stats = {name: TensorStats(int(size), float(lo), float(hi), abs_histogram(sample))
+             for name, (lo, hi, sample, size) in zip(tensors, zip(*[iter(values[:4 * len(tensors)])] * 4))}
+    return stats, values[-1] if with_reference else None
 
 
 def merge_stats(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str, TensorStats]:

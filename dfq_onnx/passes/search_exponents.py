@@ -34,16 +34,19 @@ MAX_FRACTION_STEP = 1
 
 def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict], *,
                      per_channel: bool, on_group: Callable[[int, int], None] | None = None,
-                     corrected: gs.Graph | None = None) -> tuple[Exponents, dict]:
+                     corrected: gs.Graph | None = None, reference: list | None = None) -> tuple[Exponents, dict]:
     """Return exponents with some activation fractions moved by one, and facts
     {"exponents_moved": n, "search_sqnr_db": [before, after] on the search samples,
     "search_confirmed_db": [before, after] on the others}. The search runs on the first SAMPLES
     samples of `batches`; its moves are kept only if the output SQNR on the rest rises by more
     than LOCAL_CONFIRM_DB (greedy moves overfit the samples they were chosen on: EfficientNet-Lite0
-    went from 15.8 to 9.9 dB on held-out crops). Guarantees: weight fractions and group structure
-    are unchanged; the output SQNR on the search samples does not decrease."""
+    went from 15.8 to 9.9 dB on held-out crops). reference: per batch, the float model's first
+    output on it where already known, else None (computed here). Guarantees: weight fractions
+    and group structure are unchanged; the output SQNR on the search samples does not decrease."""
     search, confirm = _split(batches, SAMPLES)
-    sqnr, groups, frac = _output_sqnr(graph, plan, exps, search, per_channel, corrected=corrected)
+    known = reference or [None] * len(batches)
+    sqnr, groups, frac = _output_sqnr(graph, plan, exps, search, per_channel, known[:len(search)],
+                                      corrected=corrected)
     start = best = sqnr(frac)
     base_frac = dict(frac)
     moved = 0
@@ -62,7 +65,8 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
             moved += 1
     facts = {"exponents_moved": moved, "search_sqnr_db": [start, best]}
     if moved and confirm is not search:
-        held = _output_sqnr(graph, plan, exps, confirm, per_channel, corrected=corrected)[0]
+        held = _output_sqnr(graph, plan, exps, confirm, per_channel, known[len(batches) - len(confirm):],
+                            corrected=corrected)[0]
         before, after = held(base_frac), held(frac)
         facts["search_confirmed_db"] = [before, after]
         if after <= before + LOCAL_CONFIRM_DB:
@@ -74,12 +78,13 @@ def search_exponents(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list
 
 
 def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict], per_channel: bool,
-                 ref: np.ndarray | None = None, corrected: gs.Graph | None = None):
+                 ref: list | None = None, corrected: gs.Graph | None = None):
     """(sqnr, groups, fractions): sqnr(fractions by group) is the SQNR of the model's first output
     on `batches` in the simulated quantized graph with those activation fractions (exps' weights,
     float biases), against the float graph; groups in graph order; exps' fraction of each group.
     The graph is built once, every activation scale a graph input: a call is one onnxruntime run.
-    ref: the float graph's first output on `batches`, if already computed. corrected: the graph
+    ref: the float graph's first output per batch where already known (None: computed here; the
+    outputs the calibration run kept save a float run of the model). corrected: the graph
     whose biases the simulated model uses (bias-corrected: what the conversion will deploy)."""
     g = (corrected or graph).copy()
     tmap = g.tensors()
@@ -106,11 +111,13 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
             n.inputs = [dq if i is src else i for i in n.inputs]
         if src in g.outputs:
             g.outputs = [dq if o is src else o for o in g.outputs]
-    if ref is None:
+    known = list(ref) if ref is not None else [None] * len(batches)
+    if any(r is None for r in known):
         ref_graph = graph.copy()
         ref_graph.outputs = ref_graph.outputs[:1]
-        ref = np.concatenate([analysis_session(ref_graph, "onnxruntime cannot run the model").run(None, b)[0]
-                              for b in batches]).astype(np.float64)
+        ref_sess = analysis_session(ref_graph, "onnxruntime cannot run the model")
+        known = [r if r is not None else ref_sess.run(None, b)[0] for r, b in zip(known, batches)]
+    ref = np.concatenate(known).astype(np.float64)
     g.inputs = list(g.inputs) + list(scale_in.values())
     g.outputs = g.outputs[:1]
     g.cleanup().toposort()
@@ -134,7 +141,8 @@ LOCAL_CONFIRM_DB = 0.1  # the proposed moves are kept when the model's output SQ
 
 
 def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dict], *,
-                 per_channel: bool, corrected: gs.Graph | None = None) -> tuple[Exponents, dict]:
+                 per_channel: bool, corrected: gs.Graph | None = None,
+                 reference: list | None = None) -> tuple[Exponents, dict]:
     """The fast output-aware search: each activation group's fraction f is compared with f - 1
     and f + 1 by the error it causes at the outputs of the modules that read it (each reader's
     float nodes run again on the rounded tensor: weights, bias, residual, activation), not at the
@@ -145,7 +153,8 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
 
     The groups whose readers' error falls by more than LOCAL_MIN_GAIN on the first LOCAL_PROPOSE
     samples are proposed together; the proposal is kept only if the model's output SQNR on the
-    remaining samples (_split) rises by more than LOCAL_CONFIRM_DB.
+    remaining samples (_split) rises by more than LOCAL_CONFIRM_DB. reference: as in
+    search_exponents.
 
     Guarantees: weight fractions are unchanged; a group moves by at most one, only when every
     tensor in it is read by modules alone (directly or through a Pad); either every proposed group
@@ -161,7 +170,9 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     facts = {"exponents_moved": 0, "local_search_groups": len(cost), "local_search_proposed": len(proposal)}
     if not proposal:
         return exps, facts
-    sqnr, _, frac = _output_sqnr(graph, plan, exps, half[1], per_channel, corrected=corrected)
+    known = reference or [None] * len(batches)
+    sqnr, _, frac = _output_sqnr(graph, plan, exps, half[1], per_channel, known[len(batches) - len(half[1]):],
+                                 corrected=corrected)
     before, after = sqnr(frac), sqnr({grp: f + proposal.get(grp, 0) for grp, f in frac.items()})
     facts["search_sqnr_db"] = [before, after]  # after: with the proposal, kept or not
     if after <= before + LOCAL_CONFIRM_DB:  # the model's output does not confirm it: keep the histogram rule's choice
