@@ -510,25 +510,24 @@ def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
         return graph
 
 
-def analysis_session(graph: gs.Graph, failure: str, basic: bool = False, optimize: bool = True,
-                     threads: int = 0):
+def analysis_session(graph: gs.Graph, failure: str, simulated: bool = False, threads: int = 0):
     """An onnxruntime CPU session for a pass's own probe graph (quiet; no memory pattern: measured
-    on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed). basic: only
-    basic graph optimizations, so a QDQ graph with constant scales runs as simulated float
-    arithmetic. optimize=False: none at all (a QDQ graph whose scales are graph inputs: onnxruntime's
-    basic Clip/Q fusions assume constant scales; measured on EfficientNet-Lite0, basic level gave
-    an output SQNR of 4.1 dB where the graph computes 11.6 dB). If onnxruntime refuses the graph:
-    DfqError "<failure>: <its first line>". The graph's large constants are not serialized
-    (shared_session). threads: onnxruntime's intra-op threads (0: its default, one per core; a
-    cluster worker that owns one CPU passes 1)."""
+    on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed). simulated: a
+    QDQ graph run as simulated float arithmetic: every graph optimization except onnxruntime's
+    QDQ ones (session.disable_quant_qdq: no Q/DQ fusions into int8 kernels, and no Clip/Relu
+    fusions into a QuantizeLinear, which assume constant scales: with them a graph whose scales
+    are inputs gave 4.1 dB on EfficientNet-Lite0 where it computes 11.6). Measured against no
+    optimization at all (what the search used before): the same outputs to float rounding, on
+    layout_cdla 0.08 s per sample against 0.12 (and 0.19 at basic level, what bias correction
+    used). If onnxruntime refuses the graph: DfqError "<failure>: <its first line>". The graph's
+    large constants are not serialized (shared_session). threads: onnxruntime's intra-op threads
+    (0: its default, one per core; a cluster worker that owns one CPU passes 1)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.enable_mem_pattern = False
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif basic:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if simulated:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     with stubbed(graph) as (values, _):
         model = to_model(graph)
     try:

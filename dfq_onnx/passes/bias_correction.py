@@ -75,7 +75,7 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         return g, {"bias_corrected": 0}
     probe.outputs = diffs
     probe.cleanup()
-    sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", basic=True)  # simulated float arithmetic
+    sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", simulated=True)
     sums: list[np.ndarray] | None = None
     count = 0
     fixed = any(t.shape and isinstance(t.shape[0], int) for t in graph.inputs)  # a fixed batch: keep it

@@ -185,7 +185,7 @@ def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -
         outs += _hessian_nodes(probe, by_name[name], pnodes[name].inputs[0])
     probe.outputs = outs
     probe.cleanup()
-    sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", basic=True)
+    sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", simulated=True)
     fixed = any(t.shape and isinstance(t.shape[0], int) for t in simulated.inputs)
     small = batches if fixed else [{k: v[i:i + PROBE_BATCH] for k, v in b.items()}
                                    for b in batches for i in range(0, len(next(iter(b.values()))), PROBE_BATCH)]
