@@ -9,7 +9,7 @@ from dfq_onnx.passes.fold_batchnorm import fold_batchnorm
 from dfq_onnx.passes.form_modules import find_modules, plan_quantization
 from dfq_onnx.pipeline import fuse
 
-from helpers import SHIPPED, run_ort
+from helpers import CALIB, SHIPPED, run_ort
 
 rng = np.random.default_rng(0)
 
@@ -264,3 +264,70 @@ def test_equalization_keeps_the_function_and_equalizes_ranges(test_data):
         r2 = np.abs(w2).max(axis=(0, 2, 3))
         np.testing.assert_allclose(r1, r2, rtol=1e-5)
         assert not np.allclose(scales[n1.outputs[0].name], 1.0)
+
+
+def test_bias_correction_is_the_mean_error_of_each_module_in_a_second_runtime(calib_data):
+    """Per corrected Conv/Gemm and output channel, the bias moves by mean(W x + b) - mean(y_q) over
+    the samples (ragged batches: 5, 3 and 1), where x is the float tensor its input QuantizeLinear
+    rounds and y_q its output in the simulated graph: both read off onnx.reference running the
+    simulated QDQ graph, the float layer applied by numpy."""
+    from onnx.reference import ReferenceEvaluator
+
+    from dfq_onnx.calibration_data import DataSource, input_specs
+    from dfq_onnx.model_io import load_light
+    from dfq_onnx.passes.bias_correction import correct_biases
+    from dfq_onnx.passes.calibrate import calibrate
+    from dfq_onnx.passes.choose_exponents import choose_exponents
+    from dfq_onnx.passes.emit_qdq import emit_qdq
+    from dfq_onnx.quantized import build
+
+    original, weights = load_light(str(SHIPPED), 21)  # onnx.reference has DequantizeLinear from opset 19
+    graph = fold_batchnorm(canonicalize(to_graph(original, weights)))
+    plan = plan_quantization(graph, find_modules(graph), residual_requant=True)
+    stats = calibrate(graph, plan.requant, DataSource(str(CALIB), input_specs(original), num_samples=16), 8)
+    exps = choose_exponents(graph, plan, stats, weight_bits=8, act_bits=8, per_channel=True, method="mse")
+    simulated = emit_qdq(graph, build(graph, plan, exps, per_channel=True))[0]
+    batches = [{"input": calib_data[a:b]} for a, b in ((0, 5), (5, 8), (8, 9))]
+    corrected, facts = correct_biases(graph, plan, simulated, batches)
+    sim = to_model(simulated, original)
+    made = {o: n for n in sim.graph.node for o in n.output}
+    names = [t for n in sim.graph.node for t in n.output]
+    del sim.graph.output[:]
+    sim.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names)
+    x = np.concatenate([b["input"] for b in batches])
+    values = dict(zip(names, ReferenceEvaluator(sim).run(None, {"input": x})), input=x)
+    before = {n.name: n for n in graph.nodes}
+    checked = 0
+    for node in corrected.nodes:
+        if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+            continue
+        moved = np.asarray(node.inputs[2].values, np.float64) - np.asarray(before[node.name].inputs[2].values, np.float64)
+        qnode = next(n for n in sim.graph.node if n.name == node.name)
+        dq = made[qnode.input[0]]
+        q = made[dq.input[0]]
+        if q.op_type == "Clip":
+            q = made[q.input[0]]
+        pre = values[q.input[0]].astype(np.float64)
+        act = [n for n in graph.nodes if n.op in ("Relu", "Clip") and n.inputs[0].name == q.input[0]]
+        if act:  # the rounding reads the module before its activation (an unsigned code clamps at 0)
+            bounds = [float(np.asarray(i.values)) for i in act[0].inputs[1:] if i is not None and i.name]
+            pre = np.clip(pre, *(bounds + [None] * (2 - len(bounds)))) if act[0].op == "Clip" else np.maximum(pre, 0)
+        w = np.asarray(before[node.name].inputs[1].values, np.float64)
+        b = np.asarray(before[node.name].inputs[2].values, np.float64)
+        if node.op == "Conv":
+            attrs = {k: v for k, v in node.attrs.items()}
+            one = helper.make_model(helper.make_graph(
+                [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "g",
+                [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None)],
+                [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], [numpy_helper.from_array(w, "w")]),
+                opset_imports=[helper.make_opsetid("", 13)])
+            fl = ReferenceEvaluator(one).run(None, {"x": pre})[0] + b.reshape(1, -1, 1, 1)
+            axes = (0, 2, 3)
+        else:
+            fl = pre @ (w.T if int(node.attrs.get("transB", 0)) else w) + b
+            axes = (0,)
+        want = fl.mean(axis=axes) - values[qnode.output[0]].astype(np.float64).mean(axis=axes)
+        np.testing.assert_allclose(moved, want, rtol=1e-3, atol=1e-5)
+        checked += 1
+    assert checked == facts["bias_corrected"] >= 5
+
