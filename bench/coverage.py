@@ -77,7 +77,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / "cache" / "coverage"
 RESULTS = HERE / "cache" / "coverage.json"
-TOOLS = ["dfq-qdq", "dfq-int", "ort-minmax"]
+TOOLS = ["dfq-qdq", "dfq-int", "ort-minmax", "ort-minmax-sym"]  # -sym: activation zero points 0, as dfq-onnx
 THREADS = 2
 TIMEOUT = 600  # seconds per conversion
 SHORTFALL_DB = 1.0  # a dfq-onnx SQNR this far below onnxruntime's is flagged
@@ -469,17 +469,19 @@ def convert_one(tool: str, model: str, out: str, calib: str, n: int, batch: int)
         from dfq_onnx.baseline import ort_quantize
         from dfq_onnx.errors import DfqError
 
+        sym = tool == "ort-minmax-sym"
         try:
-            onnx.save(ort_quantize(model, calib, num_samples=n, batch_size=batch, method="minmax"), out)
+            onnx.save(ort_quantize(model, calib, num_samples=n, batch_size=batch, method="minmax",
+                                   symmetric_activations=sym), out)
         except DfqError as e:  # quant_pre_process (or the quantizer after it) failed: once more without it
             t0 = time.perf_counter()
-            ort_quantize_no_pre(model, calib, n, batch, out)
+            ort_quantize_no_pre(model, calib, n, batch, out, sym)
             return {"seconds": time.perf_counter() - t0, "variant": "without quant_pre_process",
                     "pre_process_error": str(e).strip().splitlines()[0]}
     return {"seconds": time.perf_counter() - t0}
 
 
-def ort_quantize_no_pre(model: str, calib: str, n: int, batch: int, out: str) -> None:
+def ort_quantize_no_pre(model: str, calib: str, n: int, batch: int, out: str, symmetric: bool = False) -> None:
     """quantize_static as dfq_onnx.baseline.ort_quantize calls it (QDQ, per-channel int8, MinMax,
     the same reader; opset < 13 upgraded to 13 by dfq-onnx's loader) but without quant_pre_process:
     what a user does when onnxruntime's symbolic shape inference gives up on a model."""
@@ -502,7 +504,7 @@ def ort_quantize_no_pre(model: str, calib: str, n: int, batch: int, out: str) ->
         onnx.save(src, str(raw))
         quantize_static(str(raw), out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": symmetric})
 
 
 def _session(model: Path, simulated: bool):
@@ -654,6 +656,13 @@ def _db(r: dict | None, mode: str) -> str:
     return "∞" if v == float("inf") else f"{v:.1f}"
 
 
+def _times(q: dict | None, o: dict | None) -> str:
+    """Conversion seconds, dfq-onnx / onnxruntime (ratio)."""
+    if q is None or o is None or "seconds" not in q or "seconds" not in o:
+        return "–"
+    return f"{q['seconds']:.1f} / {o['seconds']:.1f} ({q['seconds'] / o['seconds']:.2f}x)"
+
+
 def _islands(r: dict | None) -> str:
     if r is None or "error" in r:
         return "–"
@@ -701,6 +710,9 @@ def notes(r: dict, name: str = "") -> str:
             gap = o[mode]["sqnr_db"] - q[mode]["sqnr_db"]
             if gap > SHORTFALL_DB and gap != float("inf"):
                 parts.append(f"dfq-onnx QDQ {gap:.1f} dB below ORT ({mode})")
+        z = t.get("ort-minmax-sym", {})
+        if "error" not in z and "deployed" in z and o["deployed"]["sqnr_db"] - q["deployed"]["sqnr_db"] > SHORTFALL_DB:
+            parts.append(f"ORT with zero points 0 (as dfq-onnx): {z['deployed']['sqnr_db']:.1f} dB deployed")
     if "variant" in o:
         parts.append(f"ORT {o['variant']} (it failed: `{o.get('pre_process_error', '')[:100]}`)")
     if name in REASONS:
@@ -726,13 +738,18 @@ def render_section(cov: dict) -> list[str]:
          "arithmetic the quantizer meant), *dep* = default optimizations (the int8 kernels that are deployed). "
          "Agreement (deployed) with float: top-1 for classifiers, argmax per time step (recogniser) or per pixel "
          "(segmenter). Float islands: dfq-onnx QDQ ops left in float between a DequantizeLinear and a "
-         "QuantizeLinear.", "",
+         "QuantizeLinear. *ORT zp 0*: the same onnxruntime run with `ActivationSymmetric` (activation zero points "
+         "0, as in dfq-onnx's number format; by default onnxruntime fits a zero point to each activation's "
+         "[min, max]), deployed. Conversion: wall time of the conversion call in its own process, dfq-onnx QDQ / "
+         "onnxruntime MinMax (quant_pre_process included), s, and their ratio; one run each on a machine shared "
+         "with other jobs.", "",
          "| model | exporter | opset | task | input / dynamic dims | dfq QDQ sim / dep (dB) | dfq int (dB) "
-         "| ORT MinMax sim / dep (dB) | agreement dfq QDQ / int / ORT (%) | dfq float islands | notes |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| ORT MinMax sim / dep (dB) | ORT zp 0 dep (dB) | agreement dfq QDQ / int / ORT (%) "
+         "| conversion dfq / ORT (s) | dfq float islands | notes |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in cov["models"].items():
         if "error" in r:
-            L.append(f"| {name} | {r.get('exporter', '')} | | {r.get('task', '')} | | – | – | – | – | – | "
+            L.append(f"| {name} | {r.get('exporter', '')} | | {r.get('task', '')} | | – | – | – | – | – | – | – | "
                      f"not built: `{r['error'][:160]}` |")
             continue
         t = r["tools"]
@@ -747,7 +764,9 @@ def render_section(cov: dict) -> list[str]:
             f"{_db(t.get('dfq-qdq'), 'simulated')} / {_db(t.get('dfq-qdq'), 'deployed')}",
             _db(t.get("dfq-int"), "deployed"),
             f"{_db(t.get('ort-minmax'), 'simulated')} / {_db(t.get('ort-minmax'), 'deployed')}",
+            _db(t.get("ort-minmax-sym"), "deployed"),
             "–" if r["agreement_kind"] is None else f"{ag('dfq-qdq')} / {ag('dfq-int')} / {ag('ort-minmax')}",
+            _times(t.get("dfq-qdq"), t.get("ort-minmax")),
             _islands(t.get("dfq-qdq")), notes(r, name).replace("|", "\\|")]) + " |")
     L += [""] + render_modern(cov)[:-1]
     if cov.get("findings"):

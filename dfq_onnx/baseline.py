@@ -15,9 +15,12 @@ from .model_io import load_model
 
 
 def ort_quantize(model, calib, *, num_samples: int = 128, batch_size: int = 8, preprocess: str | None = None,
-                 method: str = "minmax") -> onnx.ModelProto:
+                 method: str = "minmax", symmetric_activations: bool = False) -> onnx.ModelProto:
     """The model quantized by onnxruntime.quantization.quantize_static (see module docstring).
-    The model is upgraded to opset 13 first when older, as dfq-onnx's loader does."""
+    The model is upgraded to opset 13 first when older, as dfq-onnx's loader does.
+    symmetric_activations: activation zero points 0 (its ActivationSymmetric option; by default
+    it fits an int8 zero point to each activation's [min, max], which dfq-onnx's format does not
+    have)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -49,7 +52,8 @@ def ort_quantize(model, calib, *, num_samples: int = 128, batch_size: int = 8, p
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax if method == "minmax"
-                            else CalibrationMethod.Percentile)
+                            else CalibrationMethod.Percentile,
+                            extra_options={"ActivationSymmetric": symmetric_activations})
         except DfqError:
             raise
         except Exception as e:
