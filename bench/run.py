@@ -552,6 +552,44 @@ def load_results(cache: Path) -> dict:
     return results
 
 
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(heading, text) of each "## " or "### " section of a markdown text, in order ("" for the
+    part before the first)."""
+    out, head, lines = [], "", []
+    for line in text.rstrip("\n").split("\n"):
+        if line.startswith(("## ", "### ")):
+            out.append((head, "\n".join(lines)))
+            head, lines = line, []
+        lines.append(line)
+    out.append((head, "\n".join(lines)))
+    return out
+
+
+def keep_sections(new: str, old: str) -> str:
+    """`new`, plus each "## " or "### " section of `old` that `new` lacks, placed after the
+    section it followed in `old`: the sections of a bench whose results are not in this cache
+    (techniques, hardware, C kernel families, Concrete ML, ... measured on another machine or
+    run) and those another script writes itself (bench/ray_scale.py's "Clusters") survive a
+    re-render as they were."""
+    ours = _sections(new)
+    have = {h for h, _ in ours}
+    blocks = set(new.split("\n\n"))  # a paragraph or table the new text already has is not carried twice
+    before = ""
+    for head, text in _sections(old):
+        if head and head not in have:
+            at = next((i + 1 for i, (h, _) in enumerate(ours) if h == before), len(ours))
+            kept = [b for b in text.rstrip("\n").split("\n\n") if b.strip("\n") not in blocks]
+            ours.insert(at, (head, "\n\n".join(kept) + "\n"))
+            have.add(head)
+        before = head
+    return "\n".join(t for _, t in ours).rstrip("\n") + "\n"
+
+
+def write_keeping(out: Path, text: str) -> None:
+    """Write BENCHMARKS.md, keeping the sections of the file there that `text` lacks (keep_sections)."""
+    out.write_text(keep_sections(text, out.read_text()) if out.exists() else text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=zoo.DEFAULT_CACHE)
@@ -561,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results_path = args.cache / "results.json"
     if args.render_only:
-        args.out.write_text(render(load_results(args.cache)))
+        write_keeping(args.out, render(load_results(args.cache)))
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in zoo.ZOO]
@@ -591,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             results_path.write_text(json.dumps(results, indent=1))
     results["seconds"] = time.perf_counter() - t0
     results_path.write_text(json.dumps(results, indent=1))
-    args.out.write_text(render(load_results(args.cache)))
+    write_keeping(args.out, render(load_results(args.cache)))
     console.log(f"wrote {args.out} and {results_path} in {results['seconds'] / 60:.1f} min")
     return 0
 

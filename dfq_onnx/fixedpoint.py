@@ -236,10 +236,11 @@ def pair_sums_exceed(rows: np.ndarray, limit: int, adjacent: bool = True) -> np.
     sign and add up past `limit` in magnitude (255 x 128 <= 32767, so limit 128). adjacent: the
     pairs are elements (2i, 2i+1) of the row, as the kernel packs them (rows in its K order);
     otherwise any two elements may pair, and a row's two largest same-sign codes decide."""
-    q = np.asarray(rows, np.int64)
+    q = np.asarray(rows)
+    q = q.astype(np.int16 if q.dtype == np.int8 else np.int64)  # int8 codes: sums of two fit int16 (4x less traffic)
     if adjacent:
         if q.shape[-1] % 2:
-            q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.int64)], axis=-1)
+            q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
         pos, neg = np.maximum(q, 0), np.maximum(-q, 0)
         return ((pos[..., 0::2] + pos[..., 1::2] > limit) | (neg[..., 0::2] + neg[..., 1::2] > limit)).any(axis=-1)
 
