@@ -213,3 +213,42 @@ def test_shape_inference_that_fails_halfway(tmp_path, monkeypatch):
     assert computed.requant_by_kind == const.requant_by_kind
     np.testing.assert_array_equal(run_ort(computed.model, {"x": test})[0], run_ort(const.model, {"x": test})[0])
     assert not list(tmp_path.iterdir())
+
+
+def test_symbolic_shapes_equal_onnxruntimes_own_entry_point(tmp_path, monkeypatch):
+    """dfq-onnx runs onnxruntime's symbolic shape inference step by step on its own copy of the
+    module, with sympy.simplify remembering its results (the same few expressions recur): every
+    tensor's inferred type equals what onnxruntime's public entry point gives on a detector-like
+    graph with dynamic H and W (strided convs down, nearest 2x Resizes up, Adds of the two paths,
+    the same dims reached several times), and its sympy is left as it was."""
+    import sympy
+
+    from dfq_onnx.model_io import _symbolic_shape_module, infer_shapes
+
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+    downs = []
+    for i in range(4):  # stride-2 convs: H -> floor((H - 1) / 2) + 1, nested
+        inits.append(numpy_helper.from_array(rng.normal(size=(4, 4 if i else 3, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"d{i}"], pads=[1, 1, 1, 1], strides=[2, 2]))
+        x = f"d{i}"
+        downs.append(x)
+    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    for i in range(3, 0, -1):  # 2x up, added to the path at that resolution, twice over
+        for k in range(2):
+            nodes.append(helper.make_node("Resize", [x, "", "scales"], [f"u{i}{k}"], mode="nearest"))
+            nodes.append(helper.make_node("Add", [f"u{i}{k}", downs[i - 1]], [f"a{i}{k}"]))
+        nodes.append(helper.make_node("Add", [f"a{i}0", f"a{i}1"], [f"s{i}"]))
+        x = f"s{i}"
+    graph = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    ours = infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()))
+    module = _symbolic_shape_module()
+    assert module.sympy is sympy
+    monkeypatch.chdir(tmp_path)
+    theirs = module.SymbolicShapeInference.infer_shapes(
+        onnx.shape_inference.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString())), auto_merge=True)
+    types = lambda m: {v.name: str(v.type) for v in list(m.graph.value_info) + list(m.graph.output)}  # noqa: E731
+    assert types(ours) == types(theirs) and len(types(ours)) == 19
+    assert any(d.dim_param for v in ours.graph.value_info for d in v.type.tensor_type.shape.dim[2:])
