@@ -543,26 +543,41 @@ def with_inferred_shapes(graph: gs.Graph) -> gs.Graph:
         return graph
 
 
-def analysis_session(graph: gs.Graph, failure: str, simulated: bool = False, threads: int = 0):
+LEAN_SESSION_BYTES = 1 << 26  # simulated graphs with this many bytes of constants or more: no weight copies
+
+
+def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = False, threads: int = 0):
     """An onnxruntime CPU session for a pass's own probe graph (quiet; no memory pattern: measured
-    on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed). simulated: a
-    QDQ graph run as simulated float arithmetic: every graph optimization except onnxruntime's
+    on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed).
+
+    simulated: a QDQ graph run as simulated float arithmetic (True: its scales are constants;
+    "scale inputs": they are graph inputs). It gets every graph optimization except onnxruntime's
     QDQ ones (session.disable_quant_qdq: no Q/DQ fusions into int8 kernels, and no Clip/Relu
     fusions into a QuantizeLinear, which assume constant scales: with them a graph whose scales
-    are inputs gave 4.1 dB on EfficientNet-Lite0 where it computes 11.6). Measured against no
-    optimization at all (what the search used before): the same outputs to float rounding, on
-    layout_cdla 0.08 s per sample against 0.12 (and 0.19 at basic level, what bias correction
-    used). If onnxruntime refuses the graph: DfqError "<failure>: <its first line>". The graph's
-    large constants are not serialized (shared_session). threads: onnxruntime's intra-op threads
-    (0: its default, one per core; a cluster worker that owns one CPU passes 1)."""
+    are inputs gave 4.1 dB on EfficientNet-Lite0 where it computes 11.6): on layout_cdla 0.08 s
+    per sample against 0.12 with none and 0.19 at basic level, the same outputs to float
+    rounding. Those optimizations copy weights inside onnxruntime (int8 weights' DequantizeLinear
+    folded to float, convolution weights reordered for its blocked kernels), so a graph with
+    LEAN_SESSION_BYTES of constants or more gets only basic optimizations without the QDQ
+    folding (constant scales) or none (scale inputs): VGG-19's peak RSS 2.5 GB with the first
+    rule everywhere, 2.1 GB with this one, at the same speed.
+
+    If onnxruntime refuses the graph: DfqError "<failure>: <its first line>". The graph's large
+    constants are not serialized (shared_session). threads: onnxruntime's intra-op threads (0:
+    its default, one per core; a cluster worker that owns one CPU passes 1)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
     so.enable_mem_pattern = False
-    if simulated:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
     with stubbed(graph) as (values, _):
         model = to_model(graph)
+    if simulated:
+        if sum(getattr(v, "nbytes", 0) for v in values.values()) < LEAN_SESSION_BYTES:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
+        elif simulated == "scale inputs":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        else:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
         return shared_session(model, {k: v.load() if isinstance(v, LazyValues) else v for k, v in values.items()}, so)
     except Exception as e:

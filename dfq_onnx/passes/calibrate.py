@@ -110,7 +110,7 @@ def probe_batch(sess, tensors: list[str], batch: dict, where: str,
         raise DfqError(f"{where}: onnxruntime failed on the data: {str(e).splitlines()[0]}") from None
     stats = {name: TensorStats(int(size), float(lo), float(hi), abs_histogram(sample))
              for name, (lo, hi, sample, size) in zip(tensors, zip(*[iter(values[:4 * len(tensors)])] * 4))}
-    return stats, values[-1] if with_reference else None
+    return stats, np.array(values[-1]) if with_reference else None  # a copy: onnxruntime's buffer would keep its arena
 
 
 def merge_stats(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str, TensorStats]:

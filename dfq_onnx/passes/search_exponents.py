@@ -121,7 +121,7 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     g.inputs = list(g.inputs) + list(scale_in.values())
     g.outputs = g.outputs[:1]
     g.cleanup().toposort()
-    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", simulated=True)
+    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", simulated="scale inputs")
     act = dict(exps.act)
     frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
 
@@ -218,7 +218,7 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
     first = g.outputs[0]
     g.outputs = [first] + outs
     g.cleanup()
-    sess = analysis_session(g, "exponent search: onnxruntime cannot run the model", simulated=True)
+    sess = analysis_session(g, "exponent search: onnxruntime cannot run the model")
     totals, ref = np.zeros(len(outs)), []
     for b in batches:
         values = sess.run([first.name] + [o.name for o in outs], b)
