@@ -442,7 +442,8 @@ def _print_summary(s: dict) -> None:
         sq = f.get("search_sqnr_db")
         t.add_row("exponent search", f"fast: {f['local_search_proposed']} of {_n(f['local_search_groups'], 'activation group')} "
                   "do better at their readers' outputs one fraction off" +
-                  (f"; {'kept' if f['exponents_moved'] else 'not kept'}: model output SQNR on the search samples "
+                  ("; not kept: the model output already equals float's on the search samples" if sq and sq[1] is None
+                   else f"; {'kept' if f['exponents_moved'] else 'not kept'}: model output SQNR on the search samples "
                    f"{sq[0]:.2f} -> {sq[1]:.2f} dB (the moves are kept only if it rises by more than "
                    f"{LOCAL_CONFIRM_DB:g} dB)" if sq else ""))
     elif "exponents_moved" in f:

@@ -159,7 +159,8 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     Guarantees: weight fractions are unchanged; a group moves by at most one, only when every
     tensor in it is read by modules alone (directly or through a Pad); either every proposed group
     moves or none does. Facts: {"exponents_moved", "local_search_groups" (measured),
-    "local_search_proposed", "search_sqnr_db": [before, after] on the confirming samples}."""
+    "local_search_proposed", "search_sqnr_db": [before, after] on the confirming samples (after None
+    where before is infinite: the output equals float's there, and the proposal is not run)}."""
     half = _split(batches, LOCAL_PROPOSE)
     cost, _ = reader_errors(graph, plan, exps, half[0])
     proposal = {}
@@ -173,7 +174,11 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     known = reference or [None] * len(batches)
     sqnr, _, frac = _output_sqnr(graph, plan, exps, half[1], per_channel, known[len(batches) - len(half[1]):],
                                  corrected=corrected)
-    before, after = sqnr(frac), sqnr({grp: f + proposal.get(grp, 0) for grp, f in frac.items()})
+    before = sqnr(frac)
+    if before == float("inf"):  # the simulated output already equals float's there (a saturated softmax, say):
+        facts["search_sqnr_db"] = [before, None]  # no proposal can raise it, so it is not run
+        return exps, facts
+    after = sqnr({grp: f + proposal.get(grp, 0) for grp, f in frac.items()})
     facts["search_sqnr_db"] = [before, after]  # after: with the proposal, kept or not
     if after <= before + LOCAL_CONFIRM_DB:  # the model's output does not confirm it: keep the histogram rule's choice
         return exps, facts
