@@ -98,6 +98,11 @@ class QuantConfig:
         return self.search_exponents or self.effort == "max"
 
     @property
+    def fast_search(self) -> bool:
+        """The fast local exponent search runs instead: effort default, the full one not asked for."""
+        return self.effort == "default" and not self.searches
+
+    @property
     def integer(self) -> bool:
         """The integer graph's IR is built (one requantization per unified module)."""
         return self.format in INTEGER_FORMATS

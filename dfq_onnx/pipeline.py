@@ -203,10 +203,9 @@ def calibration(c: Conversion) -> None:
                LOCAL_SAMPLES if config.effort == "default" else 0,
                ROUND_SAMPLES if config.gptq else 0, BIAS_SAMPLES if config.bias_correction else 0,
                1 if config.format == "c" else 0)  # format c: one sample fixes the program's shapes
-    searches = config.searches or config.effort == "default"  # the search compares with the float outputs
     run_on = calibrate if c.cluster is None else c.cluster.calibrate  # the same statistics, merged in order
     c.stats = run_on(c.graph, c.plan.requant, c.data, config.batch_size, counted, c.kept, keep,
-                     c.reference if searches else None)
+                     c.reference if config.searches or config.fast_search else None)  # the searches compare with it
 
 
 def alignment(c: Conversion) -> None:
@@ -238,14 +237,13 @@ def search(c: Conversion) -> None:
     without, moves that only undo clipping bias won: the shipped model's full search lost 2 dB on
     test digits). Data-free mode has no samples to search on."""
     config = c.config
-    fast_search = config.effort == "default" and not config.searches
-    if not (c.kept and (fast_search or config.searches)):
+    if not (c.kept and (config.fast_search or config.searches)):
         return
     if config.bias_correction:
         c.corrected, c.pre_bias_facts = correct_biases(c.graph, c.plan, emit_qdq(c.graph, c.quantized_model())[0],
                                                        c.samples(BIAS_SAMPLES))
         c.searched_from = dict(c.exps.act)
-    if fast_search:
+    if config.fast_search:
         batches = c.samples(LOCAL_SAMPLES)
         c.exps, facts = local_search(c.graph, c.plan, c.exps, batches, per_channel=config.per_channel,
                                      corrected=c.corrected, reference=c.references(batches))
