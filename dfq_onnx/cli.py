@@ -239,6 +239,10 @@ def main(ctx):
 @click.option("--max-drop", type=float, metavar="X",
               help="Raise the most sensitive modules to 8-bit weights and 16-bit outputs until top-1 agreement "
                    "with float on the calibration samples drops by at most X points (QDQ only).")
+@click.option("--min-sqnr", type=float, metavar="DB",
+              help="As --max-drop, for any model (detectors, segmenters, regressors): raise modules until the "
+                   "smallest SQNR of the model's outputs against float on the calibration samples is at least "
+                   "DB (QDQ only).")
 @click.option("--float-only", is_flag=True,
               help="Write the fused float model (BatchNorm folded, canonical form) instead; no --calib needed.")
 @_cluster_options
@@ -247,7 +251,7 @@ def main(ctx):
 @handle_errors
 def convert(input_model, output_model, calib, num_samples, batch_size, preprocess, method, per_tensor,
             weight_bits, act_bits, target, fmt, layout, no_align, no_bias_correction, equalize, search_exponents,
-            effort, rounding, sparsity, keep_float, overrides, max_drop,
+            effort, rounding, sparsity, keep_float, overrides, max_drop, min_sqnr,
             float_only, as_json, quiet, prefix, workers, ray_address):
     """Quantize IN.onnx to a power-of-two model OUT.onnx (W8A8 by default; QDQ, integer-only, QONNX,
     or with --format c a folder OUT holding a C99 library)."""
@@ -263,8 +267,9 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
             raise click.UsageError(f"--prefix {prefix!r}: not a C identifier")
         if Path(output_model).exists() and not Path(output_model).is_dir():
             raise click.UsageError(f"{output_model}: --format c writes a folder, and this is a file")
-        if max_drop is not None:
-            raise click.UsageError("--max-drop raises modules to 16-bit outputs: it needs --format qdq")
+        if max_drop is not None or min_sqnr is not None:
+            raise click.UsageError(f"{'--max-drop' if max_drop is not None else '--min-sqnr'} raises modules to "
+                                   "16-bit outputs: it needs --format qdq")
     else:
         check_output_path(output_model, input_model)
     if float_only:
@@ -285,8 +290,11 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
                          keep_float=tuple(keep_float), overrides=weight_overrides, act_overrides=act_overrides,
                          search_exponents=search_exponents, equalize=equalize, effort=effort, rounding=rounding,
                          sparsity=sparsity, prefix=prefix)
-    if max_drop is not None and (workers or ray_address):
-        raise click.UsageError("--max-drop runs in one process: drop --workers / --ray")
+    if max_drop is not None and min_sqnr is not None:
+        raise click.UsageError("give --max-drop or --min-sqnr, not both")
+    raising = "--max-drop" if max_drop is not None else "--min-sqnr" if min_sqnr is not None else None
+    if raising and (workers or ray_address):
+        raise click.UsageError(f"{raising} runs in one process: drop --workers / --ray")
     show = not quiet and err.is_terminal
     with maybe_cluster(workers, ray_address) as cluster, \
             Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -302,17 +310,17 @@ def convert(input_model, output_model, calib, num_samples, batch_size, preproces
         def staged(name: str) -> None:  # pipeline.STAGES, by name
             bar.update(task, description=name.replace("_", " "))
             _checkpoint(name)
-        if max_drop is None:
+        if raising is None:
             result = run(input_model, calib, config, preprocess=preprocess,
                          on_start=lambda n: bar.update(task, total=n),
                          on_batch=lambda n: bar.advance(task, n), on_search=searching,
                          on_round=rounding_stage, on_stage=lambda name: staged(name), cluster=cluster)
         else:
-            from .mixed_precision import convert_max_drop
+            from .mixed_precision import convert_raised
 
-            result, search = convert_max_drop(input_model, calib, config, max_drop, preprocess=preprocess,
-                                              on_step=lambda msg: bar.update(task, description=msg))
-            result.facts["max_drop_search"] = search
+            result, search = convert_raised(input_model, calib, config, max_drop=max_drop, min_sqnr=min_sqnr,
+                                            preprocess=preprocess, on_step=lambda msg: bar.update(task, description=msg))
+            result.facts["max_drop_search" if max_drop is not None else "min_sqnr_search"] = search
     _checkpoint("converted")
     if result.library is not None:
         _write(save_library, result.library, result.model, output_model, input_model)
@@ -426,6 +434,12 @@ def _print_summary(s: dict) -> None:
                               f"(drop {100 - md['agreement_top1']:.1f} points, target {md['max_drop']:g}: "
                               f"{'met' if md['met'] else 'NOT met'}); {len(md['raised'])} modules raised to "
                               f"{md['raise_to']}" + (f": {', '.join(md['raised'])}" if md["raised"] else ""))
+    ms = f.get("min_sqnr_search")
+    if ms:
+        t.add_row("min SQNR", f"smallest output SQNR {ms['sqnr_db']:.1f} dB on {ms['samples']} calibration samples "
+                              f"(target {ms['min_sqnr']:g}: {'met' if ms['met'] else 'NOT met'}); "
+                              f"{len(ms['raised'])} modules raised to {ms['raise_to']}"
+                              + (f": {', '.join(ms['raised'])}" if ms["raised"] else ""))
     if s["overrides"]:
         t.add_row("overrides", ", ".join(f"{n} {p}" for n, p in s["overrides"].items()))
     if f.get("saturation_guarded"):

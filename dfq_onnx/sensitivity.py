@@ -29,15 +29,28 @@ from .passes.form_modules import find_modules, plan_quantization
 EVAL_SAMPLES = 64  # calibration samples each single-module model runs on
 
 
-def model_outputs(model_bytes: bytes, batches: list[dict]) -> np.ndarray:
-    """The first output of a model on the batches, concatenated, as float64."""
+def model_outputs(model_bytes: bytes, batches: list[dict], every: bool = False) -> np.ndarray | list[np.ndarray]:
+    """The first output of a model on the batches, concatenated, as float64 (every: the list of
+    all its outputs so)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise DfqError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
-    return np.concatenate([sess.run(None, b)[0] for b in batches]).astype(np.float64)
+    runs = [sess.run(None, b) for b in batches]
+    outs = [np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(runs[0]) if every else 1)]
+    return outs if every else outs[0]
+
+
+def smallest_sqnr(ref: list[np.ndarray], y: list[np.ndarray]) -> float:
+    """The smallest SQNR (dB) over the outputs of y against those of ref (inf where equal)."""
+    worst = float("inf")
+    for a, b in zip(ref, y):
+        noise = float(np.sum((a - b) ** 2))
+        if noise > 0:
+            worst = min(worst, float(10 * np.log10(max(float(np.sum(a ** 2)), 1e-300) / noise)))
+    return worst
 
 
 def top1_agreement(ref: np.ndarray, y: np.ndarray) -> float:

@@ -112,6 +112,45 @@ def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
     assert settings["overrides"] == {n: 8 for n in facts["raised"] if n != "/GlobalAveragePool"}
 
 
+def _smallest_sqnr_db(ref: list, y: list) -> float:
+    """Smallest SQNR over the outputs, computed here from onnxruntime's outputs."""
+    return min(10 * np.log10(np.sum(a.astype(np.float64) ** 2) / np.sum((a.astype(np.float64) - b) ** 2))
+               for a, b in zip(ref, y))
+
+
+def test_min_sqnr_meets_its_target_on_the_calibration_samples(calib_data):
+    from dfq_onnx.mixed_precision import convert_raised
+
+    cfg = QuantConfig(weight_bits=3, rounding="nearest")
+    x = {"input": calib_data[:cfg.num_samples]}
+    ref = run_ort(SHIPPED, x)
+    plain = _smallest_sqnr_db(ref, run_ort(run(SHIPPED, CALIB, cfg).model, x))
+    top = _smallest_sqnr_db(ref, run_ort(run(SHIPPED, CALIB, QuantConfig(act_bits=16)).model, x))
+    target = (plain + top) / 2  # above W3A8, below W8A16 everywhere: some modules must be raised, not all
+    assert top - plain > 6
+    result, facts = convert_raised(SHIPPED, CALIB, cfg, min_sqnr=target)
+    got = _smallest_sqnr_db(ref, run_ort(result.model, x))
+    assert facts["met"] and got >= target and got == pytest.approx(facts["sqnr_db"], abs=1e-6)
+    assert 0 < len(facts["raised"]) <= len(MODULES)
+    assert facts["candidates"]["0"] == pytest.approx(plain, abs=1e-6)
+    settings = json.loads(next(p.value for p in result.model.metadata_props if p.key == "dfq.settings"))
+    assert settings["act_overrides"] == {n: 16 for n in facts["raised"]}
+    with pytest.raises(DfqError, match="not both"):
+        convert_raised(SHIPPED, CALIB, cfg, min_sqnr=target, max_drop=1.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-sqnr", "20", "--max-drop", "1"], "give --max-drop or --min-sqnr, not both"),
+    (["--min-sqnr", "20", "--format", "int"], "--min-sqnr raises modules to 16-bit outputs: it needs --format qdq"),
+    (["--min-sqnr", "nan"], "--min-sqnr must be a finite number of dB"),
+])
+def test_min_sqnr_bad_use_is_one_line(tmp_path, args, message):
+    out = tmp_path / "o.onnx"
+    res = CliRunner().invoke(main, ["convert", str(SHIPPED), str(out), "--calib", str(CALIB), "-q"] + args)
+    assert res.exit_code != 0 and message in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
 def test_keeping_every_module_float_is_a_clear_error():
     with pytest.raises(DfqError, match="nothing left to quantize"):
         run(SHIPPED, CALIB, QuantConfig(keep_float=tuple(MODULES)))
