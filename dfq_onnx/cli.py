@@ -691,7 +691,8 @@ def _print_validate_c(r: dict) -> None:
 @click.option("--sensitivity", is_flag=True,
               help="Quantize one unified module at a time (the rest float; plain power-of-two, no "
                    "alignment or bias correction) and report each one's output SQNR and top-1 agreement "
-                   "with float on the first 64 calibration samples, most sensitive first (needs --calib).")
+                   "with float on the first 64 calibration samples (large inputs: as many as hold 64 x 3 x "
+                   "224 x 224 values, at least 8), most sensitive first (needs --calib).")
 @click.option("--calib", metavar="DATA", help="With --hw/--sensitivity: calibration data, as for convert --calib.")
 @click.option("--num-samples", default=128, show_default=True, type=click.IntRange(min=1),
               help="With --hw/--sensitivity: calibration samples.")

@@ -95,6 +95,17 @@ def test_override_rejects_bad_bits_and_names():
     assert res.exit_code == 2 and "activation bits must be 8 or 16" in res.stderr
 
 
+def test_sensitivity_on_large_inputs_runs_on_fewer_samples(monkeypatch):
+    """As many samples as hold EVAL_VALUES input values, at least MIN_EVAL_SAMPLES: here MNIST's
+    784 values stand for a large input by lowering the budget."""
+    import dfq_onnx.sensitivity as sens
+
+    monkeypatch.setattr(sens, "EVAL_VALUES", 20 * 28 * 28)
+    assert module_sensitivity(SHIPPED, CALIB, QuantConfig(batch_size=4))["samples"] == 20
+    monkeypatch.setattr(sens, "EVAL_VALUES", 2 * 28 * 28)
+    assert module_sensitivity(SHIPPED, CALIB, QuantConfig(batch_size=4))["samples"] == sens.MIN_EVAL_SAMPLES
+
+
 def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
     from dfq_onnx.mixed_precision import convert_max_drop
 
