@@ -92,3 +92,22 @@ def test_a_gate_read_elsewhere_is_left_alone():
     m.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n", 6, 8, 8]))
     ops = [n.op_type for n in dfq_onnx.fuse(m).graph.node]
     assert "Clip" in ops and "HardSigmoid" not in ops
+
+
+def test_module_names_hold_whatever_opset_the_conversion_runs_at():
+    """A HardSwish written out below opset 14 stays Mul(x, HardSigmoid(x)); a conversion that
+    upgrades the opset (16-bit outputs need 21, the integer graph 19) fuses it into HardSwish. The
+    module keeps one name either way: the names `inspect --sensitivity` lists for the file as it
+    is (--keep-float, --override) must be the ones every conversion of it takes."""
+    from dfq_onnx.sensitivity import module_sensitivity
+
+    m, _ = hardswish_opset13()
+    x = {"x": RNG.normal(size=(16, 3, 8, 8)).astype(np.float32) * 2}
+    rows = module_sensitivity(m, x)["modules"]
+    table = [r["name"] for r in rows if r["op"] != "Conv"]
+    assert len(table) == 1, rows
+    raised = run(m, x, QuantConfig(act_overrides=((table[0], 16),)))  # upgraded to opset 21: fused
+    assert sorted(mod.name for mod in raised.quantized.modules) == sorted(r["name"] for r in rows)
+    assert [mod.op for mod in raised.quantized.modules if mod.name == table[0]] == ["HardSwish"]
+    kept = run(m, x, QuantConfig(format="int", keep_float=(table[0],)))  # opset 19: fused too
+    assert table[0] not in {mod.name for mod in kept.quantized.modules} and "HardSwish" in kept.float_ops

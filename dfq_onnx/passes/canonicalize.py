@@ -22,6 +22,7 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     topologically sorted and every node has a unique name.
     """
     g = graph.copy()
+    _name_nodes(g)  # before the rules rename what they fuse: the same names at every opset (patterns.py)
     for node in list(g.nodes):
         if node.op not in ("Identity", "Dropout"):
             continue
@@ -58,6 +59,12 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
     g.cleanup()
     g = with_inferred_shapes(g)
     g.toposort()
+    _name_nodes(g)
+    return g
+
+
+def _name_nodes(g: gs.Graph) -> None:
+    """Every node named, uniquely: an unnamed one "<op>_node" (numbered), a repeated name numbered."""
     for node in g.nodes:
         if not node.name:
             node.name = new_name(g, f"{node.op}_node")
@@ -66,7 +73,6 @@ def canonicalize(graph: gs.Graph) -> gs.Graph:
         if node.name in seen:
             node.name = new_name(g, node.name)
         seen.add(node.name)
-    return g
 
 
 def _canonical_gemm(g: gs.Graph, gemm: gs.Node) -> None:

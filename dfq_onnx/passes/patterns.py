@@ -10,7 +10,7 @@ and every constant is a scalar:
                  -> HardSigmoid(x; alpha=a, beta=b)               (Paddle's slope 0.2, offset 0.5)
   late_scale:    Mul(x, Clip(Add(x, b), 0, c)) then Mul(k) or Div(1/k), with c k = 1
                  -> Mul(x, HardSigmoid(x; k, b k))                 (x*Clip(x+3,0,6) then /6)
-  hard_swish:    Mul(x, HardSigmoid(x; 1/6, 1/2)) -> HardSwish(x)  (opset 14 and later)
+  hard_swish:    Mul(x, HardSigmoid(x; 1/6, 1/2)) -> HardSwish(x)  (opset 14 and later; named as the Mul)
   layer_norm:    d = Sub(x, ReduceMean(x)); Div(d, Sqrt(Add(ReduceMean(Pow(d, 2) or Mul(d, d)), eps)))
                  [then Mul(gamma)] [then Add(beta)], the means over the last axis
                  -> LayerNormalization(x, gamma, beta; axis=-1, epsilon=eps)  (opset 17 and later;
@@ -191,8 +191,12 @@ def _hard_swish(g: gs.Graph, mul: gs.Node) -> bool:
         if not (_close(float(h.attrs.get("alpha", 0.2)), 1 / 6) and _close(float(h.attrs.get("beta", 0.5)), 0.5)):
             continue
         out = mul.outputs[0]
+        # the Mul's name: the module it ends is named so below opset 14 too (inspect --sensitivity's
+        # names must hold for a conversion that upgrades the opset, such as --override NAME=w8a16)
+        name = mul.name or new_name(g, "HardSwish")
         _drop(h, mul)
-        g.nodes.append(gs.Node("HardSwish", new_name(g, "HardSwish"), {}, [x], [out]))
+        mul.name = ""
+        g.nodes.append(gs.Node("HardSwish", name, {}, [x], [out]))
         return True
     return False
 
