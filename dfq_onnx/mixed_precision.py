@@ -45,8 +45,10 @@ def convert_raised(model, calib, config: QuantConfig, *, max_drop: float | None 
                    ) -> tuple[ConvertResult, dict]:
     """The conversion meeting --max-drop or --min-sqnr (exactly one; see the module docstring) and
     facts: the figure of each candidate measured, the raised modules, whether the target was met."""
-    if (max_drop is None) == (min_sqnr is None):
+    if max_drop is not None and min_sqnr is not None:
         raise DfqError("give --max-drop or --min-sqnr, not both")
+    if max_drop is None and min_sqnr is None:
+        raise DfqError("give --max-drop or --min-sqnr: the search needs a target")
     if config.integer:
         raise DfqError(f"{'--max-drop' if min_sqnr is None else '--min-sqnr'} raises modules to 16-bit outputs: "
                        "it needs --format qdq")
