@@ -276,7 +276,7 @@ def write_markdown(cache: Path, out: dict) -> None:
     results (results.json), only the deployment section of the file as it is is replaced."""
     path = ROOT / "BENCHMARKS.md"
     if (cache / "results.json").exists():
-        path.write_text(_with_families(bench_run.render(bench_run.load_results(cache)), out))
+        bench_run.write_keeping(path, _with_families(bench_run.render(bench_run.load_results(cache)), out))
         return
     text = path.read_text()
     head = "## Deploying without onnxruntime: C library and QONNX"

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         out["models"][n] = hw_model(n, args.cache, paths)
         print(f"{n}: {out['models'][n]['seconds']:.0f} s", file=sys.stderr, flush=True)
     (args.cache / "hardware.json").write_text(json.dumps(out, indent=1))
-    args.out.write_text(bench_run.render(bench_run.load_results(args.cache)))
+    bench_run.write_keeping(args.out, bench_run.render(bench_run.load_results(args.cache)))
     print(f"wrote {args.cache / 'hardware.json'} and {args.out}", file=sys.stderr)
     return 0
 

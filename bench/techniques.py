@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {label}: {rows[label]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         out["models"][name] = rows
     (cache / "techniques.json").write_text(json.dumps(out, indent=1))
-    (ROOT / "BENCHMARKS.md").write_text(bench_run.render(bench_run.load_results(cache)))
+    bench_run.write_keeping(ROOT / "BENCHMARKS.md", bench_run.render(bench_run.load_results(cache)))
     return 0
 
 
