@@ -3,7 +3,8 @@ model's top-1 agreement with float, on the calibration samples, drops by at most
 (classifiers), or until the smallest SQNR of its outputs against float there is at least D dB
 (any model: detectors, segmenters, regressors).
 
-Order: `inspect --sensitivity`'s (each module quantized alone, lowest output SQNR first).
+Order: `inspect --sensitivity`'s (each module quantized alone, lowest output SQNR first; for
+--min-sqnr the smallest SQNR over the model's outputs, the figure it is judged by).
 Raising a module: 8-bit weights and a 16-bit output (int16/uint16 QuantizeLinear, opset 21), so
 it stays quantized; QDQ format only. The number k of raised modules is found by bisection (the
 figure is taken as monotone in the modules left low; every candidate is measured, and the one
@@ -84,7 +85,7 @@ def convert_raised(model, calib, config: QuantConfig, *, max_drop: float | None 
         k = 0
     else:
         step("measuring per-module sensitivity")
-        rows = module_sensitivity(original, calib, config, preprocess=preprocess)["modules"]
+        rows = module_sensitivity(original, calib, config, preprocess=preprocess, every_output=every)["modules"]
         pools = {r["name"] for r in rows if r["op"] in ("GlobalAveragePool", "AveragePool")}
         order = [r["name"] for r in rows]
         lo, hi = 0, len(order)  # measure(lo) fails; find the least k that meets the target

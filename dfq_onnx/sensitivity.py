@@ -72,10 +72,11 @@ def eval_batches(data: DataSource, batch_size: int, samples: int) -> list[dict]:
 
 
 def module_sensitivity(model, calib, config: QuantConfig | None = None, *, preprocess: str | None = None,
-                       on_step: Callable[[str], None] | None = None) -> dict:
+                       on_step: Callable[[str], None] | None = None, every_output: bool = False) -> dict:
     """{"samples": n, "modules": [{"name", "op", "sqnr_db", "agreement_top1"}, ...]} sorted by
     SQNR, lowest (most sensitive) first. Measured on the first EVAL_SAMPLES calibration samples, or
-    on as few as hold EVAL_VALUES input values (at least MIN_EVAL_SAMPLES; whole batches)."""
+    on as few as hold EVAL_VALUES input values (at least MIN_EVAL_SAMPLES; whole batches).
+    every_output: sqnr_db is the smallest over the model's outputs (default: its first output's)."""
     config = config or QuantConfig()
     step = on_step or (lambda _: None)
     original = load_model(model)
@@ -95,16 +96,16 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
     wanted = max(MIN_EVAL_SAMPLES, -(-EVAL_VALUES // max(per_sample, 1)))
     if wanted < EVAL_SAMPLES:
         batches = eval_batches(data, config.batch_size, wanted)
-    ref = model_outputs(to_model(graph, original).SerializeToString(), batches)
+    refs = model_outputs(to_model(graph, original).SerializeToString(), batches, every=True)
+    ref = refs[0]
     rows = []
     for i, (m, plan) in enumerate(zip(modules, plans)):
         step(f"module {i + 1}/{len(modules)}: {m.name}")
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method)
         q = emit_qdq(graph, build_quantized(graph, plan, exps, per_channel=config.per_channel))[0]
-        y = model_outputs(to_model(q, original).SerializeToString(), batches)
-        noise = float(np.sum((ref - y) ** 2))
-        sqnr = float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
-        rows.append({"name": m.name, "op": m.op, "sqnr_db": sqnr, "agreement_top1": top1_agreement(ref, y)})
+        ys = model_outputs(to_model(q, original).SerializeToString(), batches, every=True)
+        sqnr = smallest_sqnr(refs if every_output else refs[:1], ys if every_output else ys[:1])
+        rows.append({"name": m.name, "op": m.op, "sqnr_db": sqnr, "agreement_top1": top1_agreement(ref, ys[0])})
     rows.sort(key=lambda r: r["sqnr_db"])
     return {"samples": len(ref), "weight_bits": config.weight_bits, "modules": rows}

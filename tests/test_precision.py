@@ -106,6 +106,24 @@ def test_sensitivity_on_large_inputs_runs_on_fewer_samples(monkeypatch):
     assert module_sensitivity(SHIPPED, CALIB, QuantConfig(batch_size=4))["samples"] == sens.MIN_EVAL_SAMPLES
 
 
+def test_sensitivity_over_every_output_is_the_weakest_output(tmp_path):
+    """every_output (the order --min-sqnr uses) ranks by the smallest SQNR over the outputs: with a
+    second output added (the last convolution's, before the pooling that averages its errors
+    down), the rows stay sorted, no module scores above its first-output figure, and that
+    convolution scores below it."""
+    import onnx
+
+    m = onnx.load(str(SHIPPED))
+    last = next(n for n in m.graph.node if n.name == MODULES[5])
+    m.graph.output.append(onnx.helper.make_tensor_value_info(last.output[0], onnx.TensorProto.FLOAT,
+                                                             ["n", None, None, None]))
+    first = {r["name"]: r["sqnr_db"] for r in module_sensitivity(m, CALIB, QuantConfig(weight_bits=4))["modules"]}
+    rows = module_sensitivity(m, CALIB, QuantConfig(weight_bits=4), every_output=True)["modules"]
+    assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
+    assert all(r["sqnr_db"] <= first[r["name"]] + 1e-9 for r in rows)
+    assert next(r["sqnr_db"] for r in rows if r["name"] == MODULES[5]) < first[MODULES[5]] - 1
+
+
 def test_max_drop_meets_its_target_on_the_calibration_samples(calib_data):
     from dfq_onnx.mixed_precision import convert_max_drop
 
