@@ -90,13 +90,16 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
     tensors = list(dict.fromkeys(t for p in plans for t in p.requant))
     step(f"calibrating {len(tensors)} tensors")
     stats = calibrate(graph, tensors, data, config.batch_size)
-    batches = eval_batches(data, config.batch_size, EVAL_SAMPLES)
-    first = batches[0]
+    first = next(iter(data.batches(config.batch_size)), None)  # one batch: the input values per sample
     per_sample = sum(v[0].size for v in first.values()) if first else 1
-    wanted = max(MIN_EVAL_SAMPLES, -(-EVAL_VALUES // max(per_sample, 1)))
-    if wanted < EVAL_SAMPLES:
-        batches = eval_batches(data, config.batch_size, wanted)
-    refs = model_outputs(to_model(graph, original).SerializeToString(), batches, every=True)
+    batches = eval_batches(data, config.batch_size,
+                           min(EVAL_SAMPLES, max(MIN_EVAL_SAMPLES, -(-EVAL_VALUES // max(per_sample, 1)))))
+
+    def outputs(m) -> list[np.ndarray]:  # the outputs the figure is taken over
+        y = model_outputs(to_model(m, original).SerializeToString(), batches, every_output)
+        return y if every_output else [y]
+
+    refs = outputs(graph)
     ref = refs[0]
     rows = []
     for i, (m, plan) in enumerate(zip(modules, plans)):
@@ -104,8 +107,8 @@ def module_sensitivity(model, calib, config: QuantConfig | None = None, *, prepr
         exps = choose_exponents(graph, plan, stats, weight_bits=config.weight_bits, act_bits=config.act_bits,
                                 per_channel=config.per_channel, method=config.method)
         q = emit_qdq(graph, build_quantized(graph, plan, exps, per_channel=config.per_channel))[0]
-        ys = model_outputs(to_model(q, original).SerializeToString(), batches, every=True)
-        sqnr = smallest_sqnr(refs if every_output else refs[:1], ys if every_output else ys[:1])
-        rows.append({"name": m.name, "op": m.op, "sqnr_db": sqnr, "agreement_top1": top1_agreement(ref, ys[0])})
+        ys = outputs(q)
+        rows.append({"name": m.name, "op": m.op, "sqnr_db": smallest_sqnr(refs, ys),
+                     "agreement_top1": top1_agreement(ref, ys[0])})
     rows.sort(key=lambda r: r["sqnr_db"])
     return {"samples": len(ref), "weight_bits": config.weight_bits, "modules": rows}
