@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from .calibration_data import DataSource, input_specs
 from .config import QuantConfig
+from .energy import energies, sqnr_db
 from .errors import DfqError
 from .model_io import load_model, to_graph, to_model
 from .passes.calibrate import calibrate
@@ -32,8 +33,8 @@ MIN_EVAL_SAMPLES = 8  # ... but at least these (PicoDet layout, 800 x 608 inputs
 
 
 def model_outputs(model_bytes: bytes, batches: list[dict], every: bool = False) -> np.ndarray | list[np.ndarray]:
-    """The first output of a model on the batches, concatenated, as float64 (every: the list of
-    all its outputs so)."""
+    """The first output of a model on the batches, concatenated (every: the list of all its
+    outputs so)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
@@ -41,18 +42,13 @@ def model_outputs(model_bytes: bytes, batches: list[dict], every: bool = False) 
     except Exception as e:
         raise DfqError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
     runs = [sess.run(None, b) for b in batches]
-    outs = [np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(runs[0]) if every else 1)]
+    outs = [np.concatenate([r[i] for r in runs]) for i in range(len(runs[0]) if every else 1)]
     return outs if every else outs[0]
 
 
 def smallest_sqnr(ref: list[np.ndarray], y: list[np.ndarray]) -> float:
     """The smallest SQNR (dB) over the outputs of y against those of ref (inf where equal)."""
-    worst = float("inf")
-    for a, b in zip(ref, y):
-        noise = float(np.sum((a - b) ** 2))
-        if noise > 0:
-            worst = min(worst, float(10 * np.log10(max(float(np.sum(a ** 2)), 1e-300) / noise)))
-    return worst
+    return min((sqnr_db(*energies(a, b)) for a, b in zip(ref, y)), default=float("inf"))
 
 
 def top1_agreement(ref: np.ndarray, y: np.ndarray) -> float:

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from .calibration_data import DataSource, input_specs
+from .energy import energies, sqnr_db
 from .errors import DfqError
 from .model_io import read_model
 from .report import inspect_model
@@ -401,19 +402,19 @@ def partial_figures(names: list[str], F: list[np.ndarray], Q: list[np.ndarray], 
     for name, f, q in zip(names, F, Q):
         if f.shape != q.shape:
             raise DfqError(f"output {name!r}: shapes differ ({f.shape} vs {q.shape})")
-        f64, e = f.astype(np.float64), f.astype(np.float64) - q.astype(np.float64)
-        part["signal"].append(float(np.sum(f64 ** 2)))
-        part["noise"].append(float(np.sum(e ** 2)))
-        part["max_abs_error"].append(float(np.max(np.abs(e))) if e.size else 0.0)
+        signal, noise = energies(f, q)
+        part["signal"].append(signal)
+        part["noise"].append(noise)
+        part["max_abs_error"].append(float(np.max(np.abs(f.astype(np.float64) - q))) if f.size else 0.0)
     if kind == "classes":
         part["top_float"], part["top_quant"] = _topk(F[0], 5), _topk(Q[0], 5)
     elif kind == "map":
         mf, mq = F[0] > threshold, Q[0] > threshold
         per = []
-        for a, b in zip(F[0].astype(np.float64), Q[0].astype(np.float64)):
-            noise, signal = float(np.sum((a - b) ** 2)), float(np.sum(a ** 2))
+        for a, b in zip(F[0], Q[0]):
+            signal, noise = energies(a, b)
             if signal > 0:
-                per.append(float("inf") if noise == 0 else float(10 * np.log10(signal / noise)))
+                per.append(sqnr_db(signal, noise))
         part.update(elements=int(mf.size), same=int(np.count_nonzero(mf == mq)),
                     inter=int(np.count_nonzero(mf & mq)), union=int(np.count_nonzero(mf | mq)),
                     marked_float=int(np.count_nonzero(mf)), marked_quant=int(np.count_nonzero(mq)),
@@ -430,7 +431,7 @@ def finish_figures(names: list[str], parts: list[dict], labels, kind: str) -> di
         for p in parts:
             signal += p["signal"][i]
             noise += p["noise"][i]
-        sqnr[name] = float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+        sqnr[name] = sqnr_db(signal, noise)
         max_err[name] = max(p["max_abs_error"][i] for p in parts)
     common = {"sqnr_db": sqnr, "max_abs_error": max_err, "map_agreement": None, "map": None}
     if kind != "classes":

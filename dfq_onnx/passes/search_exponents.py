@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..energy import energies, sqnr_db
 from ..fixedpoint import pow2_scale
 from ..quantized import quantized_weight
 from ..graph_utils import add_node, new_name
@@ -117,7 +118,7 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
         ref_graph.outputs = ref_graph.outputs[:1]
         ref_sess = analysis_session(ref_graph, "onnxruntime cannot run the model")
         known = [r if r is not None else ref_sess.run(None, b)[0] for r, b in zip(known, batches)]
-    ref = np.concatenate(known).astype(np.float64)
+    signal = sum(energies(r)[0] for r in known)
     g.inputs = list(g.inputs) + list(scale_in.values())
     g.outputs = g.outputs[:1]
     g.cleanup().toposort()
@@ -127,9 +128,8 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
 
     def sqnr(fr: dict) -> float:
         feeds = {scale_in[grp].name: np.asarray(pow2_scale(f), np.float32) for grp, f in fr.items()}
-        y = np.concatenate([sess.run(None, {**b, **feeds})[0] for b in batches]).astype(np.float64)
-        noise = float(np.sum((ref - y) ** 2))
-        return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref ** 2) / noise))
+        noise = sum(energies(r, sess.run(None, {**b, **feeds})[0])[1] for r, b in zip(known, batches))
+        return sqnr_db(signal, noise)
 
     return sqnr, groups, frac
 
@@ -213,13 +213,14 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
         groups.setdefault(plan.group(t), []).append(t)
     candidates = [grp for grp, ts in groups.items() if all(t in readers for t in ts)]
     outs, where = [], {}
+    nodes = {n.name: n for n in g.nodes}  # the float graph's nodes and tensors, before the copies are added
     for grp in candidates:
         f = exps.act[groups[grp][0]]
         for t in groups[grp]:
             dtype = CODE_DTYPES[(exps.bits_of(t), t in plan.unsigned)]
             for d in (-1, 0, 1):
                 where[(t, d)] = len(outs)
-                outs.append(_reader_error(g, tmap[t], f + d, dtype, readers[t]))
+                outs.append(_reader_error(g, tmap, nodes, tmap[t], f + d, dtype, readers[t]))
     first = g.outputs[0]
     g.outputs = [first] + outs
     g.cleanup()
@@ -230,7 +231,7 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
         ref.append(values[0])
         totals += np.asarray([float(v) for v in values[1:]])
     cost = {grp: {d: float(sum(totals[where[(t, d)]] for t in groups[grp])) for d in (-1, 0, 1)} for grp in candidates}
-    return cost, np.concatenate(ref).astype(np.float64)
+    return cost, np.concatenate(ref)
 
 
 def _module_readers(g: gs.Graph, plan: Plan) -> dict[str, list[tuple[list[gs.Node], object]]]:
@@ -258,13 +259,13 @@ def _module_readers(g: gs.Graph, plan: Plan) -> dict[str, list[tuple[list[gs.Nod
     return out
 
 
-def _reader_error(g: gs.Graph, x: gs.Tensor, f: int, dtype, readers) -> gs.Variable:
+def _reader_error(g: gs.Graph, tmap: dict, nodes: dict, x: gs.Tensor, f: int, dtype, readers) -> gs.Variable:
     """A new scalar: the squared error that rounding x at fraction f causes at the outputs of the
     modules that read it (each module's nodes run again on the rounded x; everything else they
-    read is the float graph's)."""
+    read is the float graph's). tmap, nodes: the float graph's tensors and nodes by name (the
+    copies this adds are not in them)."""
     if x.dtype is None:
         x.dtype = np.float32
-    nodes = {n.name: n for n in g.nodes}
     scale = gs.Constant(new_name(g, f"{x.name}_ls_scale"), np.asarray(pow2_scale(f), np.float32))
     zp = gs.Constant(new_name(g, f"{x.name}_ls_zp"), np.zeros((), dtype))
     q = add_node(g, "QuantizeLinear", [x, scale, zp], None, f"{x.name}_ls_q", dtype=dtype)
@@ -281,7 +282,7 @@ def _reader_error(g: gs.Graph, x: gs.Tensor, f: int, dtype, readers) -> gs.Varia
             g.nodes.append(gs.Node(n.op, new_name(g, f"{n.name}_ls"), dict(n.attrs),
                                    [swap.get(i.name, i) for i in n.inputs], outs))
             swap.update({o.name: c for o, c in zip(n.outputs, outs)})
-        diff = add_node(g, "Sub", [swap[m.output], g.tensors()[m.output]], None, f"{x.name}_ls_e")
+        diff = add_node(g, "Sub", [swap[m.output], tmap[m.output]], None, f"{x.name}_ls_e")
         energy = add_node(g, "ReduceSumSquare", [diff], {"keepdims": 0}, f"{x.name}_ls_energy")
         total = energy if total is None else add_node(g, "Add", [total, energy], None, f"{x.name}_ls_sum")
     return total
