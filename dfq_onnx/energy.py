@@ -20,15 +20,16 @@ def energies(ref: np.ndarray, y: np.ndarray | None = None) -> tuple[float, float
     b = None if y is None else np.ascontiguousarray(y).reshape(-1)
     if b is not None and b.size != a.size:
         raise ValueError(f"energies: sizes differ ({a.size} vs {b.size})")
-    buf = np.empty(min(a.size, BLOCK), np.float64)
+    buf, sq = np.empty((2, min(a.size, BLOCK)), np.float64)
     signal = noise = 0.0
-    for i in range(0, a.size, BLOCK):
-        d = buf[:min(BLOCK, a.size - i)]
-        d[...] = a[i:i + len(d)]
-        signal += float(np.dot(d, d))
+    for i in range(0, a.size, BLOCK):  # numpy's own sums, not BLAS dot: its threads stall on a busy machine
+        n = min(BLOCK, a.size - i)
+        d, s = buf[:n], sq[:n]
+        d[...] = a[i:i + n]
+        signal += float(np.multiply(d, d, out=s).sum())
         if b is not None:
-            np.subtract(d, b[i:i + len(d)], out=d)
-            noise += float(np.dot(d, d))
+            np.subtract(d, b[i:i + n], out=d)
+            noise += float(np.multiply(d, d, out=s).sum())
     return signal, noise
 
 

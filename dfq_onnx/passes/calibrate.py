@@ -11,7 +11,7 @@ from ..calibration_data import DataSource
 from ..errors import DfqError
 from ..fixedpoint import HIST_BINS, abs_histogram, rescale_histogram
 from ..graph_utils import add_node, new_name
-from ..model_io import analysis_session
+from ..model_io import analysis_session, in_order
 
 
 # Per sample and tensor, the histogram sees an evenly strided subset of about this many values
@@ -84,13 +84,22 @@ def run_probe(sess, tensors: list[str], data: DataSource, batch_size: int = 32,
     model's first) on each kept batch is appended to it."""
     stats = {name: TensorStats() for name in tensors}
     kept = 0
-    for batch in data.batches(batch_size):
-        n = len(next(iter(batch.values())))
-        keeping = keep is not None and kept < keep_samples
-        if keeping:
-            keep.append(batch)
-            kept += n
+
+    def marked():  # each batch with whether it is kept, decided in order as it is read
+        nonlocal kept
+        for batch in data.batches(batch_size):
+            keeping = keep is not None and kept < keep_samples
+            if keeping:
+                keep.append(batch)
+                kept += len(next(iter(batch.values())))
+            yield batch, keeping
+
+    def probe(item):
+        batch, keeping = item
         part, ref = probe_batch(sess, tensors, batch, data.where, with_reference=keeping and reference is not None)
+        return len(next(iter(batch.values()))), part, ref
+
+    for n, part, ref in in_order(sess, probe, marked()):  # merged in the batches' order
         if ref is not None:
             reference.append(ref)
         stats = merge_stats(stats, part)

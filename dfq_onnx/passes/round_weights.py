@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
 from ..graph_utils import add_node, attr_str, new_name
-from ..model_io import analysis_session
+from ..model_io import analysis_session, in_order
 from ..fixedpoint import pair_sums_exceed
 from ..quantized import channel_fractions, int16_pairs, weight_codes
 from .choose_exponents import Exponents
@@ -191,8 +191,7 @@ def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -
                                    for b in batches for i in range(0, len(next(iter(b.values()))), PROBE_BATCH)]
     out: dict[str, Hessian] = {}
     wanted = [t.name for t in outs]
-    for batch in small:
-        values = sess.run(wanted, batch)
+    for values in in_order(sess, lambda b: sess.run(wanted, b), small):
         for i, name in enumerate(names):
             hs = Hessian(values[2 * i].astype(np.float64), int(values[2 * i + 1]))
             out[name] = out[name].merge(hs) if name in out else hs

@@ -22,7 +22,7 @@ from ..energy import energies, sqnr_db
 from ..fixedpoint import pow2_scale
 from ..quantized import quantized_weight
 from ..graph_utils import add_node, new_name
-from ..model_io import analysis_session
+from ..model_io import analysis_session, in_order
 from .choose_exponents import Exponents
 from .emit_qdq import CODE_DTYPES
 from .form_modules import Plan
@@ -117,7 +117,8 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
         ref_graph = graph.copy()
         ref_graph.outputs = ref_graph.outputs[:1]
         ref_sess = analysis_session(ref_graph, "onnxruntime cannot run the model")
-        known = [r if r is not None else ref_sess.run(None, b)[0] for r, b in zip(known, batches)]
+        known = list(in_order(ref_sess, lambda rb: rb[0] if rb[0] is not None else ref_sess.run(None, rb[1])[0],
+                              zip(known, batches)))
     signal = sum(energies(r)[0] for r in known)
     g.inputs = list(g.inputs) + list(scale_in.values())
     g.outputs = g.outputs[:1]
@@ -128,7 +129,8 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
 
     def sqnr(fr: dict) -> float:
         feeds = {scale_in[grp].name: np.asarray(pow2_scale(f), np.float32) for grp, f in fr.items()}
-        noise = sum(energies(r, sess.run(None, {**b, **feeds})[0])[1] for r, b in zip(known, batches))
+        noise = sum(in_order(sess, lambda rb: energies(rb[0], sess.run(None, {**rb[1], **feeds})[0])[1],
+                             zip(known, batches)))  # float64 sums added in the batches' order
         return sqnr_db(signal, noise)
 
     return sqnr, groups, frac
@@ -226,8 +228,8 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
     g.cleanup()
     sess = analysis_session(g, "exponent search: onnxruntime cannot run the model")
     totals, ref = np.zeros(len(outs)), []
-    for b in batches:
-        values = sess.run([first.name] + [o.name for o in outs], b)
+    wanted = [first.name] + [o.name for o in outs]
+    for values in in_order(sess, lambda b: sess.run(wanted, b), batches):
         ref.append(values[0])
         totals += np.asarray([float(v) for v in values[1:]])
     cost = {grp: {d: float(sum(totals[where[(t, d)]] for t in groups[grp])) for d in (-1, 0, 1)} for grp in candidates}
