@@ -80,6 +80,7 @@ ROOT = HERE.parent
 CACHE = HERE / "cache" / "coverage"
 RESULTS = HERE / "cache" / "coverage.json"
 TOOLS = ["dfq-qdq", "dfq-int", "ort-minmax", "ort-minmax-sym"]  # -sym: activation zero points 0, as dfq-onnx
+TIMED = ["dfq-qdq", "ort-minmax"]  # the conversions whose time is compared (--time-runs runs of each)
 THREADS = 2
 TIMEOUT = 600  # seconds per conversion
 SHORTFALL_DB = 1.0  # a dfq-onnx SQNR this far below onnxruntime's is flagged
@@ -658,7 +659,7 @@ def opset_of(path: Path) -> int:
     return next(o.version for o in mp.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def bench_model(m: Model, cache: Path, work: Path, log) -> dict:
+def bench_model(m: Model, cache: Path, work: Path, log, time_runs: int = 1) -> dict:
     import onnx
 
     path = m.locate(cache)
@@ -694,6 +695,20 @@ def bench_model(m: Model, cache: Path, work: Path, log) -> dict:
         log(f"{m.name}: {tool}: " + (r["error"] if "error" in r else
             f"sim {r['simulated']['sqnr_db']:.1f} dB, deployed {r['deployed']['sqnr_db']:.1f} dB, "
             f"agreement {r['deployed']['agreement']}, {r['seconds']:.1f} s"))
+    timed = [t for t in TIMED if "seconds" in res["tools"].get(t, {})]
+    for r in (res["tools"][t] for t in timed):
+        r["runs_seconds"] = [r["seconds"]]
+    for _ in range(time_runs - 1):  # the tools' runs interleaved, each in a fresh process
+        for t in timed:
+            again = convert(t, path, work / f"{m.name}.{t}.again.onnx", calib, m.calib_n, batch)
+            if "seconds" in again:
+                res["tools"][t]["runs_seconds"].append(again["seconds"])
+    for t in timed:
+        r = res["tools"][t]
+        r["seconds"] = float(np.median(r["runs_seconds"]))
+    if timed:
+        log(f"{m.name}: conversion medians " + ", ".join(
+            f"{t} {res['tools'][t]['seconds']:.1f} s of {res['tools'][t]['runs_seconds']}" for t in timed))
     return res
 
 
@@ -797,6 +812,15 @@ def notes(r: dict, name: str = "") -> str:
     return "; ".join(parts)
 
 
+def _runs_note(cov: dict) -> str:
+    """How many conversions each time is the median of."""
+    n = {len(t.get("runs_seconds", [0])) for r in cov["models"].values() for k, t in r.get("tools", {}).items()
+         if k in TIMED and "seconds" in t}
+    if n == {1}:
+        return "one run each"
+    return f"medians of {'/'.join(map(str, sorted(n)))} runs, the two tools' runs interleaved, each in a fresh process"
+
+
 def render_section(cov: dict) -> list[str]:
     """The "## Coverage" section of BENCHMARKS.md, from coverage.json."""
     mc = cov["machine"]
@@ -818,8 +842,8 @@ def render_section(cov: dict) -> list[str]:
          "QuantizeLinear. *ORT zp 0*: the same onnxruntime run with `ActivationSymmetric` (activation zero points "
          "0, as in dfq-onnx's number format; by default onnxruntime fits a zero point to each activation's "
          "[min, max]), deployed. Conversion: wall time of the conversion call in its own process, dfq-onnx QDQ / "
-         "onnxruntime MinMax (quant_pre_process included), s, and their ratio; one run each on a machine shared "
-         "with other jobs.", "",
+         "onnxruntime MinMax (quant_pre_process included), s, and their ratio: " + _runs_note(cov) + " on a machine "
+         "shared with other jobs.", "",
          "| model | exporter | opset | task | input / dynamic dims | dfq QDQ sim / dep (dB) | dfq int (dB) "
          "| ORT MinMax sim / dep (dB) | ORT zp 0 dep (dB) | agreement dfq QDQ / int / ORT (%) "
          "| conversion dfq / ORT (s) | dfq float islands | notes |",
@@ -990,6 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--time-runs", type=int, default=3,
+                    help="conversions of dfq-onnx QDQ and onnxruntime MinMax per model, interleaved; the table shows "
+                         "the median time (default 3)")
     ap.add_argument("--convert-one", nargs=6, metavar=("TOOL", "MODEL", "OUT", "CALIB", "N", "BATCH"),
                     help="internal: one conversion in this process (the bench runs each in its own)")
     args = ap.parse_args(argv)
@@ -1011,7 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 t1 = time.perf_counter()
                 try:
-                    models[n] = bench_model(MODELS[n], CACHE, Path(tmp), lambda s: print(s, file=sys.stderr, flush=True))
+                    models[n] = bench_model(MODELS[n], CACHE, Path(tmp), lambda s: print(s, file=sys.stderr, flush=True),
+                                            args.time_runs)
                 except Exception as e:  # the model could not be built or run in float
                     m = MODELS[n]
                     models[n] = {"exporter": m.exporter, "task": m.task,
