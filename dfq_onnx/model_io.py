@@ -547,17 +547,16 @@ LEAN_SESSION_BYTES = 1 << 26  # simulated graphs with this many bytes of constan
 
 
 CONCURRENT_MAX_BYTES = 1 << 26  # graphs with less than this in constants run batches side by side
-MAX_BATCH_WORKERS = 4  # ... at most this many at once (each holds one batch's activations)
+SIDE_BY_SIDE = 2  # ... this many runs at once, each on its share of the CPUs
+PIECE_ROWS = 4  # rows of a batch cut into pieces (pieces()): SIDE_BY_SIDE pieces hold one default batch of 8
 
 
-def batch_workers() -> int:
-    """How many batches an analysis session of a small graph runs at once: one per CPU this
-    process may use, at most MAX_BATCH_WORKERS."""
+def cpus() -> int:
+    """The CPUs this process may use."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_BATCH_WORKERS))
+        return os.cpu_count() or 1
 
 
 def in_order(sess, fn, items):
@@ -583,7 +582,38 @@ def in_order(sess, fn, items):
             yield pending.popleft().result()
 
 
-def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = False, threads: int = 0):
+def pieces(batches, split: bool, rows: int = PIECE_ROWS):
+    """Each batch cut into pieces of `rows` rows (the last one shorter), if `split` (batch_major:
+    else whole). The cut is the same on every machine, so sums over pieces are too; a piece's
+    outputs are the rows of the batch's."""
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        if not split or n <= rows:
+            yield batch
+            continue
+        for a in range(0, n, rows):
+            yield {k: v[a:a + rows] for k, v in batch.items()}
+
+
+def batch_major(graph: gs.Graph) -> bool:
+    """Whether a batch of the graph can be cut by rows: its batch dim is dynamic, one symbol that
+    leads every input and its first output (so that output's rows are the samples'). Not for a
+    fixed batch (no other size runs) or an output laid out [time, batch, ...]."""
+    shapes = [t.shape for t in graph.inputs] + [graph.outputs[0].shape if graph.outputs else None]
+    if any(not s for s in shapes):
+        return False
+    lead = shapes[0][0]
+    return isinstance(lead, str) and bool(lead) and all(s[0] == lead for s in shapes)
+
+
+def single_sample(graph: gs.Graph) -> bool:
+    """Whether the graph's inputs have a fixed batch of one sample (its batches side by side hold
+    no more than a batch of two would)."""
+    return bool(graph.inputs) and all(t.shape and t.shape[0] == 1 for t in graph.inputs)
+
+
+def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = False, threads: int = 0,
+                     side_by_side: bool = False):
     """An onnxruntime CPU session for a pass's own probe graph (quiet; no memory pattern: measured
     on MobileNetV2 calibration, batch 8, peak RSS 620 -> 400 MB at the same speed).
 
@@ -603,22 +633,24 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     constants are not serialized (shared_session). threads: onnxruntime's intra-op threads (0:
     its default, one per core; a cluster worker that owns one CPU passes 1).
 
-    Batches side by side: a graph with less than CONCURRENT_MAX_BYTES of constants gets one
-    intra-op thread, and the passes run their batches on it batch_workers() at a time (in_order;
-    the session's dfq_workers). Their graphs are many small nodes (every tensor read out, rounded
-    or reduced), which onnxruntime's threads split poorly: on 2 cores, 8 calibration batches of
-    PP-LCNet took 0.30 s so against 0.55-0.58 s one after another on 2 threads, MobileNetV3-style
-    0.16-0.19 against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. A larger graph keeps
-    onnxruntime's threads (its large convolutions split well, and a second batch's activations
-    would raise the peak memory by a large-input model's worth)."""
+    side_by_side: the caller runs its batches cut into pieces (pieces(): batch_major graphs, or
+    rows it reduces itself) through in_order. Then a graph with less than CONCURRENT_MAX_BYTES of
+    constants runs SIDE_BY_SIDE pieces at a time (the session's dfq_workers), each on its share of
+    the CPUs (one thread each on 2 cores). These graphs are many small nodes (every tensor read out, rounded or reduced),
+    which onnxruntime's threads split poorly: on 2 cores, 8 calibration batches of PP-LCNet took
+    0.30 s so against 0.55-0.58 s one after another on 2 threads, MobileNetV3-style 0.16-0.19
+    against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. Pieces, not whole batches: one batch's
+    activations in flight (whole batches side by side raised MobileNetV2's peak RSS from 550 to
+    770 MB). A larger graph keeps onnxruntime's threads (its large convolutions split well:
+    ResNet-50 gained 5 %)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.enable_mem_pattern = False
     with stubbed(graph) as (values, _):
         model = to_model(graph)
     constants = sum(getattr(v, "nbytes", 0) for v in values.values())
-    workers = batch_workers() if threads == 0 and constants < CONCURRENT_MAX_BYTES else 1
-    so.intra_op_num_threads = 1 if workers > 1 else threads
+    workers = SIDE_BY_SIDE if side_by_side and threads == 0 and constants < CONCURRENT_MAX_BYTES and cpus() > 1 else 1
+    so.intra_op_num_threads = max(1, cpus() // workers) if workers > 1 else threads
     if simulated:
         if constants < LEAN_SESSION_BYTES:
             so.add_session_config_entry("session.disable_quant_qdq", "1")

@@ -17,10 +17,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph_utils import add_node, clip_limits, new_name
-from ..model_io import analysis_session, in_order
+from ..model_io import analysis_session, in_order, pieces, single_sample
 from .form_modules import Plan
 
-PROBE_BATCH = 4  # measured on EfficientNet-Lite0: batches of 8 raise peak RSS by 150 MB, 4 by nothing
+PROBE_BATCH = 2  # rows per run, two runs side by side (model_io.in_order); EfficientNet-Lite0: 8 rows at once
+# raised peak RSS by 150 MB, 4 by nothing
 SAMPLES = 16  # calibration samples used to measure the mean errors (MobileNetV2: 128 gives the same); cli.py help says 16
 
 
@@ -75,12 +76,12 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         return g, {"bias_corrected": 0}
     probe.outputs = diffs
     probe.cleanup()
-    sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", simulated=True)
+    fixed = any(t.shape and isinstance(t.shape[0], int) for t in graph.inputs)  # a fixed batch: keep it
+    sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", simulated=True,
+                            side_by_side=not fixed or single_sample(graph))  # PROBE_BATCH rows at a time
     sums: list[np.ndarray] | None = None
     count = 0
-    fixed = any(t.shape and isinstance(t.shape[0], int) for t in graph.inputs)  # a fixed batch: keep it
-    small = batches if fixed else [{k: v[i:i + PROBE_BATCH] for k, v in b.items()}
-                                   for b in batches for i in range(0, len(next(iter(b.values()))), PROBE_BATCH)]
+    small = pieces(batches, not fixed, PROBE_BATCH)
     wanted = [d.name for d in diffs]
     for batch, values in in_order(sess, lambda b: (b, sess.run(wanted, b)), small):
         n = len(next(iter(batch.values())))

@@ -23,14 +23,14 @@ import onnx_graphsurgeon as gs
 
 from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
 from ..graph_utils import add_node, attr_str, new_name
-from ..model_io import analysis_session, in_order
+from ..model_io import analysis_session, in_order, pieces, single_sample
 from ..fixedpoint import pair_sums_exceed
 from ..quantized import channel_fractions, int16_pairs, weight_codes
 from .choose_exponents import Exponents
 from .form_modules import Plan
 
 SAMPLES = 32                 # calibration samples the Hessians are measured on (MobileNetV2 W4A8: 16 gave 5.0 dB, 32 5.7)
-PROBE_BATCH = 4              # samples per onnxruntime run (the module inputs of one run are held at once)
+PROBE_BATCH = 2              # samples per onnxruntime run, two side by side (their module inputs are held at once)
 HESSIAN_BUDGET = 1 << 25     # float64 elements of the Hessians held at once (256 MB)
 MAX_MODULE_ELEMENTS = 1 << 25  # a module whose Hessian is larger keeps round-to-nearest (VGG's K = 25,088 FC)
 
@@ -185,10 +185,10 @@ def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -
         outs += _hessian_nodes(probe, by_name[name], pnodes[name].inputs[0])
     probe.outputs = outs
     probe.cleanup()
-    sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", simulated=True)
     fixed = any(t.shape and isinstance(t.shape[0], int) for t in simulated.inputs)
-    small = batches if fixed else [{k: v[i:i + PROBE_BATCH] for k, v in b.items()}
-                                   for b in batches for i in range(0, len(next(iter(b.values()))), PROBE_BATCH)]
+    sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", simulated=True,
+                            side_by_side=not fixed or single_sample(simulated))  # PROBE_BATCH rows at a time
+    small = pieces(batches, not fixed, PROBE_BATCH)
     out: dict[str, Hessian] = {}
     wanted = [t.name for t in outs]
     for values in in_order(sess, lambda b: sess.run(wanted, b), small):

@@ -22,7 +22,7 @@ from ..energy import energies, sqnr_db
 from ..fixedpoint import pow2_scale
 from ..quantized import quantized_weight
 from ..graph_utils import add_node, new_name
-from ..model_io import analysis_session, in_order
+from ..model_io import analysis_session, batch_major, in_order, pieces, single_sample
 from .choose_exponents import Exponents
 from .emit_qdq import CODE_DTYPES
 from .form_modules import Plan
@@ -113,24 +113,37 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
         if src in g.outputs:
             g.outputs = [dq if o is src else o for o in g.outputs]
     known = list(ref) if ref is not None else [None] * len(batches)
+    split = batch_major(graph)
     if any(r is None for r in known):
         ref_graph = graph.copy()
         ref_graph.outputs = ref_graph.outputs[:1]
-        ref_sess = analysis_session(ref_graph, "onnxruntime cannot run the model")
-        known = list(in_order(ref_sess, lambda rb: rb[0] if rb[0] is not None else ref_sess.run(None, rb[1])[0],
-                              zip(known, batches)))
+        ref_sess = analysis_session(ref_graph, "onnxruntime cannot run the model",
+                                    side_by_side=split or single_sample(graph))
+        known = [r if r is not None else np.concatenate(list(in_order(ref_sess, lambda p: ref_sess.run(None, p)[0],
+                                                                    pieces([b], split))))
+                 for r, b in zip(known, batches)]
     signal = sum(energies(r)[0] for r in known)
     g.inputs = list(g.inputs) + list(scale_in.values())
     g.outputs = g.outputs[:1]
     g.cleanup().toposort()
-    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", simulated="scale inputs")
+    sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", simulated="scale inputs",
+                            side_by_side=split or single_sample(graph))
     act = dict(exps.act)
     frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
+    cut = []  # (the float output's rows, the input piece) for each piece of each batch
+    for r, b in zip(known, batches):
+        at = 0
+        for p in pieces([b], split):
+            m = len(next(iter(p.values())))
+            cut.append((r[at:at + m], p))
+            at += m
 
     def sqnr(fr: dict) -> float:
         feeds = {scale_in[grp].name: np.asarray(pow2_scale(f), np.float32) for grp, f in fr.items()}
-        noise = sum(in_order(sess, lambda rb: energies(rb[0], sess.run(None, {**rb[1], **feeds})[0])[1],
-                             zip(known, batches)))  # float64 sums added in the batches' order
+        def piece_noise(item):
+            r, p = item
+            return energies(r, sess.run(None, {**p, **feeds})[0])[1]
+        noise = sum(in_order(sess, piece_noise, cut))  # float64 sums added in the pieces' order
         return sqnr_db(signal, noise)
 
     return sqnr, groups, frac
@@ -226,10 +239,12 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
     first = g.outputs[0]
     g.outputs = [first] + outs
     g.cleanup()
-    sess = analysis_session(g, "exponent search: onnxruntime cannot run the model")
+    split = batch_major(graph)
+    sess = analysis_session(g, "exponent search: onnxruntime cannot run the model",
+                            side_by_side=split or single_sample(graph))
     totals, ref = np.zeros(len(outs)), []
     wanted = [first.name] + [o.name for o in outs]
-    for values in in_order(sess, lambda b: sess.run(wanted, b), batches):
+    for values in in_order(sess, lambda b: sess.run(wanted, b), pieces(batches, split)):
         ref.append(values[0])
         totals += np.asarray([float(v) for v in values[1:]])
     cost = {grp: {d: float(sum(totals[where[(t, d)]] for t in groups[grp])) for d in (-1, 0, 1)} for grp in candidates}
