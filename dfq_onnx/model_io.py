@@ -606,12 +606,6 @@ def batch_major(graph: gs.Graph) -> bool:
     return isinstance(lead, str) and bool(lead) and all(s[0] == lead for s in shapes)
 
 
-def dynamic_batch(graph: gs.Graph) -> bool:
-    """Whether the graph's batch dim is dynamic (no input fixes it): any batch can be cut into
-    pieces, whatever its outputs' layout (a statistic or sum taken per sample does not care)."""
-    return bool(graph.inputs) and all(t.shape and not isinstance(t.shape[0], int) for t in graph.inputs)
-
-
 def single_sample(graph: gs.Graph) -> bool:
     """Whether the graph's inputs have a fixed batch of one sample (its batches side by side hold
     no more than a batch of two would)."""
@@ -639,10 +633,8 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     constants are not serialized (shared_session). threads: onnxruntime's intra-op threads (0:
     its default, one per core; a cluster worker that owns one CPU passes 1).
 
-    side_by_side: the caller runs its batches through in_order, cut into pieces (pieces()) where
-    its results allow (statistics and sums per sample: any dynamic batch; a float output's rows:
-    batch_major graphs), else whole (the search's graphs, which hold little beside their inputs,
-    measured +14 MB on MobileNetV2). Then a graph with less than CONCURRENT_MAX_BYTES of
+    side_by_side: the caller runs its batches cut into pieces (pieces(): batch_major graphs, or
+    rows it reduces itself) through in_order. Then a graph with less than CONCURRENT_MAX_BYTES of
     constants runs SIDE_BY_SIDE pieces at a time (the session's dfq_workers), each on its share of
     the CPUs (one thread each on 2 cores). These graphs are many small nodes (every tensor read out, rounded or reduced),
     which onnxruntime's threads split poorly: on 2 cores, 8 calibration batches of PP-LCNet took

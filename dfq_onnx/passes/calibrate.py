@@ -11,7 +11,7 @@ from ..calibration_data import DataSource
 from ..errors import DfqError
 from ..fixedpoint import HIST_BINS, abs_histogram, rescale_histogram
 from ..graph_utils import add_node, new_name
-from ..model_io import analysis_session, batch_major, dynamic_batch, in_order, pieces, single_sample
+from ..model_io import analysis_session, batch_major, in_order, pieces, single_sample
 
 
 # Per sample and tensor, the histogram sees an evenly strided subset of about this many values
@@ -53,11 +53,10 @@ def calibrate(graph: gs.Graph, tensors: list[str], data: DataSource, batch_size:
     The first batches, up to keep_samples samples, are appended to `keep` for later passes, and
     the float graph's first output on each of them to `reference` (if given): the later passes
     compare against it without running the float model again."""
-    split = dynamic_batch(graph)
+    split = batch_major(graph)
     sess = analysis_session(probe_graph(graph, tensors, reference=reference is not None),
                             "onnxruntime cannot run the model", side_by_side=split or single_sample(graph))
-    return run_probe(sess, tensors, data, batch_size, on_batch, keep, keep_samples, reference, split,
-                     batch_major(graph))
+    return run_probe(sess, tensors, data, batch_size, on_batch, keep, keep_samples, reference, split)
 
 
 def probe_graph(graph: gs.Graph, tensors: list[str], reference: bool = False) -> gs.Graph:
@@ -80,17 +79,14 @@ def probe_graph(graph: gs.Graph, tensors: list[str], reference: bool = False) ->
 
 def run_probe(sess, tensors: list[str], data: DataSource, batch_size: int = 32,
               on_batch: Callable[[int], None] | None = None, keep: list | None = None,
-              keep_samples: int = 0, reference: list | None = None, split: bool = False,
-              rows_are_samples: bool = False) -> dict[str, TensorStats]:
+              keep_samples: int = 0, reference: list | None = None, split: bool = False) -> dict[str, TensorStats]:
     """calibrate's loop on a session of probe_graph (also what each worker of a cluster runs on its
     shard, dfq_onnx/distributed.py); with `reference`, the session's last output (the float
-    model's first) on each kept batch is appended to it. With `split` (model_io.dynamic_batch),
-    each batch is run in pieces (model_io.pieces), side by side where the session does
+    model's first) on each kept batch is appended to it. With `split` (model_io.batch_major), each
+    batch is run in pieces (model_io.pieces), side by side where the session does
     (model_io.in_order): the same statistics (each sample is reduced on its own), and one batch's
     activations in flight, not several (MobileNetV2, 128 samples: calibration's peak RSS 760 MB
-    with whole batches side by side, 494 MB in pieces). A batch whose float output is kept runs
-    whole unless rows_are_samples (model_io.batch_major): only then are the pieces' outputs its
-    rows."""
+    with whole batches side by side, 494 MB in pieces)."""
     stats = {name: TensorStats() for name in tensors}
     kept = 0
 
@@ -101,7 +97,7 @@ def run_probe(sess, tensors: list[str], data: DataSource, batch_size: int = 32,
             if keeping:
                 keep.append(batch)
                 kept += len(next(iter(batch.values())))
-            cut = list(pieces([batch], split and (rows_are_samples or not (keeping and reference is not None))))
+            cut = list(pieces([batch], split))
             for i, piece in enumerate(cut):
                 yield piece, keeping, i == len(cut) - 1
 

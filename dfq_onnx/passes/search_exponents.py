@@ -22,7 +22,7 @@ from ..energy import energies, sqnr_db
 from ..fixedpoint import pow2_scale
 from ..quantized import quantized_weight
 from ..graph_utils import add_node, new_name
-from ..model_io import analysis_session, batch_major, dynamic_batch, in_order, pieces, single_sample
+from ..model_io import analysis_session, batch_major, in_order, pieces, single_sample
 from .choose_exponents import Exponents
 from .emit_qdq import CODE_DTYPES
 from .form_modules import Plan
@@ -118,7 +118,7 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
         ref_graph = graph.copy()
         ref_graph.outputs = ref_graph.outputs[:1]
         ref_sess = analysis_session(ref_graph, "onnxruntime cannot run the model",
-                                    side_by_side=dynamic_batch(graph) or single_sample(graph))
+                                    side_by_side=split or single_sample(graph))
         known = [r if r is not None else np.concatenate(list(in_order(ref_sess, lambda p: ref_sess.run(None, p)[0],
                                                                     pieces([b], split))))
                  for r, b in zip(known, batches)]
@@ -127,7 +127,7 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     g.outputs = g.outputs[:1]
     g.cleanup().toposort()
     sess = analysis_session(g, "onnxruntime cannot run the exponent-search graph", simulated="scale inputs",
-                            side_by_side=dynamic_batch(graph) or single_sample(graph))
+                            side_by_side=split or single_sample(graph))
     act = dict(exps.act)
     frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
     cut = []  # (the float output's rows, the input piece) for each piece of each batch
@@ -241,7 +241,7 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
     g.cleanup()
     split = batch_major(graph)
     sess = analysis_session(g, "exponent search: onnxruntime cannot run the model",
-                            side_by_side=dynamic_batch(graph) or single_sample(graph))
+                            side_by_side=split or single_sample(graph))
     totals, ref = np.zeros(len(outs)), []
     wanted = [first.name] + [o.name for o in outs]
     for values in in_order(sess, lambda b: sess.run(wanted, b), pieces(batches, split)):
