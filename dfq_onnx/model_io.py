@@ -563,7 +563,7 @@ def in_order(sess, fn, items):
     """fn(item) for each item, yielded in the items' order, with up to sess.dfq_workers calls
     running at once (analysis_session sets it; 1 without). Items are drawn lazily, at most that
     many ahead of the consumer, so a data stream is not read ahead further. The results are those
-    of the calls one after another: each call runs on its own, single-threaded in onnxruntime."""
+    of the calls one after another: each call runs on its own share of onnxruntime's threads."""
     workers = getattr(sess, "dfq_workers", 1)
     if workers <= 1:
         for item in items:
@@ -606,6 +606,11 @@ def batch_major(graph: gs.Graph) -> bool:
     return isinstance(lead, str) and bool(lead) and all(s[0] == lead for s in shapes)
 
 
+def fixed_batch(graph: gs.Graph) -> bool:
+    """Whether an input of the graph fixes the batch dim (no other batch size runs)."""
+    return any(t.shape and isinstance(t.shape[0], int) for t in graph.inputs)
+
+
 def single_sample(graph: gs.Graph) -> bool:
     """Whether the graph's inputs have a fixed batch of one sample (its batches side by side hold
     no more than a batch of two would)."""
@@ -636,10 +641,10 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     side_by_side: the caller runs its batches cut into pieces (pieces(): batch_major graphs, or
     rows it reduces itself) through in_order. Then a graph with less than CONCURRENT_MAX_BYTES of
     constants runs SIDE_BY_SIDE pieces at a time (the session's dfq_workers), each on its share of
-    the CPUs (one thread each on 2 cores). These graphs are many small nodes (every tensor read out, rounded or reduced),
-    which onnxruntime's threads split poorly: on 2 cores, 8 calibration batches of PP-LCNet took
-    0.30 s so against 0.55-0.58 s one after another on 2 threads, MobileNetV3-style 0.16-0.19
-    against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. Pieces, not whole batches: one batch's
+    the CPUs (one thread each on 2 cores). These graphs are many small nodes (every tensor read
+    out, rounded or reduced), which onnxruntime's threads split poorly: on 2 cores, 8 calibration
+    batches of PP-LCNet took 0.30 s so against 0.55-0.58 s one after another on 2 threads,
+    MobileNetV3-style 0.16-0.19 against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. Pieces, not whole batches: one batch's
     activations in flight (whole batches side by side raised MobileNetV2's peak RSS from 550 to
     770 MB). A larger graph keeps onnxruntime's threads (its large convolutions split well:
     ResNet-50 gained 5 %)."""
@@ -649,8 +654,9 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     with stubbed(graph) as (values, _):
         model = to_model(graph)
     constants = sum(getattr(v, "nbytes", 0) for v in values.values())
-    workers = SIDE_BY_SIDE if side_by_side and threads == 0 and constants < CONCURRENT_MAX_BYTES and cpus() > 1 else 1
-    so.intra_op_num_threads = max(1, cpus() // workers) if workers > 1 else threads
+    n_cpus = cpus()
+    workers = SIDE_BY_SIDE if side_by_side and threads == 0 and constants < CONCURRENT_MAX_BYTES and n_cpus > 1 else 1
+    so.intra_op_num_threads = max(1, n_cpus // workers) if workers > 1 else threads
     if simulated:
         if constants < LEAN_SESSION_BYTES:
             so.add_session_config_entry("session.disable_quant_qdq", "1")

@@ -17,11 +17,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph_utils import add_node, clip_limits, new_name
-from ..model_io import analysis_session, in_order, pieces, single_sample
+from ..model_io import analysis_session, fixed_batch, in_order, pieces, single_sample
 from .form_modules import Plan
 
-PROBE_BATCH = 2  # rows per run, two runs side by side (model_io.in_order); EfficientNet-Lite0: 8 rows at once
-# raised peak RSS by 150 MB, 4 by nothing
+PROBE_BATCH = 2  # rows per run, two runs side by side (EfficientNet-Lite0: 8 rows at once raised peak RSS by 150 MB)
 SAMPLES = 16  # calibration samples used to measure the mean errors (MobileNetV2: 128 gives the same); cli.py help says 16
 
 
@@ -76,7 +75,7 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         return g, {"bias_corrected": 0}
     probe.outputs = diffs
     probe.cleanup()
-    fixed = any(t.shape and isinstance(t.shape[0], int) for t in graph.inputs)  # a fixed batch: keep it
+    fixed = fixed_batch(graph)  # a fixed batch: keep it whole
     sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", simulated=True,
                             side_by_side=not fixed or single_sample(graph))  # PROBE_BATCH rows at a time
     sums: list[np.ndarray] | None = None

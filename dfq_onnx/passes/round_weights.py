@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ..gptq import Hessian, Sparsity, magnitude_mask, quantize_columns
 from ..graph_utils import add_node, attr_str, new_name
-from ..model_io import analysis_session, in_order, pieces, single_sample
+from ..model_io import analysis_session, fixed_batch, in_order, pieces, single_sample
 from ..fixedpoint import pair_sums_exceed
 from ..quantized import channel_fractions, int16_pairs, weight_codes
 from .choose_exponents import Exponents
@@ -185,7 +185,7 @@ def _hessians(simulated: gs.Graph, linear: list[gs.Node], batches: list[dict]) -
         outs += _hessian_nodes(probe, by_name[name], pnodes[name].inputs[0])
     probe.outputs = outs
     probe.cleanup()
-    fixed = any(t.shape and isinstance(t.shape[0], int) for t in simulated.inputs)
+    fixed = fixed_batch(simulated)
     sess = analysis_session(probe, "weight rounding: onnxruntime cannot run the simulated model", simulated=True,
                             side_by_side=not fixed or single_sample(simulated))  # PROBE_BATCH rows at a time
     small = pieces(batches, not fixed, PROBE_BATCH)

@@ -130,13 +130,8 @@ def _output_sqnr(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
                             side_by_side=split or single_sample(graph))
     act = dict(exps.act)
     frac = {grp: act[next(t for t in plan.requant if plan.group(t) == grp)] for grp in groups}
-    cut = []  # (the float output's rows, the input piece) for each piece of each batch
-    for r, b in zip(known, batches):
-        at = 0
-        for p in pieces([b], split):
-            m = len(next(iter(p.values())))
-            cut.append((r[at:at + m], p))
-            at += m
+    cut = [(rp["ref"], p) for r, b in zip(known, batches)  # each piece with the float output's rows on it
+           for rp, p in zip(pieces([{"ref": r}], split), pieces([b], split))]
 
     def sqnr(fr: dict) -> float:
         feeds = {scale_in[grp].name: np.asarray(pow2_scale(f), np.float32) for grp, f in fr.items()}
