@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from ..energy import energies, sqnr_db
 from ..fixedpoint import pow2_scale
 from ..quantized import quantized_weight
-from ..graph_utils import add_node, new_name
+from ..graph_utils import add_node, attr_str, new_name
 from ..model_io import analysis_session, batch_major, in_order, pieces, single_sample
 from .choose_exponents import Exponents
 from .emit_qdq import CODE_DTYPES
@@ -246,6 +246,48 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
     return cost, np.concatenate(ref)
 
 
+THIN = 2  # a Conv reader's error is measured on every THIN-th output row and column
+THIN_MIN = 8  # ... where its output's spatial dims are unknown or all at least this
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid",
+               "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus", "Identity"}
+
+
+def _thinned_axes(rerun: list[gs.Node], linear: gs.Node | None) -> list[int]:
+    """The spatial axes on which a reader module's error is measured at every THIN-th position
+    (passes through a Conv with strides THIN times its own: the same outputs as every THIN-th
+    row and column of the Conv's), or [] where that is not exact or not worth it: the module's
+    re-run is not that Conv followed by elementwise ops whose constants do not vary over space,
+    the Conv pads automatically, or its output is smaller than THIN_MIN somewhere."""
+    if linear is None or linear.op != "Conv" or not rerun or rerun[0] is not linear:
+        return []
+    if attr_str(linear, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return []
+    w = linear.inputs[1]
+    if not isinstance(w, gs.Constant) or np.ndim(w.values) < 3:
+        return []
+    spatial = np.ndim(w.values) - 2
+    for n in rerun[1:]:
+        if n.op not in ELEMENTWISE:
+            return []
+        for i in n.inputs:
+            if isinstance(i, gs.Constant) and np.ndim(i.values) > 2 and any(d > 1 for d in np.shape(i.values)[-spatial:]):
+                return []
+    shape = linear.outputs[0].shape
+    if shape is not None and len(shape) == spatial + 2 and any(isinstance(d, int) and d < THIN_MIN for d in shape[2:]):
+        return []
+    return list(range(2, spatial + 2))
+
+
+def _every_other(g: gs.Graph, t: gs.Tensor, axes: list[int]) -> gs.Variable:
+    """t at every THIN-th position along `axes` (from the first)."""
+    def const(v):
+        return gs.Constant(new_name(g, f"{t.name}_ls_thin"), np.asarray(v, np.int64))
+
+    big = np.iinfo(np.int64).max
+    return add_node(g, "Slice", [t, const([0] * len(axes)), const([big] * len(axes)), const(axes),
+                                 const([THIN] * len(axes))], None, f"{t.name}_ls_thin", dtype=t.dtype or np.float32)
+
+
 def _module_readers(g: gs.Graph, plan: Plan) -> dict[str, list[tuple[list[gs.Node], object]]]:
     """tensor -> its readers as (Pad nodes between, the module that reads it), for requantized
     tensors read by modules alone (a graph output is read by the user: left out)."""
@@ -289,12 +331,30 @@ def _reader_error(g: gs.Graph, tmap: dict, nodes: dict, x: gs.Tensor, f: int, dt
             swap[p.outputs[0].name] = add_node(g, "Pad", [xq] + list(p.inputs[1:]), dict(p.attrs), f"{x.name}_ls_pad")
         inside = [nodes[name] for name in m.nodes]
         start = next((i + 1 for i, n in enumerate(inside) if x.name in {o.name for o in n.outputs}), 0)
-        for n in inside[start:]:  # the module again from where it reads x, on the rounded x
-            outs = [gs.Variable(new_name(g, f"{o.name}_ls"), dtype=o.dtype, shape=o.shape) for o in n.outputs]
-            g.nodes.append(gs.Node(n.op, new_name(g, f"{n.name}_ls"), dict(n.attrs),
-                                   [swap.get(i.name, i) for i in n.inputs], outs))
+        rerun = inside[start:]
+        axes = _thinned_axes(rerun, nodes.get(m.name))
+        thin: set[str] = set()  # tensors computed on the thinned positions only
+
+        def read(t):  # an input of a re-run node, on the positions the re-run computes
+            t = swap.get(t.name, t)
+            if not axes or isinstance(t, gs.Constant) or t.name in thin:
+                return t
+            return _every_other(g, t, axes)
+
+        for n in rerun:  # the module again from where it reads x, on the rounded x
+            outs = [gs.Variable(new_name(g, f"{o.name}_ls"), dtype=o.dtype, shape=None if axes else o.shape)
+                    for o in n.outputs]
+            attrs = dict(n.attrs)
+            if axes and n.name == m.name:  # the Conv itself: every other output row and column
+                attrs["strides"] = [int(v) * THIN for v in attrs.get("strides", [1] * len(axes))]
+                inputs = [swap.get(i.name, i) for i in n.inputs]
+            else:
+                inputs = [read(i) for i in n.inputs]
+            g.nodes.append(gs.Node(n.op, new_name(g, f"{n.name}_ls"), attrs, inputs, outs))
             swap.update({o.name: c for o, c in zip(n.outputs, outs)})
-        diff = add_node(g, "Sub", [swap[m.output], tmap[m.output]], None, f"{x.name}_ls_e")
+            thin.update(c.name for c in outs)
+        reference = _every_other(g, tmap[m.output], axes) if axes else tmap[m.output]
+        diff = add_node(g, "Sub", [swap[m.output], reference], None, f"{x.name}_ls_e")
         energy = add_node(g, "ReduceSumSquare", [diff], {"keepdims": 0}, f"{x.name}_ls_energy")
         total = energy if total is None else add_node(g, "Add", [total, energy], None, f"{x.name}_ls_sum")
     return total
