@@ -126,11 +126,12 @@ def test_fast_search_never_lowers_held_out_accuracy_much_and_keeps_its_promise(t
 
 @settings(max_examples=25, deadline=None)
 @given(k=st.integers(1, 3), stride=st.integers(1, 2), dil=st.integers(1, 2), pad=st.integers(0, 2),
-       size=st.integers(9, 21), group=st.sampled_from([1, 4]), residual=st.booleans(), seed=st.integers(0, 99))
+       size=st.integers(9, 21), group=st.sampled_from([1, 4]), residual=st.sampled_from(["", "x", "r"]),
+       opset=st.sampled_from([13, 21]), seed=st.integers(0, 99))
 def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, stride, dil, pad, size, group, residual,
-                                                                          seed):
+                                                                          opset, seed):
     """A Conv reader of any stride, dilation, padding and grouping (with or without a residual Add
-    after it): the measured error is the squared error of its float output (onnx.reference) summed
+    after it, of the model input or of the rounded tensor itself), at opset 13 and 21: the measured error is the squared error of its float output (onnx.reference) summed
     over every THIN-th row and column where its output is at least THIN_MIN on both sides, over
     every position otherwise."""
     rng = np.random.default_rng(seed)
@@ -144,8 +145,9 @@ def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, str
              h.make_node("Conv", ["r", "w2", "b2"], ["y2"], strides=[stride] * 2, pads=[pad] * 4, dilations=[dil] * 2,
                          group=group, name="c2")]
     last = "y2"
-    if residual and out == size:
-        nodes.append(h.make_node("Add", ["y2", "x"], ["s"], name="add"))
+    residual = residual if out == size else ""
+    if residual:
+        nodes.append(h.make_node("Add", ["y2", residual], ["s"], name="add"))
         last = "s"
     nodes.append(h.make_node("Relu", [last], ["y"], name="r2"))
     inits = [onnx.numpy_helper.from_array(v, n) for n, v in
@@ -153,7 +155,7 @@ def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, str
               ("b2", rng.normal(size=c).astype(np.float32)))]
     model = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, c, size, size])],
                                       [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits),
-                         opset_imports=[h.make_opsetid("", 13)])
+                         opset_imports=[h.make_opsetid("", opset)])
     graph = to_graph(model, {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer})
     graph = fold_batchnorm(canonicalize(graph))
     plan = plan_quantization(graph, find_modules(graph), residual_requant=True)
@@ -167,7 +169,7 @@ def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, str
     mod = next(m for m in plan.modules if m.name == "c2")
     every = onnx.utils.Extractor(fused).extract_model(["x"], [grp, mod.output])
     rv, y_float = ReferenceEvaluator(every).run(None, {"x": x})
-    sub = onnx.utils.Extractor(fused).extract_model([grp, "x"] if residual and out == size else [grp], [mod.output])
+    sub = onnx.utils.Extractor(fused).extract_model([grp, "x"] if residual == "x" else [grp], [mod.output])
     for d in (-1, 0, 1):
         f = exps.act[plan.group(grp)] + d
         xq = (quantize(rv, f, 8, grp in plan.unsigned) * 2.0 ** -f).astype(np.float32)

@@ -155,8 +155,8 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
                  reference: list | None = None) -> tuple[Exponents, dict]:
     """The fast output-aware search: each activation group's fraction f is compared with f - 1
     and f + 1 by the error it causes at the outputs of the modules that read it (each reader's
-    float nodes run again on the rounded tensor: weights, bias, residual, activation), not at the
-    tensor itself. So a channel that feeds large weights counts more, errors that add up
+    float nodes run again on the rounded tensor: weights, bias, residual, activation; a Conv
+    reader's on every other output row and column, _thinned_axes), not at the tensor itself. So a channel that feeds large weights counts more, errors that add up
     coherently (clipping the bright pixels of a whole region) count as they do, and an error a
     Relu discards counts for nothing, where the histogram rule weighs every value of the tensor
     alike. One onnxruntime run of the float graph per batch measures every candidate.
@@ -322,8 +322,12 @@ def _reader_error(g: gs.Graph, tmap: dict, nodes: dict, x: gs.Tensor, f: int, dt
         x.dtype = np.float32
     scale = gs.Constant(new_name(g, f"{x.name}_ls_scale"), np.asarray(pow2_scale(f), np.float32))
     zp = gs.Constant(new_name(g, f"{x.name}_ls_zp"), np.zeros((), dtype))
-    q = add_node(g, "QuantizeLinear", [x, scale, zp], None, f"{x.name}_ls_q", dtype=dtype)
-    xq = add_node(g, "DequantizeLinear", [q, scale, zp], None, f"{x.name}_ls_dq")
+
+    def rounded(t: gs.Tensor) -> gs.Variable:
+        q = add_node(g, "QuantizeLinear", [t, scale, zp], None, f"{x.name}_ls_q", dtype=dtype)
+        return add_node(g, "DequantizeLinear", [q, scale, zp], None, f"{x.name}_ls_dq")
+
+    xq = rounded(x)
     total = None
     for pads, m in readers:
         swap = {x.name: xq}
@@ -339,6 +343,8 @@ def _reader_error(g: gs.Graph, tmap: dict, nodes: dict, x: gs.Tensor, f: int, dt
             t = swap.get(t.name, t)
             if not axes or isinstance(t, gs.Constant) or t.name in thin:
                 return t
+            if t is xq:  # x thinned, then rounded (the same values): onnxruntime's QDQ propagation
+                return rounded(_every_other(g, x, axes))  # mistypes a Slice after a DequantizeLinear
             return _every_other(g, t, axes)
 
         for n in rerun:  # the module again from where it reads x, on the rounded x
