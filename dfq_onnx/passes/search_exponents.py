@@ -246,8 +246,8 @@ def reader_errors(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[di
     return cost, np.concatenate(ref)
 
 
-THIN = 2  # a Conv reader's error is measured on every THIN-th output row and column
-THIN_MIN = 8  # ... where its output's spatial dims are unknown or all at least this
+THIN = 2  # a Conv reader's error is measured on every THIN-th output row and column (whatever its
+#           size: a rule on known sizes would convert a dynamic-shape export unlike its fixed twin)
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid",
                "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Softplus", "Identity"}
 
@@ -255,9 +255,10 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Relu", "LeakyRelu", "P
 def _thinned_axes(rerun: list[gs.Node], linear: gs.Node | None) -> list[int]:
     """The spatial axes on which a reader module's error is measured at every THIN-th position
     (passes through a Conv with strides THIN times its own: the same outputs as every THIN-th
-    row and column of the Conv's), or [] where that is not exact or not worth it: the module's
-    re-run is not that Conv followed by elementwise ops whose constants do not vary over space,
-    the Conv pads automatically, or its output is smaller than THIN_MIN somewhere."""
+    row and column of the Conv's), or [] where that is not exact: the module's re-run is not that
+    Conv followed by elementwise ops whose constants do not vary over space, or the Conv pads
+    automatically. Known shapes play no part (a model with dynamic dims is measured as its
+    fixed-shape twin)."""
     if linear is None or linear.op != "Conv" or not rerun or rerun[0] is not linear:
         return []
     if attr_str(linear, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
@@ -272,9 +273,6 @@ def _thinned_axes(rerun: list[gs.Node], linear: gs.Node | None) -> list[int]:
         for i in n.inputs:
             if isinstance(i, gs.Constant) and np.ndim(i.values) > 2 and any(d > 1 for d in np.shape(i.values)[-spatial:]):
                 return []
-    shape = linear.outputs[0].shape
-    if shape is not None and len(shape) == spatial + 2 and any(isinstance(d, int) and d < THIN_MIN for d in shape[2:]):
-        return []
     return list(range(2, spatial + 2))
 
 
