@@ -644,9 +644,9 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     the CPUs (one thread each on 2 cores). These graphs are many small nodes (every tensor read
     out, rounded or reduced), which onnxruntime's threads split poorly: on 2 cores, 8 calibration
     batches of PP-LCNet took 0.30 s so against 0.55-0.58 s one after another on 2 threads,
-    MobileNetV3-style 0.16-0.19 against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. Pieces, not whole batches: one batch's
-    activations in flight (whole batches side by side raised MobileNetV2's peak RSS from 550 to
-    770 MB). A larger graph keeps onnxruntime's threads (its large convolutions split well:
+    MobileNetV3-style 0.16-0.19 against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. Pieces,
+    not whole batches: one batch's activations in flight (whole batches side by side raised
+    MobileNetV2's peak RSS from 550 to 770 MB). A larger graph keeps onnxruntime's threads (its large convolutions split well:
     ResNet-50 gained 5 %)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -156,10 +156,10 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     """The fast output-aware search: each activation group's fraction f is compared with f - 1
     and f + 1 by the error it causes at the outputs of the modules that read it (each reader's
     float nodes run again on the rounded tensor: weights, bias, residual, activation; a Conv
-    reader's on every other output row and column, _thinned_axes), not at the tensor itself. So a channel that feeds large weights counts more, errors that add up
-    coherently (clipping the bright pixels of a whole region) count as they do, and an error a
-    Relu discards counts for nothing, where the histogram rule weighs every value of the tensor
-    alike. One onnxruntime run of the float graph per batch measures every candidate.
+    reader's on every other output row and column, _thinned_axes), not at the tensor itself. So
+    a channel that feeds large weights counts more, errors that add up coherently (clipping the
+    bright pixels of a whole region) count as they do, and an error a Relu discards counts for
+    nothing, where the histogram rule weighs every value of the tensor alike. One onnxruntime run of the float graph per batch measures every candidate.
 
     The groups whose readers' error falls by more than LOCAL_MIN_GAIN on the first LOCAL_PROPOSE
     samples are proposed together; the proposal is kept only if the model's output SQNR on the
@@ -264,14 +264,14 @@ def _thinned_axes(rerun: list[gs.Node], linear: gs.Node | None) -> list[int]:
     if attr_str(linear, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return []
     w = linear.inputs[1]
-    if not isinstance(w, gs.Constant) or np.ndim(w.values) < 3:
+    if not isinstance(w, gs.Constant) or len(w.shape) < 3:
         return []
-    spatial = np.ndim(w.values) - 2
+    spatial = len(w.shape) - 2
     for n in rerun[1:]:
         if n.op not in ELEMENTWISE:
             return []
         for i in n.inputs:
-            if isinstance(i, gs.Constant) and np.ndim(i.values) > 2 and any(d > 1 for d in np.shape(i.values)[-spatial:]):
+            if isinstance(i, gs.Constant) and len(i.shape) > 2 and any(d > 1 for d in i.shape[-spatial:]):
                 return []
     return list(range(2, spatial + 2))
 
@@ -336,14 +336,15 @@ def _reader_error(g: gs.Graph, tmap: dict, nodes: dict, x: gs.Tensor, f: int, dt
         rerun = inside[start:]
         axes = _thinned_axes(rerun, nodes.get(m.name))
         thin: set[str] = set()  # tensors computed on the thinned positions only
+        sliced: dict[str, gs.Variable] = {}  # full-size tensors the re-run reads, thinned once each
 
         def read(t):  # an input of a re-run node, on the positions the re-run computes
             t = swap.get(t.name, t)
             if not axes or isinstance(t, gs.Constant) or t.name in thin:
                 return t
-            if t is xq:  # x thinned, then rounded (the same values): onnxruntime's QDQ propagation
-                return rounded(_every_other(g, x, axes))  # mistypes a Slice after a DequantizeLinear
-            return _every_other(g, t, axes)
+            if t.name not in sliced:  # x is thinned, then rounded (the same values): onnxruntime's QDQ
+                sliced[t.name] = rounded(_every_other(g, x, axes)) if t is xq else _every_other(g, t, axes)
+            return sliced[t.name]  # propagation mistypes a Slice after a DequantizeLinear
 
         for n in rerun:  # the module again from where it reads x, on the rounded x
             outs = [gs.Variable(new_name(g, f"{o.name}_ls"), dtype=o.dtype, shape=None if axes else o.shape)
