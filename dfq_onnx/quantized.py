@@ -245,11 +245,11 @@ def weight_codes(w: np.ndarray, frac: np.ndarray, bits: int, axis: int) -> np.nd
     w = np.asarray(w)
     f = _along(frac, np.ndim(w), axis)
     if w.size <= CHUNK_ELEMENTS or w.ndim == 0:
-        return quantize(w, f, bits).astype(np.int8)
+        return quantize(w, f, bits, dtype=np.int8)
     out = np.empty(w.shape, np.int8)
 
     def part(a: int, b: int) -> None:
-        out[a:b] = quantize(w[a:b], f[a:b] if f.shape[0] > 1 else f, bits).astype(np.int8)
+        out[a:b] = quantize(w[a:b], f[a:b] if f.shape[0] > 1 else f, bits, dtype=np.int8)
 
     in_slices(part, w.shape[0], max(1, CHUNK_ELEMENTS // max(1, w.size // w.shape[0])))
     return out

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfq_onnx.fixedpoint import (activation_fraction, abs_histogram, is_pow2, max_fraction, pow2_scale,
-                                 qrange, quantize, rounding_divide, rounding_shift, weight_fractions)
+                                 pair_sums_exceed, qrange, quantize, rounding_divide, rounding_shift,
+                                 weight_fractions)
 
 INT32 = st.integers(-(2 ** 31), 2 ** 31 - 1)
 
@@ -122,3 +123,71 @@ def test_abs_histogram_bins_match_frexp():
     idx = np.zeros(x.size, dtype=np.int64)
     idx[nz] = (e[nz] - 1 + 127) * 8 + np.floor((2 * m[nz] - 1) * 8).astype(np.int64)
     assert np.array_equal(abs_histogram(x), np.bincount(idx, minlength=len(abs_histogram(x))))
+
+
+FLOAT32 = st.one_of(
+    st.floats(-1e3, 1e3, width=32, allow_nan=False),
+    st.floats(-2.0 ** -126, 2.0 ** -126, width=32, allow_nan=False, allow_subnormal=True),  # subnormals
+    st.integers(-600, 600).map(lambda k: np.float32(k / 4)),  # on a grid: ties and exact codes
+    st.sampled_from([0.0, 1e30, -3e5]))
+
+
+def exact_code(x: float, f: int, lo: int, hi: int) -> int:
+    """x 2^f rounded half to even and clamped, in exact rationals."""
+    return min(hi, max(lo, round(Fraction(x) * Fraction(2) ** f)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FLOAT32, min_size=1, max_size=40), st.integers(-8, 60), st.sampled_from([2, 4, 8]), st.booleans())
+def test_quantize_matches_exact_rationals(xs, f, bits, unsigned):
+    """quantize on float32 (computed in float32 where the scale is a power of two >= 1, else in
+    float64) equals exact round-half-to-even of x 2^f, clamped."""
+    lo, hi = qrange(bits, unsigned)
+    x = np.asarray(xs, np.float32)
+    want = [exact_code(float(v), f, lo, hi) for v in x]
+    assert quantize(x, f, bits, unsigned).tolist() == want
+    assert quantize(x, f, bits, unsigned, dtype=np.int8 if bits < 8 or not unsigned else np.int16).tolist() == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(FLOAT32, min_size=1, max_size=24), min_size=1, max_size=6), st.sampled_from([2, 4, 8]),
+       st.floats(1e-20, 1e12))
+def test_weight_fractions_choose_the_least_exact_error(rows, bits, gain):
+    """Per row, the "mse" fraction's squared error (exact rationals) is the least among the
+    fraction that covers the row's maximum and the next three, up to float64 rounding, and it is
+    never a coarser fraction than the one that covers the maximum."""
+    k = min(len(r) for r in rows)
+    w = (np.asarray([r[:k] for r in rows], np.float64) * gain).astype(np.float32)
+    w[~np.isfinite(w)] = 0
+    lo, hi = qrange(bits)
+    got = weight_fractions(w, 0, bits, "mse")
+    f_max = weight_fractions(w, 0, bits, "max")
+    for row, f, f0 in zip(w, got, f_max):
+        if not np.any(row):
+            assert f == f0
+            continue
+        assert f0 <= f <= f0 + 3
+        assert float(np.max(np.abs(row))) * 2.0 ** int(f0) <= hi + 1  # f0 covers the maximum (127.x rounds to 127)
+
+        def err(fr: int) -> Fraction:
+            return sum((Fraction(exact_code(float(v), fr, lo, hi)) / Fraction(2) ** fr - Fraction(float(v))) ** 2
+                       for v in row)
+
+        best = min(err(int(f0) + d) for d in range(4))
+        assert err(int(f)) <= best * (1 + Fraction(1, 10 ** 9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(-128, 127), min_size=1, max_size=12), min_size=1, max_size=5))
+def test_pair_sums_exceed_matches_the_kernel_bound(rows):
+    """An int8 row can saturate the int16 pair sum of u8 x s8 products (inputs 0..255) iff some
+    adjacent pair (2i, 2i+1) reaches past 32767 or -32768 for some input: worked out in Python
+    integers from the pair's largest positive and negative sums."""
+    k = min(len(r) for r in rows)
+    q = np.asarray([r[:k] for r in rows], np.int8)
+    want = []
+    for r in q.tolist():
+        r = r + [0] * (len(r) % 2)
+        want.append(any(255 * (max(a, 0) + max(b, 0)) > 32767 or -255 * (max(-a, 0) + max(-b, 0)) < -32768
+                        for a, b in zip(r[0::2], r[1::2])))
+    assert pair_sums_exceed(q, 128).tolist() == want
