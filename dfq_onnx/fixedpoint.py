@@ -49,9 +49,14 @@ def quantize(x: np.ndarray, f, bits: int, unsigned: bool = False, axis: int | No
         shape[axis] = -1
         f = f.reshape(shape)
     lo, hi = qrange(bits, unsigned)
-    if x.dtype == np.float32 and (f.size == 0 or f.min() >= 0):  # x 2^f is exact in float32 too (half the traffic)
-        return np.clip(np.rint(np.ldexp(x, f)), lo, hi).astype(dtype)
-    return np.clip(np.rint(np.ldexp(x.astype(np.float64), f)), lo, hi).astype(dtype)
+    # x 2^f as a product with the power of two (exact, as ldexp, and 4x faster than ldexp with
+    # int64 exponents), in float32 where that is exact too (f >= 0: half the traffic)
+    ftype = np.float32 if x.dtype == np.float32 and (f.size == 0 or f.min() >= 0) else np.float64
+    with np.errstate(over="ignore"):  # inf clamps to hi, as the exact product would
+        y = np.asarray(np.multiply(x, np.ldexp(np.ones(f.shape, ftype), f), dtype=ftype))
+    np.rint(y, out=y)
+    np.clip(y, lo, hi, out=y)
+    return y.astype(dtype)
 
 
 def dequantize(q: np.ndarray, f, axis: int | None = None) -> np.ndarray:
