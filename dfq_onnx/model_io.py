@@ -669,7 +669,16 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     except Exception as e:
         raise DfqError(f"{failure}: {str(e).splitlines()[0]}") from None
     sess.dfq_workers = workers
+    sess.dfq_alone = constants >= CONCURRENT_MAX_BYTES  # runs one piece at a time on every machine
     return sess
+
+
+def piece_rows(sess, rows: int) -> int:
+    """The rows of one piece for a pass that runs `rows` at a time side by side: SIDE_BY_SIDE times
+    as many where the session runs pieces one at a time whatever the machine (its constants are
+    CONCURRENT_MAX_BYTES or more), so the same rows are in flight. Decided by the graph, not the
+    CPUs: the pieces, and float sums over them, are the same on every machine."""
+    return rows * SIDE_BY_SIDE if getattr(sess, "dfq_alone", False) else rows
 
 
 class FedSession:

@@ -17,10 +17,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph_utils import add_node, clip_limits, new_name
-from ..model_io import analysis_session, fixed_batch, in_order, pieces, single_sample
+from ..model_io import analysis_session, fixed_batch, in_order, piece_rows, pieces, single_sample
 from .form_modules import Plan
 
-PROBE_BATCH = 2  # rows per run, two runs side by side (EfficientNet-Lite0: 8 rows at once raised peak RSS by 150 MB)
+PROBE_BATCH = 2  # rows per run, two runs side by side (EfficientNet-Lite0: 8 rows at once raised peak RSS by 150 MB);
+#                 a graph too large to run side by side takes twice as many (model_io.piece_rows; VGG-19's
+#                 probe 6.6 -> 5.6 s at 60 MB more peak RSS; 8 rows: +440 MB)
 SAMPLES = 16  # calibration samples used to measure the mean errors (MobileNetV2: 128 gives the same); cli.py help says 16
 
 
@@ -80,7 +82,7 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
                             side_by_side=not fixed or single_sample(graph))  # PROBE_BATCH rows at a time
     sums: list[np.ndarray] | None = None
     count = 0
-    small = pieces(batches, not fixed, PROBE_BATCH)
+    small = pieces(batches, not fixed, piece_rows(sess, PROBE_BATCH))
     wanted = [d.name for d in diffs]
     for batch, values in in_order(sess, lambda b: (b, sess.run(wanted, b)), small):
         n = len(next(iter(batch.values())))
