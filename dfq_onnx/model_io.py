@@ -646,8 +646,8 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     batches of PP-LCNet took 0.30 s so against 0.55-0.58 s one after another on 2 threads,
     MobileNetV3-style 0.16-0.19 against 0.30, MobileNetV2 0.46-0.54 against 0.53-0.63. Pieces,
     not whole batches: one batch's activations in flight (whole batches side by side raised
-    MobileNetV2's peak RSS from 550 to 770 MB). A larger graph keeps onnxruntime's threads (its large convolutions split well:
-    ResNet-50 gained 5 %)."""
+    MobileNetV2's peak RSS from 550 to 770 MB). A larger graph keeps onnxruntime's threads (its
+    large convolutions split well: ResNet-50 gained 5 %)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.enable_mem_pattern = False
@@ -655,7 +655,8 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
         model = to_model(graph)
     constants = sum(getattr(v, "nbytes", 0) for v in values.values())
     n_cpus = cpus()
-    workers = SIDE_BY_SIDE if side_by_side and threads == 0 and constants < CONCURRENT_MAX_BYTES and n_cpus > 1 else 1
+    alone = constants >= CONCURRENT_MAX_BYTES  # runs one piece at a time on every machine (piece_rows)
+    workers = SIDE_BY_SIDE if side_by_side and threads == 0 and not alone and n_cpus > 1 else 1
     so.intra_op_num_threads = max(1, n_cpus // workers) if workers > 1 else threads
     if simulated:
         if constants < LEAN_SESSION_BYTES:
@@ -669,7 +670,7 @@ def analysis_session(graph: gs.Graph, failure: str, simulated: bool | str = Fals
     except Exception as e:
         raise DfqError(f"{failure}: {str(e).splitlines()[0]}") from None
     sess.dfq_workers = workers
-    sess.dfq_alone = constants >= CONCURRENT_MAX_BYTES  # runs one piece at a time on every machine
+    sess.dfq_alone = alone
     return sess
 
 

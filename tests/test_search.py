@@ -130,8 +130,9 @@ def test_fast_search_never_lowers_held_out_accuracy_much_and_keeps_its_promise(t
 def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, stride, dil, pad, size, group, residual,
                                                                           opset, seed):
     """A Conv reader of any stride, dilation, padding and grouping (with or without a residual Add
-    after it, of the model input or of the rounded tensor itself), at opset 13 and 21: the measured error is the squared error of its float output (onnx.reference) summed
-    over every THIN-th row and column."""
+    after it, of the model input or of the rounded tensor itself), at opset 13 and 21: the measured
+    error is the squared error of its float output (onnx.reference) summed over every THIN-th row
+    and column."""
     rng = np.random.default_rng(seed)
     c = 4
     h = onnx.helper
@@ -158,7 +159,7 @@ def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, str
     graph = fold_batchnorm(canonicalize(graph))
     plan = plan_quantization(graph, find_modules(graph), residual_requant=True)
     x = rng.normal(size=(2, c, size, size)).astype(np.float32)
-    stats = calibrate(graph, plan.requant, _ArraySource({"x": x}), 2)
+    stats = calibrate(graph, plan.requant, DataSource({"x": x}, input_specs(model)), 2)
     exps = choose_exponents(graph, plan, stats, weight_bits=8, act_bits=8, per_channel=True, method="mse")
     cost, _ = reader_errors(graph, plan, exps, [{"x": x}])
     fused = to_model(graph, model)
@@ -176,13 +177,3 @@ def test_thinned_reader_errors_are_every_other_output_of_a_second_runtime(k, str
         e = e[:, :, ::THIN, ::THIN]
         assert cost[plan.group(grp)][d] == pytest.approx(float(np.sum(e ** 2)), rel=2e-3, abs=1e-5), d
 
-
-class _ArraySource:
-    """The least a calibration source offers: one batch of in-memory arrays."""
-    where = "test arrays"
-
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def batches(self, size):
-        yield self.arrays

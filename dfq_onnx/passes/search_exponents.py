@@ -159,7 +159,8 @@ def local_search(graph: gs.Graph, plan: Plan, exps: Exponents, batches: list[dic
     reader's on every other output row and column, _thinned_axes), not at the tensor itself. So
     a channel that feeds large weights counts more, errors that add up coherently (clipping the
     bright pixels of a whole region) count as they do, and an error a Relu discards counts for
-    nothing, where the histogram rule weighs every value of the tensor alike. One onnxruntime run of the float graph per batch measures every candidate.
+    nothing, where the histogram rule weighs every value of the tensor alike. One onnxruntime run
+    of the float graph per batch measures every candidate.
 
     The groups whose readers' error falls by more than LOCAL_MIN_GAIN on the first LOCAL_PROPOSE
     samples are proposed together; the proposal is kept only if the model's output SQNR on the
