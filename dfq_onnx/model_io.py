@@ -35,6 +35,7 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper, version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from . import functions
 from .errors import DfqError
 
 MIN_OPSET = 13
@@ -596,14 +597,248 @@ def pieces(batches, split: bool, rows: int = PIECE_ROWS):
 
 
 def batch_major(graph: gs.Graph) -> bool:
-    """Whether a batch of the graph can be cut by rows: its batch dim is dynamic, one symbol that
-    leads every input and its first output (so that output's rows are the samples'). Not for a
-    fixed batch (no other size runs) or an output laid out [time, batch, ...]."""
-    shapes = [t.shape for t in graph.inputs] + [graph.outputs[0].shape if graph.outputs else None]
-    if any(not s for s in shapes):
+    """Whether a batch of the graph can be cut by rows: its batch dim is dynamic, the same (one
+    symbol, or unnamed) on every input, and its first output's rows are the samples': that output
+    is declared with the input's symbol, or rows_are_samples proves it (an exporter that names
+    the output's batch dim apart, as tf2onnx does, or leaves it unnamed). Not for a fixed batch
+    (no other size runs) or an output laid out [time, batch, ...]."""
+    shapes = [t.shape for t in graph.inputs]
+    if not graph.outputs or any(not s for s in shapes):
         return False
     lead = shapes[0][0]
-    return isinstance(lead, str) and bool(lead) and all(s[0] == lead for s in shapes)
+    if isinstance(lead, int) or any(s[0] != lead for s in shapes):
+        return False
+    out = graph.outputs[0].shape
+    return bool(lead) and bool(out) and out[0] == lead or rows_are_samples(graph)
+
+
+_ROWWISE = set(functions.ELEMENTWISE) | {  # output[i] from the inputs' row i (constants broadcast)
+    "Sum", "Mean", "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
+    "Xor", "Cast", "Sqrt", "Reciprocal", "Log", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mod",
+    "Identity", "Dropout", "BatchNormalization"}
+_WINDOWED = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+             "GlobalLpPool", "LRN", "InstanceNormalization", "DepthToSpace", "SpaceToDepth"}  # per sample, weights constant
+
+
+def rows_are_samples(graph: gs.Graph) -> bool:
+    """Whether row i of every tensor computed from the graph's inputs is a function of the
+    inputs' row i alone (so a batch cut into pieces gives the same rows), proved node by node
+    from the ops' semantics (_keeps_rows): per-position ops with constants that broadcast below
+    the batch axis, convolutions and pools, MatMul/Gemm with constant weights, and reshapes,
+    transposes, concatenations, slices, squeezes, reductions, pads, resizes and softmaxes that
+    keep axis 0 and its length. A shape read from the data (Shape, then Gather, Slice, Concat,
+    Unsqueeze, Squeeze, Cast) is followed entry by entry, so `x.reshape(x.shape[0], -1)` and a
+    Resize to a size taken from a tensor's shape pass. Conservative: any other op, or a shape
+    computed otherwise, makes it False (the batch is then run whole)."""
+    rows = {t.name: _rank(t, {}) for t in graph.inputs}  # tensors whose axis 0 is the samples': their rank
+    fixed: set[str] = set()                 # tensors computed from constants alone
+    shapes: dict[str, list | None] = {}     # shape vectors read from the data: entries "N" (the batch
+    for node in _topological(graph):        # size), an int or None (unknown); None: not followed
+        if node.domain not in (None, "", "ai.onnx"):
+            return False
+        live = [t for t in node.inputs if t.name and not isinstance(t, gs.Constant) and t.name not in fixed]
+        if not live:
+            fixed.update(o.name for o in node.outputs)
+        elif node.op == "Shape" and node.inputs[0].name in rows:
+            r = _rank(node.inputs[0], rows)
+            dims = node.inputs[0].shape or [None] * (r or 0)
+            whole = ["N"] + [d if isinstance(d, int) else None for d in dims[1:]] if r else None
+            shapes[node.outputs[0].name] = None if whole is None else \
+                whole[slice(node.attrs.get("start", 0), node.attrs.get("end"))]
+        elif not any(t.name in rows for t in live):
+            if not all(t.name in shapes for t in live):
+                return False
+            shapes.update({o.name: None for o in node.outputs})
+            shapes[node.outputs[0].name] = _shape_entries(node, shapes)
+        elif any(t.name not in rows and t.name not in shapes for t in live) \
+                or not _keeps_rows(node, rows, shapes, graph.opset):
+            return False
+        else:
+            rank = _out_rank(node, rows, shapes)
+            rows.update({o.name: _rank(o, {o.name: rank}) for o in node.outputs if o.name})
+    return all(o.name in rows for o in graph.outputs)
+
+
+def _peek(c: gs.Constant) -> np.ndarray:
+    """A constant's value, read without caching it in the graph (graphsurgeon keeps a value once
+    read, and writes it back re-encoded: the converted model's bytes would change)."""
+    v = c._values
+    return np.asarray(v.load() if isinstance(v, LazyValues) else v)
+
+
+def _rank(t: gs.Tensor, known: dict) -> int | None:
+    return len(t.shape) if t.shape is not None else known.get(t.name)
+
+
+def _out_rank(node: gs.Node, rows: dict, shapes: dict) -> int | None:
+    """The rank of node's first output where shape inference left it unknown: a Reshape's shape
+    length, a MatMul's or a per-position op's broadcast rank (inputs' ranks known), Gemm's 2."""
+    if node.op == "Reshape":
+        t = node.inputs[1]
+        shape = shapes.get(t.name) if t.name in shapes else tuple(t.shape) if isinstance(t, gs.Constant) else None
+        return (len(shape) if t.name in shapes else shape[0] if len(shape) == 1 else None) if shape is not None else None
+    if node.op in ("Gemm", "Flatten"):
+        return 2
+    ranks = [len(t.shape) if isinstance(t, gs.Constant) else _rank(t, rows) for t in node.inputs if t.name]
+    if node.op == "MatMul" and None not in ranks:
+        return max(ranks) - (min(ranks) == 1)
+    if node.op in _ROWWISE and None not in ranks:
+        return max(ranks)
+    if node.op in _WINDOWED | _SAME_RANK or node.op.startswith("Reduce") and node.attrs.get("keepdims", 1):
+        return ranks[0] if ranks else None
+    return None
+
+
+_SAME_RANK = {"Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "Transpose", "Concat", "Split", "Slice", "Pad",
+              "Resize", "Upsample"}
+
+
+def _shape_entries(node: gs.Node, shapes: dict) -> list | None:
+    """The entries of a shape vector computed by node from shape vectors and constants, or None."""
+    def entries(t):
+        if isinstance(t, gs.Constant):
+            return [int(v) for v in np.ravel(_peek(t))] if np.issubdtype(t.dtype, np.integer) else None
+        return shapes.get(t.name)
+    ins = [entries(t) for t in node.inputs]
+    if node.op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+        return ins[0]
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1) and all(e is not None for e in ins):
+        return [v for e in ins for v in e]
+    if node.op == "Gather" and ins[0] is not None and isinstance(node.inputs[1], gs.Constant) \
+            and int(node.attrs.get("axis", 0)) == 0:
+        try:
+            return [ins[0][int(i)] for i in np.ravel(_peek(node.inputs[1]))]
+        except IndexError:
+            return None
+    if node.op == "Slice" and ins[0] is not None and all(isinstance(t, gs.Constant) for t in node.inputs[1:]) \
+            and all(e in (None, [0]) for e in ins[3:4]) and all(e in (None, [1]) for e in ins[4:5]):
+        return ins[0][ins[1][0]:ins[2][0]]
+    return None
+
+
+def _topological(graph: gs.Graph) -> list:
+    """The graph's nodes, each after the producers of its inputs (without copying the graph)."""
+    made = {t.name for t in graph.inputs}
+    waiting, order = list(graph.nodes), []
+    while waiting:
+        later = []
+        for node in waiting:
+            if all(not t.name or isinstance(t, gs.Constant) or t.name in made or not t.inputs for t in node.inputs):
+                order.append(node)
+                made.update(o.name for o in node.outputs)
+            else:
+                later.append(node)
+        if len(later) == len(waiting):  # a cycle or a dangling input: leave the rest as listed
+            return order + later
+        waiting = later
+    return order
+
+
+def _keeps_rows(node: gs.Node, rows: dict, shapes: dict, opset: int) -> bool:
+    """Whether node's outputs keep axis 0 as the samples', given that its inputs in `rows` do (with
+    the ranks `rows` gives where their shapes are unknown) and the others are constants or the
+    shape vectors in `shapes` (rows_are_samples)."""
+    attrs = node.attrs
+    led = [t for t in node.inputs if t.name in rows]
+    x = node.inputs[0]
+    rank = _rank(x, rows)
+
+    def not_batch(a, r=rank):  # a (possibly negative) axis of a rank-r tensor that is not axis 0
+        return r is not None and -r <= a < r and a % r != 0
+
+    def const(i, value=True):  # input i's value (or shape); None if absent; False if computed
+        t = node.inputs[i] if i < len(node.inputs) else None
+        if t is None or not t.name:
+            return None
+        return False if not isinstance(t, gs.Constant) else _peek(t) if value else tuple(t.shape)
+
+    def axes(i, key):  # an attribute's axes (older opsets), else a constant input's; None if absent
+        if key in attrs:
+            return [int(a) for a in attrs[key]]
+        v = const(i)
+        return v if v is None or v is False else [int(a) for a in np.ravel(v)]
+
+    if node.op in _ROWWISE:
+        ranks = {_rank(t, rows) for t in led}
+        r = ranks.pop() if len(ranks) == 1 else -1
+        if r == -1 or attrs.get("training_mode", 0):
+            return False
+        for i, t in enumerate(node.inputs):
+            v = None if t.name in rows else const(i, value=False)
+            if v is False or v is not None and len(v) > 0 and (r is None or len(v) > r or
+                                                                   len(v) == r and v[0] != 1):
+                return False
+        return True
+    if node.op == "MatMul":
+        a, b = node.inputs[:2]
+        ra, rb = _rank(a, rows), _rank(b, rows)
+        if a.name in rows and b.name in rows:
+            return ra is not None and ra == rb and ra >= 3
+        if a.name in rows:
+            c = const(1, value=False)
+            return c is not False and c is not None and ra is not None and ra >= 2 and len(c) <= 2
+        c = const(0, value=False)
+        return c is not False and c is not None and rb is not None and rb >= 3 and (len(c) < rb or c[0] == 1)
+    if x.name not in rows:
+        return False
+    if node.op in _WINDOWED:
+        return all(isinstance(t, gs.Constant) or not t.name for t in node.inputs[1:])
+    if node.op in ("Softmax", "LogSoftmax", "Hardmax"):  # below opset 13: 2-d [rows before axis, the rest]
+        return not_batch(int(attrs.get("axis", -1 if opset >= 13 else 1)))
+    if node.op == "LayerNormalization":
+        return not_batch(int(attrs.get("axis", -1))) and all(isinstance(t, gs.Constant) or not t.name
+                                                             for t in node.inputs[1:])
+    if node.op == "Gemm":
+        c = const(2, value=False)
+        return not attrs.get("transA", 0) and isinstance(node.inputs[1], gs.Constant) and c is not False \
+            and (c is None or len(c) < 2 or c[0] == 1)
+    if node.op == "Reshape":  # rows kept when the new axis 0 is the batch (row-major order)
+        shape = shapes.get(node.inputs[1].name) if node.inputs[1].name in shapes else const(1)
+        if shape is None or shape is False or attrs.get("allowzero", 0) or len(shape) == 0:
+            return False
+        shape = [d if d == "N" or d is None else int(d) for d in shape]
+        if shape[0] in ("N", 0):
+            return True
+        if rank is None or x.shape is None:
+            return False
+        dims = list(x.shape[1:])
+        rest = [x.shape[i + 1] if d == 0 and i + 1 < rank else d for i, d in enumerate(shape[1:])]
+        return shape[0] == -1 and all(isinstance(d, int) and d > 0 for d in dims + rest) \
+            and int(np.prod(rest)) == int(np.prod(dims))
+    if node.op == "Flatten":  # [d0 * ... * d(axis-1), the rest]: rows kept only at axis 1
+        a = int(attrs.get("axis", 1))
+        return a == 1 or rank is not None and a == 1 - rank
+    if node.op == "Transpose":
+        return "perm" in attrs and int(list(attrs["perm"])[0]) == 0
+    if node.op == "Concat":
+        return len(led) == len([t for t in node.inputs if t.name]) and not_batch(int(attrs["axis"]))
+    if node.op == "Split":
+        return not_batch(int(attrs.get("axis", 0)))
+    if node.op == "Gather":
+        return const(1, value=False) is not False and not_batch(int(attrs.get("axis", 0)))
+    if node.op in ("ArgMax", "ArgMin"):
+        return not_batch(int(attrs.get("axis", 0)))
+    if node.op == "Slice" or node.op == "Squeeze" or node.op.startswith("Reduce"):
+        a = axes(3 if node.op == "Slice" else 1, "axes")
+        return bool(a) and all(not_batch(v) for v in a)  # absent: every axis (Slice: as many as starts)
+    if node.op == "Unsqueeze":
+        a = axes(1, "axes")
+        return bool(a) and rank is not None and all(not_batch(v, rank + len(a)) for v in a)
+    if node.op == "Pad":
+        pads = np.asarray(attrs["pads"]) if "pads" in attrs else const(1)
+        order = axes(3, "") if rank is not None else False
+        if pads is None or pads is False or order is False:
+            return False
+        order = list(range(rank)) if order is None else order
+        return all(v % rank != 0 or pads[j] == 0 == pads[j + len(order)] for j, v in enumerate(order))
+    if node.op in ("Resize", "Upsample"):
+        scales = np.asarray(attrs["scales"]) if "scales" in attrs else const(2 if node.op == "Resize" else 1)
+        sizes = shapes.get(node.inputs[3].name) if len(node.inputs) > 3 and node.inputs[3].name in shapes else None
+        if sizes is not None and "axes" not in attrs:  # a size read from a batch tensor's shape
+            return sizes[:1] == ["N"]
+        return (node.op == "Upsample" or const(3, value=False) is None) and "axes" not in attrs and scales is not None \
+            and scales is not False and scales.size > 0 and float(scales.ravel()[0]) == 1.0
+    return False
 
 
 def fixed_batch(graph: gs.Graph) -> bool:

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import onnx_graphsurgeon as gs
 from hypothesis import given, settings, strategies as st
+import onnx
 from onnx import TensorProto, helper
 
 from dfq_onnx import model_io
@@ -78,10 +79,19 @@ def _graph(in_shape, out_shape):
     return gs.import_onnx(m)
 
 
+def _transposed(in_shape, out_shape):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    node = helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2])
+    return gs.import_onnx(helper.make_model(helper.make_graph([node], "g", [x], [y])))
+
+
 def test_batch_major_only_where_the_batch_leads_inputs_and_output():
     assert batch_major(_graph(["N", 3, 8], ["N", 3, 8]))
-    assert not batch_major(_graph(["N", 3, 8], ["T", "N", 8]))  # time-major output: its rows are not samples
-    assert not batch_major(_graph(["N", 3, 8], [None, 3, 8]))  # unknown: not assumed
+    assert not batch_major(_transposed(["N", 3, 8], ["T", "N", 8]))  # time-major output: its rows are not samples
+    assert not batch_major(_transposed(["N", 3, 8], [None, "N", 8]))  # not proved: not assumed
+    assert batch_major(_graph(["N", 3, 8], [None, 3, 8]))  # output's batch unnamed, but Relu keeps rows
+    assert batch_major(_graph([None, 3, 8], ["M", 3, 8]))  # input's batch unnamed: proved the same way
     assert not batch_major(_graph([1, 3, 8], [1, 3, 8]))  # fixed: no other size runs
     assert single_sample(_graph([1, 3, 8], [1, 3, 8])) and not single_sample(_graph(["N", 3, 8], ["N", 3, 8]))
 
@@ -126,3 +136,98 @@ def test_calibration_side_by_side_equals_one_batch_at_a_time(monkeypatch, calib_
     for k, r2, r1 in zip(keep2, ref2, ref1):
         np.testing.assert_array_equal(r2, r1)
         np.testing.assert_allclose(r2, run_ort(whole, {"input": k["input"]})[0], rtol=1e-5, atol=1e-5)
+
+
+C, H, W = 4, 3, 5  # the generated graphs' tensor [N, C, H, W] (C, H, W static, N dynamic)
+
+
+def _step(kind: str, x: str, shape: list, k: int, nodes: list, inits: list) -> tuple[str, list]:
+    """Append one op to a generated graph; return its output and that output's static dims (axis 0
+    excluded). Kinds ending in '!' mix the samples' rows (or change their number)."""
+    def const(name, value):
+        inits.append(onnx.numpy_helper.from_array(np.asarray(value), f"{name}{k}"))
+        return f"{name}{k}"
+
+    def node(op, inputs, **attrs):
+        nodes.append(helper.make_node(op, inputs, [f"t{k}_{len(nodes)}"], **attrs))
+        return nodes[-1].output[0]
+
+    c = shape[0]
+    rng = np.random.default_rng(k)
+    if kind == "relu":
+        return node("Relu", [x]), shape
+    if kind == "add_bias":  # a constant of rank 3, below the batch axis
+        return node("Add", [x, const("b", rng.normal(size=(c, 1, 1)).astype(np.float32))]), shape
+    if kind == "mul_lead1":  # rank 4 with a leading 1
+        return node("Mul", [const("m", rng.normal(size=(1, c, 1, 1)).astype(np.float32)), x]), shape
+    if kind == "conv":
+        return node("Conv", [x, const("w", rng.normal(size=(C, c, 3, 3)).astype(np.float32))], pads=[1, 1, 1, 1]), \
+            [C] + shape[1:]
+    if kind == "maxpool":
+        return node("MaxPool", [x], kernel_shape=[2, 2], pads=[1, 1, 0, 0]), shape
+    if kind == "softmax_c":
+        return node("Softmax", [x], axis=1), shape
+    if kind == "mean_hw":
+        return node("ReduceMean", [x], axes=[2, 3], keepdims=1), [c, 1, 1]
+    if kind == "swap_hw":
+        return node("Transpose", [x], perm=[0, 1, 3, 2]), [c, shape[2], shape[1]]
+    if kind == "flatten_back":  # Flatten(axis 1), then back with a constant [-1, c, h, w]
+        f = node("Flatten", [x], axis=1)
+        return node("Reshape", [f, const("s", np.asarray([-1] + shape, np.int64))]), shape
+    if kind == "view_batch":  # x.reshape(x.shape[0], -1) as torch and Paddle export it, then back
+        n = node("Gather", [node("Shape", [x]), const("i", np.asarray(0, np.int64))], axis=0)
+        v = node("Concat", [node("Unsqueeze", [n, const("a", np.asarray([0], np.int64))]),
+                            const("r", np.asarray([-1], np.int64))], axis=0)
+        return node("Reshape", [node("Reshape", [x, v]), const("s", np.asarray([0] + shape, np.int64))]), shape
+    if kind == "concat_c":
+        return node("Concat", [x, x], axis=1), [2 * c] + shape[1:]
+    if kind == "matmul_w":
+        return node("MatMul", [x, const("w", rng.normal(size=(shape[2], 2)).astype(np.float32))]), shape[:2] + [2]
+    if kind == "transpose_mean!":  # x + the batch's mean, through transposes that move the batch axis
+        t = node("ReduceMean", [node("Transpose", [x], perm=[1, 0, 2, 3])], axes=[1], keepdims=1)
+        return node("Add", [x, node("Transpose", [t], perm=[1, 0, 2, 3])]), shape
+    if kind == "sum_batch!":  # x + its sum over the batch
+        return node("Add", [x, node("ReduceSum", [x, const("a", np.asarray([0], np.int64))], keepdims=1)]), shape
+    if kind == "softmax_batch!":
+        return node("Softmax", [x], axis=0), shape
+    if kind == "flatten_2!":  # [N * C, H * W], back to [N, C, H, W] by -1
+        f = node("Flatten", [x], axis=2)
+        return node("Reshape", [f, const("s", np.asarray([-1] + shape, np.int64))]), shape
+    if kind == "roll_rows!":  # the rows in another order: a Reshape that moves them, then back
+        r = node("Reshape", [x, const("s", np.asarray([c, -1] + shape[1:], np.int64))])
+        return node("Reshape", [node("Transpose", [r], perm=[1, 0, 2, 3]), const("t", np.asarray([-1] + shape, np.int64))]), \
+            shape
+    raise ValueError(kind)
+
+
+KEEPING = ["relu", "add_bias", "mul_lead1", "conv", "maxpool", "softmax_c", "mean_hw", "swap_hw", "flatten_back",
+           "view_batch", "concat_c", "matmul_w"]
+MIXING = ["transpose_mean!", "sum_batch!", "softmax_batch!", "flatten_2!", "roll_rows!"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(KEEPING + MIXING), min_size=1, max_size=6), st.sampled_from(["M", None]))
+def test_rows_are_samples_only_where_onnxruntime_keeps_each_samples_rows(kinds, out_dim):
+    """Generated graphs (the output's batch dim named apart or unnamed, as tf2onnx and Paddle2ONNX
+    leave it): where rows_are_samples proves the rows are the samples', onnxruntime's output on a
+    batch of 3 is, row for row, its output on each sample alone; and a graph of row-keeping ops
+    only is proved so. The walk never runs the graph: onnxruntime is the oracle."""
+    nodes, inits, x, shape = [], [], "x", [C, H, W]
+    for k, kind in enumerate(kinds):
+        x, shape = _step(kind, x, shape, k, nodes, inits)
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, H, W])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [out_dim] + shape)], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    onnx.checker.check_model(model)
+    proved = model_io.rows_are_samples(gs.import_onnx(model))
+    declared = model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"  # shape inference may name it
+    assert batch_major(gs.import_onnx(model)) == (proved or declared)
+    batch = np.random.default_rng(len(kinds)).normal(size=(3, C, H, W)).astype(np.float32)
+    whole = run_ort(model, {"x": batch}, optimize=False)[0]
+    alone = [run_ort(model, {"x": batch[i:i + 1]}, optimize=False)[0] for i in range(3)]
+    kept = whole.shape[0] == 3 and all(np.allclose(whole[i:i + 1], a, rtol=1e-5, atol=1e-5) for i, a in enumerate(alone))
+    if proved:
+        assert kept
+    if not any(k.endswith("!") for k in kinds):
+        assert proved and kept
