@@ -618,6 +618,8 @@ _ROWWISE = set(functions.ELEMENTWISE) | {  # output[i] from the inputs' row i (c
     "Identity", "Dropout", "BatchNormalization"}
 _WINDOWED = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
              "GlobalLpPool", "LRN", "InstanceNormalization", "DepthToSpace", "SpaceToDepth"}  # per sample, weights constant
+_SAME_RANK = {"Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "Transpose", "Concat", "Split", "Slice", "Pad",
+              "Resize", "Upsample"}
 
 
 def rows_are_samples(graph: gs.Graph) -> bool:
@@ -675,8 +677,9 @@ def _out_rank(node: gs.Node, rows: dict, shapes: dict) -> int | None:
     length, a MatMul's or a per-position op's broadcast rank (inputs' ranks known), Gemm's 2."""
     if node.op == "Reshape":
         t = node.inputs[1]
-        shape = shapes.get(t.name) if t.name in shapes else tuple(t.shape) if isinstance(t, gs.Constant) else None
-        return (len(shape) if t.name in shapes else shape[0] if len(shape) == 1 else None) if shape is not None else None
+        if t.name in shapes:
+            return None if shapes[t.name] is None else len(shapes[t.name])
+        return int(t.shape[0]) if isinstance(t, gs.Constant) and len(t.shape) == 1 else None
     if node.op in ("Gemm", "Flatten"):
         return 2
     ranks = [len(t.shape) if isinstance(t, gs.Constant) else _rank(t, rows) for t in node.inputs if t.name]
@@ -688,9 +691,6 @@ def _out_rank(node: gs.Node, rows: dict, shapes: dict) -> int | None:
         return ranks[0] if ranks else None
     return None
 
-
-_SAME_RANK = {"Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "Transpose", "Concat", "Split", "Slice", "Pad",
-              "Resize", "Upsample"}
 
 
 def _shape_entries(node: gs.Node, shapes: dict) -> list | None:
