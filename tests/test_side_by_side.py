@@ -183,6 +183,14 @@ def _step(kind: str, x: str, shape: list, k: int, nodes: list, inits: list) -> t
         return node("Concat", [x, x], axis=1), [2 * c] + shape[1:]
     if kind == "matmul_w":
         return node("MatMul", [x, const("w", rng.normal(size=(shape[2], 2)).astype(np.float32))]), shape[:2] + [2]
+    if kind == "resize_own":  # Resize to sizes read from shapes: [N, C, H] of a wider tensor, W of its own
+        full = node("Shape", [node("Concat", [x, x], axis=3)])
+        sizes = node("Concat", [node("Slice", [full, const("a", np.asarray([0], np.int64)),
+                                               const("b", np.asarray([3], np.int64))]),
+                                node("Shape", [x], start=3)], axis=0)
+        return node("Resize", [x, "", "", sizes], mode="nearest"), shape
+    if kind == "resize_fixed!":  # a constant size fixes the rows (to 2)
+        return node("Resize", [x, "", "", const("z", np.asarray([2] + shape, np.int64))], mode="nearest"), shape
     if kind == "transpose_mean!":  # x + the batch's mean, through transposes that move the batch axis
         t = node("ReduceMean", [node("Transpose", [x], perm=[1, 0, 2, 3])], axes=[1], keepdims=1)
         return node("Add", [x, node("Transpose", [t], perm=[1, 0, 2, 3])]), shape
@@ -201,8 +209,8 @@ def _step(kind: str, x: str, shape: list, k: int, nodes: list, inits: list) -> t
 
 
 KEEPING = ["relu", "add_bias", "mul_lead1", "conv", "maxpool", "softmax_c", "mean_hw", "swap_hw", "flatten_back",
-           "view_batch", "concat_c", "matmul_w"]
-MIXING = ["transpose_mean!", "sum_batch!", "softmax_batch!", "flatten_2!", "roll_rows!"]
+           "view_batch", "concat_c", "matmul_w", "resize_own"]
+MIXING = ["transpose_mean!", "sum_batch!", "softmax_batch!", "flatten_2!", "roll_rows!", "resize_fixed!"]
 
 
 @settings(max_examples=150, deadline=None)
@@ -218,7 +226,7 @@ def test_rows_are_samples_only_where_onnxruntime_keeps_each_samples_rows(kinds, 
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", C, H, W])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [out_dim] + shape)], inits)
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]))
     onnx.checker.check_model(model)
     proved = model_io.rows_are_samples(gs.import_onnx(model))
     declared = model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "N"  # shape inference may name it
