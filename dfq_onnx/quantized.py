@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 
 from . import functions
 from .errors import DfqError
-from .fixedpoint import code_bounds, qrange, quantize
+from .fixedpoint import all_finite, code_bounds, qrange, quantize
 from .graph_utils import attr_str, bias_of, clip_limits, layer_norm_width, out_channel_axis
 
 INT32_MAX = (1 << 31) - 1
@@ -346,12 +346,6 @@ def _sum_abs_per_channel(q: np.ndarray, axis: int) -> np.ndarray:
     return np.concatenate(channel_slices(part, q, axis))
 
 
-def _all_finite(v: np.ndarray) -> bool:
-    """No NaN or Inf in v; its boolean temporaries a slice at a time (no copy of the weight)."""
-    flat = v.reshape(-1)
-    return all(np.isfinite(flat[i:i + CHUNK_ELEMENTS]).all() for i in range(0, flat.size, CHUNK_ELEMENTS))
-
-
 def check_finite(graph: gs.Graph, modules) -> None:
     """Refuse a linear module whose weight or bias holds NaN or Inf: no fraction represents it."""
     nodes = {n.name: n for n in graph.nodes}
@@ -360,7 +354,7 @@ def check_finite(graph: gs.Graph, modules) -> None:
             continue
         node = nodes[m.name]
         for what, t in (("weight", node.inputs[1]), ("bias", bias_of(node))):
-            if t is not None and not _all_finite(np.asarray(t.values)):
+            if t is not None and not all_finite(np.asarray(t.values)):
                 raise DfqError(f"{m.op} {m.name}: its {what} {t.name!r} holds NaN or Inf values; "
                                "no power-of-two fraction represents them")
 

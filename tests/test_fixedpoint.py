@@ -192,3 +192,26 @@ def test_pair_sums_exceed_matches_the_kernel_bound(rows):
         want.append(any(255 * (max(a, 0) + max(b, 0)) > 32767 or -255 * (max(-a, 0) + max(-b, 0)) < -32768
                         for a, b in zip(r[0::2], r[1::2])))
     assert pair_sums_exceed(q, 128).tolist() == want
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 60), st.lists(st.tuples(st.integers(0, 59), st.sampled_from([np.nan, np.inf, -np.inf])),
+                                    max_size=3),
+       st.sampled_from([np.float16, np.float32, np.float64]), st.integers(1, 9), st.booleans())
+def test_all_finite_is_the_elementwise_test(n, bad, dtype, chunk, transposed):
+    """all_finite, in slices of any length (chunk boundaries included), is numpy's elementwise
+    test: NaN and either infinity anywhere are found, huge finite values are not refused."""
+    from dfq_onnx import fixedpoint
+    v = np.linspace(-6e4, 6e4, n).astype(dtype)
+    for i, x in bad:
+        if i < n:
+            v[i] = x
+    v = v.reshape(1, -1)
+    if transposed:
+        v = v.T
+    old = fixedpoint.FINITE_CHUNK
+    fixedpoint.FINITE_CHUNK = chunk
+    try:
+        assert fixedpoint.all_finite(v) == bool(np.all(np.isfinite(v)))
+    finally:
+        fixedpoint.FINITE_CHUNK = old
