@@ -40,6 +40,7 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
     probe = simulated.copy()
     pnodes = {n.name: n for n in probe.nodes}
     diffs, names = [], []
+    one_row = single_sample(graph)
     for m in plan.modules:
         node = fnodes.get(m.name)
         if m.kind != "linear" or node is None or node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 \
@@ -54,11 +55,12 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
             lo, hi = clip_limits(act)
             x = _new(probe, "Clip", [x, _c(probe, -3.4e38 if lo is None else lo), _c(probe, 3.4e38 if hi is None else hi)])
         # the float layer is linear, so its mean over the batch is the layer applied to the batch's
-        # mean input: one sample's work instead of a batch's (the difference below broadcasts)
-        if probe.opset >= 18:
+        # mean input: one sample's work instead of a batch's (the difference below broadcasts); a
+        # graph whose batch is one sample has nothing to average (the same values, without a copy)
+        if not one_row and probe.opset >= 18:
             x = _new(probe, "ReduceMean", [x, gs.Constant(new_name(probe, "axes"), np.asarray([0], np.int64))],
                      {"keepdims": 1})
-        else:
+        elif not one_row:
             x = _new(probe, "ReduceMean", [x], {"axes": [0], "keepdims": 1})
         ref = _new(probe, node.op, [x, gs.Constant(new_name(probe, f"{m.name}_float_w"), np.asarray(node.inputs[1].values)),
                                     gs.Constant(new_name(probe, f"{m.name}_float_b"), np.asarray(node.inputs[2].values))],
