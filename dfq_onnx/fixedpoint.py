@@ -517,8 +517,6 @@ def code_bounds(lo: float | None, hi: float | None, f: int, bits: int, unsigned:
     return clo, chi
 
 
-
-
 FINITE_CHUNK = 1 << 20  # all_finite tests this many elements at a time
 
 

@@ -616,8 +616,8 @@ _ROWWISE = set(functions.ELEMENTWISE) | {  # output[i] from the inputs' row i (c
     "Sum", "Mean", "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
     "Xor", "Cast", "Sqrt", "Reciprocal", "Log", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Mod",
     "Identity", "Dropout", "BatchNormalization"}
-_WINDOWED = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-             "GlobalLpPool", "LRN", "InstanceNormalization", "DepthToSpace", "SpaceToDepth"}  # per sample, weights constant
+_WINDOWED = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",  # per
+             "GlobalLpPool", "LRN", "InstanceNormalization", "DepthToSpace", "SpaceToDepth"}  # sample, weights constant
 _SAME_RANK = {"Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "Transpose", "Concat", "Split", "Slice", "Pad",
               "Resize", "Upsample"}
 

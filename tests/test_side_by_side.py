@@ -203,13 +203,15 @@ def _step(kind: str, x: str, shape: list, k: int, nodes: list, inits: list) -> t
         return node("Reshape", [f, const("s", np.asarray([-1] + shape, np.int64))]), shape
     if kind == "roll_rows!":  # the rows in another order: a Reshape that moves them, then back
         r = node("Reshape", [x, const("s", np.asarray([c, -1] + shape[1:], np.int64))])
-        return node("Reshape", [node("Transpose", [r], perm=[1, 0, 2, 3]), const("t", np.asarray([-1] + shape, np.int64))]), \
-            shape
+        back = const("t", np.asarray([-1] + shape, np.int64))
+        return node("Reshape", [node("Transpose", [r], perm=[1, 0, 2, 3]), back]), shape
     raise ValueError(kind)
 
 
 KEEPING = ["relu", "add_bias", "mul_lead1", "conv", "maxpool", "softmax_c", "mean_hw", "swap_hw", "flatten_back",
            "view_batch", "concat_c", "matmul_w", "resize_own"]
+NEEDS_DIMS = {"flatten_back"}  # a Reshape to [-1, ...]: proved from the static dims of what it reshapes
+LOSES_DIMS = {"resize_own"}  # sizes computed from shapes: shape inference leaves later dims unknown
 MIXING = ["transpose_mean!", "sum_batch!", "softmax_batch!", "flatten_2!", "roll_rows!", "resize_fixed!"]
 
 
@@ -219,7 +221,9 @@ def test_rows_are_samples_only_where_onnxruntime_keeps_each_samples_rows(kinds, 
     """Generated graphs (the output's batch dim named apart or unnamed, as tf2onnx and Paddle2ONNX
     leave it): where rows_are_samples proves the rows are the samples', onnxruntime's output on a
     batch of 3 is, row for row, its output on each sample alone; and a graph of row-keeping ops
-    only is proved so. The walk never runs the graph: onnxruntime is the oracle."""
+    only is proved so (unless a Reshape to [-1, ...] follows dims that shape inference could not
+    know: that one is left unproved, conservatively). The walk never runs the graph: onnxruntime
+    is the oracle."""
     nodes, inits, x, shape = [], [], "x", [C, H, W]
     for k, kind in enumerate(kinds):
         x, shape = _step(kind, x, shape, k, nodes, inits)
@@ -234,8 +238,10 @@ def test_rows_are_samples_only_where_onnxruntime_keeps_each_samples_rows(kinds, 
     batch = np.random.default_rng(len(kinds)).normal(size=(3, C, H, W)).astype(np.float32)
     whole = run_ort(model, {"x": batch}, optimize=False)[0]
     alone = [run_ort(model, {"x": batch[i:i + 1]}, optimize=False)[0] for i in range(3)]
-    kept = whole.shape[0] == 3 and all(np.allclose(whole[i:i + 1], a, rtol=1e-5, atol=1e-5) for i, a in enumerate(alone))
+    kept = whole.shape[0] == 3 and all(np.allclose(whole[i:i + 1], a, rtol=1e-5, atol=1e-5)
+                                       for i, a in enumerate(alone))
     if proved:
         assert kept
-    if not any(k.endswith("!") for k in kinds):
+    blind = any(k in NEEDS_DIMS and any(j in LOSES_DIMS for j in kinds[:i]) for i, k in enumerate(kinds))
+    if not any(k.endswith("!") for k in kinds) and not blind:
         assert proved and kept
