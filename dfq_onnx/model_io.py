@@ -826,10 +826,10 @@ def _keeps_rows(node: gs.Node, rows: dict, shapes: dict, opset: int) -> bool:
         return bool(a) and rank is not None and all(not_batch(v, rank + len(a)) for v in a)
     if node.op == "Pad":
         pads = np.asarray(attrs["pads"]) if "pads" in attrs else const(1)
-        order = axes(3, "") if rank is not None else False
-        if pads is None or pads is False or order is False:
+        order = const(3)  # the padded axes (an input from opset 18; absent: every axis)
+        if pads is None or pads is False or order is False or rank is None:
             return False
-        order = list(range(rank)) if order is None else order
+        order = list(range(rank)) if order is None else [int(a) for a in np.ravel(order)]
         return all(v % rank != 0 or pads[j] == 0 == pads[j + len(order)] for j, v in enumerate(order))
     if node.op in ("Resize", "Upsample"):
         scales = np.asarray(attrs["scales"]) if "scales" in attrs else const(2 if node.op == "Resize" else 1)

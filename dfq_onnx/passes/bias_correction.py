@@ -57,23 +57,15 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
         # the float layer is linear, so its mean over the batch is the layer applied to the batch's
         # mean input: one sample's work instead of a batch's (the difference below broadcasts); a
         # graph whose batch is one sample has nothing to average (the same values, without a copy)
-        if not one_row and probe.opset >= 18:
-            x = _new(probe, "ReduceMean", [x, gs.Constant(new_name(probe, "axes"), np.asarray([0], np.int64))],
-                     {"keepdims": 1})
-        elif not one_row:
-            x = _new(probe, "ReduceMean", [x], {"axes": [0], "keepdims": 1})
+        if not one_row:
+            x = _mean(probe, x, [0], keepdims=True)
         ref = _new(probe, node.op, [x, gs.Constant(new_name(probe, f"{m.name}_float_w"), np.asarray(node.inputs[1].values)),
                                     gs.Constant(new_name(probe, f"{m.name}_float_b"), np.asarray(node.inputs[2].values))],
                    dict(node.attrs))
         diff = _new(probe, "Sub", [ref, q_node.outputs[0]])
         rank = len(q_node.outputs[0].shape) if q_node.outputs[0].shape is not None else (4 if node.op == "Conv" else 2)
         axes = [0] + list(range(2, rank)) if node.op == "Conv" else list(range(rank - 1))
-        if probe.opset >= 18:  # ReduceMean takes its axes as an input from opset 18
-            mean = _new(probe, "ReduceMean", [diff, gs.Constant(new_name(probe, "axes"), np.asarray(axes, np.int64))],
-                        {"keepdims": 0})
-        else:
-            mean = _new(probe, "ReduceMean", [diff], {"axes": axes, "keepdims": 0})
-        diffs.append(mean)  # per channel, in onnxruntime
+        diffs.append(_mean(probe, diff, axes, keepdims=False))  # per channel, in onnxruntime
         names.append(m.name)
     if not names:
         return g, {"bias_corrected": 0}
@@ -81,7 +73,7 @@ def correct_biases(graph: gs.Graph, plan: Plan, simulated: gs.Graph, batches: li
     probe.cleanup()
     fixed = fixed_batch(graph)  # a fixed batch: keep it whole
     sess = analysis_session(probe, "bias correction: onnxruntime cannot run the simulated model", simulated=True,
-                            side_by_side=not fixed or single_sample(graph))  # PROBE_BATCH rows at a time
+                            side_by_side=not fixed or one_row)  # PROBE_BATCH rows at a time
     sums: list[np.ndarray] | None = None
     count = 0
     small = pieces(batches, not fixed, piece_rows(sess, PROBE_BATCH))
@@ -109,6 +101,14 @@ def _pre_rounding_input(node: gs.Node) -> gs.Tensor | None:
     if src is None or src.op != "QuantizeLinear":
         return None
     return src.inputs[0]
+
+
+def _mean(g: gs.Graph, t: gs.Tensor, axes: list[int], keepdims: bool) -> gs.Variable:
+    """ReduceMean of t over `axes` (an input from opset 18, an attribute before)."""
+    if g.opset >= 18:
+        return _new(g, "ReduceMean", [t, gs.Constant(new_name(g, "axes"), np.asarray(axes, np.int64))],
+                    {"keepdims": int(keepdims)})
+    return _new(g, "ReduceMean", [t], {"axes": axes, "keepdims": int(keepdims)})
 
 
 def _c(g: gs.Graph, v: float) -> gs.Constant:
