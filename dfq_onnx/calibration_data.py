@@ -4,12 +4,14 @@ Accepted sources: a .npz file (keys = input names, arrays N x ...; an optional `
 a folder of .npy files (single-input models; each file one sample or a batch), a folder of images
 (with a preprocessing spec), a dict of arrays, an iterable of input dicts, or an onnxruntime
 CalibrationDataReader (anything with get_next()). Batches are produced lazily, so memory does not
-grow with the number of samples, and each batch is checked against the model's inputs:
-names, ranks, fixed dimensions, a float dtype, finite values.
+grow with the number of samples (an .npz saved uncompressed is memory-mapped: npz_arrays), and
+each batch is checked against the model's inputs: names, ranks, fixed dimensions, a float dtype,
+finite values.
 """
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -177,6 +179,62 @@ def _fmt_shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def npz_member(path: Path, key: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo] | None:
+    """The open .npz (a zip file) and array `key`'s member in it; None (closed) when it has none."""
+    z = zipfile.ZipFile(path)
+    try:
+        return z, z.getinfo(f"{key}.npy")
+    except KeyError:
+        z.close()
+        return None
+
+
+def npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream f, which is left at the array's data."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    return read(f)
+
+
+def stored_data_start(raw, info: zipfile.ZipInfo) -> int:
+    """Where a stored (uncompressed) zip member's bytes start in the zip file `raw` (opened
+    binary): after its local header, whose name and extra field lengths may differ from the
+    central directory's."""
+    raw.seek(info.header_offset)
+    local = raw.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError("bad local zip header")
+    return info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+
+
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz, as np.load(path, allow_pickle=False) reads them, except that an
+    array stored uncompressed (np.savez) in C order is a read-only memory map of the file: it is
+    not copied into memory, only the rows a conversion uses are read from disk, and the operating
+    system may drop its pages under memory pressure. (np.load ignores mmap_mode for .npz.) The
+    zip's checksum is not verified for mapped arrays; their values are checked as every batch is
+    (finite, dtype, shape)."""
+    out = {}
+    with np.load(path, allow_pickle=False) as z, open(path, "rb") as raw:
+        infos = {i.filename: i for i in z.zip.infolist()}
+        for key in z.files:
+            info = infos.get(f"{key}.npy")
+            a = None
+            if info is not None and info.compress_type == zipfile.ZIP_STORED:
+                try:
+                    start = stored_data_start(raw, info)
+                    raw.seek(start)
+                    shape, fortran, dtype = npy_header(raw)
+                    if not fortran and not dtype.hasobject and all(shape) and \
+                            raw.tell() - start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize <= info.file_size:
+                        a = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape).view(np.ndarray)
+                except Exception:  # not what np.savez writes: read it as np.load does (and fails)
+                    a = None
+            out[key] = z[key] if a is None else a
+    return out
+
+
 class DataSource:
     """A re-iterable source of model inputs (and labels, when the source has them)."""
 
@@ -201,8 +259,7 @@ class DataSource:
             if p.is_file():
                 if p.suffix.lower() == ".npz":
                     try:
-                        with np.load(p, allow_pickle=False) as z:  # closed here, not by a finalizer at a collection
-                            self._npz = dict(z)
+                        self._npz = npz_arrays(p)
                     except Exception as e:
                         raise DfqError(f"{p}: not a readable .npz file ({e})") from None
                     return "npz"
@@ -255,7 +312,8 @@ class DataSource:
             if missing:
                 raise DfqError(f"{self.where}: missing model input(s) {missing} "
                                f"(arrays in the data: {sorted(k for k in self._npz)})")
-            yield {s.name: self._npz[s.name] for s in self.specs}
+            rows = slice(self.num_samples)  # the rows used, alone checked (and, mapped, read)
+            yield {s.name: self._npz[s.name][rows] if self._npz[s.name].ndim else self._npz[s.name] for s in self.specs}
         elif self._kind == "npy":
             if len(self.specs) != 1:
                 raise DfqError(f"{self.where}: a folder of .npy files only works for single-input models; use .npz")

@@ -38,7 +38,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .calibration_data import IMAGE_SUFFIXES, DataSource, InputSpec, Preprocess, label_from_name, load_image
+from .calibration_data import (IMAGE_SUFFIXES, DataSource, InputSpec, Preprocess, label_from_name, load_image,
+                               npy_header, npz_member, stored_data_start)
 from .errors import DfqError
 
 INSTALL = "pip install 'dfq-onnx[ray]'"
@@ -56,30 +57,14 @@ def require_ray():
 
 
 # --- shards ------------------------------------------------------------------------------------
-def _npz_member(path: Path, key: str) -> tuple[zipfile.ZipFile, zipfile.ZipInfo] | None:
-    z = zipfile.ZipFile(path)
-    try:
-        return z, z.getinfo(f"{key}.npy")
-    except KeyError:
-        z.close()
-        return None
-
-
-def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
-    fmt = np.lib.format
-    version = fmt.read_magic(f)
-    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    return read(f)  # (shape, fortran_order, dtype)
-
-
 def npz_shape(path: Path, key: str) -> tuple | None:
     """The shape of array `key` of an .npz, from its header only (None: no such array)."""
-    m = _npz_member(path, key)
+    m = npz_member(path, key)
     if m is None:
         return None
     z, info = m
     with z, z.open(info) as f:
-        return _npy_header(f)[0]
+        return npy_header(f)[0]
 
 
 @contextlib.contextmanager
@@ -87,20 +72,16 @@ def _npz_at(path: Path, key: str, lo: int):
     """(shape, dtype, row bytes, a file positioned at row lo) of array `key` of an .npz: a stored
     (np.savez) member is the .npz file itself at the row's offset; a compressed one
     (np.savez_compressed) is decompressed up to it. Fortran-ordered arrays: row bytes None."""
-    z, info = _npz_member(path, key)
+    z, info = npz_member(path, key)
     with z, z.open(info) as f:
-        shape, fortran, dtype = _npy_header(f)
+        shape, fortran, dtype = npy_header(f)
         row = None if fortran or dtype.hasobject or not shape else \
             int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         if row is None:
             yield shape, dtype, None, f
         elif info.compress_type == zipfile.ZIP_STORED:
-            with open(path, "rb") as raw:  # the member's data start: after its local header
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
-                    int.from_bytes(local[28:30], "little") + f.tell()
-                raw.seek(start + lo * row)
+            with open(path, "rb") as raw:
+                raw.seek(stored_data_start(raw, info) + f.tell() + lo * row)
                 yield shape, dtype, row, raw
         else:
             f.seek(lo * row, 1)

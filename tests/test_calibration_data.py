@@ -1,0 +1,79 @@
+"""Calibration .npz files: read as np.load reads them, stored arrays mapped rather than copied."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import dfq_onnx
+from dfq_onnx.calibration_data import DataSource, input_specs, npz_arrays
+from dfq_onnx.errors import DfqError
+
+from helpers import CALIB, SHIPPED
+
+DTYPES = st.sampled_from([np.float16, np.float32, np.float64, np.int8, np.uint8, np.int64, np.bool_])
+ARRAYS = DTYPES.flatmap(lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["x", "y", "labels"]), st.tuples(ARRAYS, st.booleans()), min_size=1, max_size=3),
+       st.booleans())
+def test_npz_arrays_equal_what_np_load_reads(tmp_path, arrays, compressed):
+    """Every array (any dtype, rank 0-3, empty, C or Fortran order; np.savez or
+    np.savez_compressed) comes back with np.load's dtype, shape and values. Those np.savez stored
+    in C order, non-empty, are mapped: read-only, so nothing the conversion does can write to the
+    user's file."""
+    path = tmp_path / "d.npz"
+    data = {k: np.asfortranarray(a) if fortran else a for k, (a, fortran) in arrays.items()}
+    (np.savez_compressed if compressed else np.savez)(path, **data)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    got = npz_arrays(path)
+    with np.load(path, allow_pickle=False) as z:
+        assert sorted(got) == sorted(z.files)
+        for k in z.files:
+            want = z[k]
+            assert got[k].dtype == want.dtype and got[k].shape == want.shape
+            assert np.array_equal(got[k], want, equal_nan=want.dtype.kind == "f")
+            mapped = not compressed and want.size > 0 and not (want.ndim > 1 and np.isfortran(want))
+            assert got[k].flags.writeable is not mapped, k
+    del got
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_rows_past_num_samples_are_neither_read_nor_checked(tmp_path):
+    """A mapped array's rows past --num-samples are not checked (a NaN there is no error) and the
+    rows that are used are; the batches equal the data's first rows."""
+    specs = input_specs(onnx.load(str(SHIPPED)))
+    with np.load(CALIB) as z:
+        x = z[z.files[0]][:40].copy()
+    x[30] = np.nan
+    path = tmp_path / "c.npz"
+    np.savez(path, **{specs[0].name: x})
+    got = np.concatenate([b[specs[0].name] for b in DataSource(path, specs, num_samples=30).batches(8)])
+    np.testing.assert_array_equal(got, x[:30])
+    try:
+        list(DataSource(path, specs, num_samples=31).batches(8))
+    except DfqError as e:
+        assert "NaN or Inf" in str(e)
+    else:
+        raise AssertionError("a NaN in a row the conversion uses was accepted")
+
+
+def test_stored_and_compressed_files_convert_alike_and_stay_unchanged(tmp_path):
+    """The shipped model converted from the same samples in an np.savez file (mapped), an
+    np.savez_compressed file (read) and in-memory arrays gives the same bytes; the files are
+    unchanged."""
+    with np.load(CALIB) as z:
+        arrays = {k: z[k] for k in z.files}
+    stored, packed = tmp_path / "s.npz", tmp_path / "c.npz"
+    np.savez(stored, **arrays)
+    np.savez_compressed(packed, **arrays)
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (stored, packed)}
+    cfg = dfq_onnx.QuantConfig(num_samples=64, effort="fast")
+    outs = [dfq_onnx.convert(str(SHIPPED), src, cfg).SerializeToString() for src in (str(stored), str(packed), arrays)]
+    assert outs[0] == outs[1] == outs[2]
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (stored, packed)} == digests
