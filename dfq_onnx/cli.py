@@ -482,7 +482,8 @@ def _print_summary(s: dict) -> None:
     t.add_row("bias correction", "off (it needs data)" if "bn_derived" in f else _n(f.get('bias_corrected', 0), 'module'))
     if f.get("narrowed"):
         t.add_row("int32 range", f"weight fractions lowered in {sum(f['narrowed'].values())} channels of "
-                                 f"{len(f['narrowed'])} modules so that no accumulator can overflow int32")
+                                 f"{len(f['narrowed'])} modules so that no accumulator can overflow int32 and no "
+                                 "shift exceeds 30 bits")
     if f.get("residual_rounded"):
         t.add_row("int32 range", f"{f['residual_rounded']} residual channels rounded to the accumulator's fraction "
                                  "(the exact alignment could overflow int32)")

@@ -424,6 +424,7 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
         (node.op != "ConvTranspose" or conv_transpose_pads(attrs) is not None)
 
     rounded = np.zeros(channels, bool)  # channels whose residual is right-shifted (the exact form overflows)
+    lowered = np.zeros(channels, bool)  # channels whose weight fraction was lowered
     for _ in range(MAX_NARROWING):
         q = cached_weight_codes(w, frac, bits, axis, codes_cache)
         acc_frac = x.frac + frac
@@ -452,10 +453,11 @@ def _linear(m, nodes, qm: QuantizedModel, exps, per_channel: bool, integer_graph
             continue
         step = over if per_channel else np.ones(channels, bool)
         frac = frac - step.astype(np.int64)
-        narrowed = qm.facts["narrowed"]
-        narrowed[m.name] = narrowed.get(m.name, 0) + int(step.sum())
+        lowered |= step
     else:
         raise DfqError(f"module {m.name}: no weight fraction keeps its accumulator within int32")
+    if lowered.any():  # channels, however many steps each took
+        qm.facts["narrowed"][m.name] = int(lowered.sum())
     qm.facts["residual_rounded"] += int(rounded.sum())
     lo, hi = clip_limits(act_node) if m.activation in ("Relu", "Relu6", "Clip") else (None, None)
     if out is not None:
