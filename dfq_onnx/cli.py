@@ -388,7 +388,8 @@ def _print_summary(s: dict) -> None:
     t.add_column(style="bold")
     t.add_column()
     ops = ", ".join(f"{n} {op}" for op, n in s["modules_by_op"].items())
-    t.add_row("unified modules", f"{s['modules']} ({ops}; {s['residual_modules']} with a residual Add)")
+    t.add_row("unified modules", f"{s['modules']} ({ops}; {s['residual_modules']} with a residual Add)" if s["modules"]
+              else "0 (no Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
     if s["tables"]:
         top = sorted(s["tables_by_function"].items(), key=lambda kv: -kv[1])
         t.add_row("lookup tables", f"{s['tables']} (" + ", ".join(f"{n} {op}" for op, n in top[:4]) +
@@ -599,7 +600,7 @@ def validate(float_model, quant_model, data, labels, decode, postprocess, conf, 
         t.add_row(f"max abs error {name}", "", f"{r['max_abs_error'][name]:.4g}", f"{sim['max_abs_error'][name]:.4g}")
     t.add_row("requantization points", str(r["requant_points"]["float"]), str(r["requant_points"]["quant"]), "")
     t.add_row("nodes", str(r["nodes"]["float"]), str(r["nodes"]["quant"]), "")
-    t.add_row(f"latency, batch 1, {r['threads']} threads (median)",
+    t.add_row(f"latency, batch {r.get('latency_batch', 1)}, {r['threads']} threads (median)",
               f"{r['latency_ms']['float']:.3f} ms", f"{r['latency_ms']['quant']:.3f} ms", "")
     out.print(t)
     _print_detection(r["detection"])

@@ -177,6 +177,11 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
         model.CopyFrom(src)
     _forget_dynamic_dims(model)
     opset = default_opset(model)
+    if opset == 0:  # e.g. a scikit-learn pipeline exported with ai.onnx.ml alone
+        ops = sorted({n.op_type for n in model.graph.node})
+        raise DfqError(f"{where}: the model imports no ONNX (ai.onnx) operator set, only "
+                       f"{', '.join(sorted({i.domain for i in model.opset_import})) or 'none'} "
+                       f"({', '.join(ops[:4])}{', ...' if len(ops) > 4 else ''}): nothing dfq-onnx can quantize")
     target = min_opset if opset < min_opset else min(opset, max(min_opset, runtime_qdq_opset()))
     # a LayerNorm written out below opset 17: upgrade, so canonicalize makes it one LayerNormalization
     # module instead of 8-bit pieces; if the converter cannot, keep the opset (form_modules then keeps

@@ -169,18 +169,19 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     fsess, qsess = _session(float_model, threads), _session(quant_model, threads)
     fixed = [s.fixed_batch for s in qs if s.fixed_batch is not None]
     bs = fixed[0] if fixed else batch_size  # the float model's fixed batch: DataSource.batches
+    one = fixed[0] if fixed else 1  # latency's batch: one sample, or the fixed batch (no other size runs)
     if cluster is not None:  # partial figures of each batch, from the workers, in batch order
         kind, parts_q, parts_s = cluster.evaluate(float_model, quant_model, f_out, data, bs, threshold, on_batch)
         n = sum(p["samples"] for p in parts_q)
         labels = _class_labels(n, kind, labels, data)
         deployed, simulated = (finish_figures(f_out, parts_q, labels, kind),
                                finish_figures(f_out, parts_s, labels, kind))
-        first = {k: v[:1] for k, v in next(iter(data.batches(bs, 1))).items()}
+        first = {k: v[:one] for k, v in next(iter(data.batches(bs, 1))).items()}
         det = None
     else:
         first, n, kind, labels, deployed, simulated, det = _run_here(
             fsess, qsess, _session(quant_model, threads, simulated=True), f_out, data, bs, labels, threshold,
-            box, fm, conf, iou, label_classes, on_batch)
+            box, fm, conf, iou, label_classes, on_batch, fixed=bool(fixed))
     fi, qi = inspect_model(fm), inspect_model(qm)
     return {
         "samples": n,
@@ -202,6 +203,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
         deployed["agreement_top1"] - simulated["agreement_top1"],
         "detection": det,
         "latency_ms": {"float": _latency(fsess, first, runs), "quant": _latency(qsess, first, runs)},
+        "latency_batch": one,
         "threads": threads,
         "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
         "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
@@ -210,7 +212,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
 
 
 def _run_here(fsess, qsess, ssess, f_out: list[str], data: DataSource, bs: int, labels, threshold: float,
-              box: dict, fm, conf, iou: float, label_classes, on_batch) -> tuple:
+              box: dict, fm, conf, iou: float, label_classes, on_batch, fixed: bool = False) -> tuple:
     """validate's loop in this process: (first sample, samples, output kind, class labels, figures
     of the deployed run, of the simulated run, detection figures)."""
     outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
@@ -220,8 +222,8 @@ def _run_here(fsess, qsess, ssess, f_out: list[str], data: DataSource, bs: int, 
     for batch in data.batches(bs):
         if on_batch is not None:
             on_batch(len(next(iter(batch.values()))))
-        if first is None:
-            first = {k: v[:1] for k, v in batch.items()}
+        if first is None:  # the latency's input: one sample, or the whole fixed-size batch
+            first = batch if fixed else {k: v[:1] for k, v in batch.items()}
         try:
             yf, yq, ys = fsess.run(None, batch), qsess.run(None, batch), ssess.run(None, batch)
         except Exception as e:
@@ -458,7 +460,8 @@ def finish_figures(names: list[str], parts: list[dict], labels, kind: str) -> di
 
 
 def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
-    """Median wall time of one batch-1 run, in milliseconds, after a warm-up."""
+    """Median wall time of one run on `feed` (one sample, or a fixed-batch model's whole batch), in
+    milliseconds, after a warm-up."""
     for _ in range(min(5, runs)):
         sess.run(None, feed)
     times = []

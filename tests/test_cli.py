@@ -92,7 +92,8 @@ def bad_npz(path, **arrays):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "no_linear", "bad_names", "bad_shape", "bad_dtype",
-                                  "nan", "same_path", "no_folder", "bad_preprocess", "empty_folder", "bad_sparsity"])
+                                  "nan", "same_path", "no_folder", "bad_preprocess", "empty_folder", "bad_sparsity",
+                                  "ml_only"])
 def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
     x = np.load(CALIB)["input"][:8]
     model, calib, out = SHIPPED, CALIB, tmp_path / "out.onnx"
@@ -101,7 +102,8 @@ def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
                "no_linear": "nothing to quantize", "bad_names": "missing model input",
                "bad_shape": "shape", "bad_dtype": "dtype", "nan": "NaN", "same_path": "equals the input",
                "no_folder": "does not exist", "bad_preprocess": "preprocess",
-               "empty_folder": "no .npy files or images", "bad_sparsity": "sparsity must be"}[case]
+               "empty_folder": "no .npy files or images", "bad_sparsity": "sparsity must be",
+               "ml_only": "imports no ONNX (ai.onnx) operator set"}[case]
     if case == "missing":
         model = tmp_path / "nope.onnx"
     elif case == "not_onnx":
@@ -133,6 +135,13 @@ def test_bad_input_is_one_line_and_exit_1(case, tmp_path):
     elif case == "empty_folder":
         (tmp_path / "empty").mkdir()
         calib = tmp_path / "empty"
+    elif case == "ml_only":  # a scikit-learn export: ai.onnx.ml operators only
+        g = helper.make_graph([helper.make_node("Normalizer", ["x"], ["y"], domain="ai.onnx.ml", norm="L2")], "ml",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+        model = tmp_path / "ml.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)]), str(model))
+        calib = bad_npz(tmp_path / "c.npz", x=np.ones((2, 4), np.float32))
     before = digest(model) if model.exists() else None
     res = invoke("convert", model, out, "--calib", calib, *extra)
     assert_clean_failure(res, 1, mention, None if case == "same_path" else out)

@@ -139,3 +139,32 @@ def test_validate_reports_progress_over_every_sample(shipped_qdq):
     r = validate(SHIPPED, shipped_qdq.model, str(TEST), num_samples=70, batch_size=32, runs=1,
                  on_start=total.append, on_batch=seen.append)
     assert total == [70] and sum(seen) == r["samples"] == 70 and seen == [32, 32, 6]
+
+
+@pytest.mark.parametrize("fixed", [1, 4])
+def test_a_fixed_batch_model_is_timed_on_its_own_batch(tmp_path, fixed):
+    """A model whose batch dim is fixed at 4 takes no batch of 1: validate times it on its batch of
+    4 (it used to feed one row and fail inside onnxruntime), and its figures equal onnxruntime's
+    outputs on those batches computed here."""
+    import dfq_onnx
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(10, 8)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])],
+                          "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [fixed, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [fixed, 10])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    src, q = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(m, str(src))
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    onnx.save(dfq_onnx.convert(str(src), str(tmp_path / "d.npz")), str(q))
+    r = validate(src, q, tmp_path / "d.npz", runs=2)
+    assert r["samples"] == 16 and r["latency_batch"] == fixed and r["latency_ms"]["quant"] > 0
+    f = np.concatenate([run_ort(src, {"x": x[i:i + fixed]})[0] for i in range(0, 16, fixed)]).astype(np.float64)
+    y = np.concatenate([run_ort(q, {"x": x[i:i + fixed]})[0] for i in range(0, 16, fixed)]).astype(np.float64)
+    assert r["sqnr_db"]["y"] == pytest.approx(10 * np.log10(np.sum(f ** 2) / np.sum((f - y) ** 2)), rel=1e-6)
+    out = CliRunner().invoke(main, ["validate", str(src), str(q), "--data", str(tmp_path / "d.npz"), "--runs", "2"])
+    assert out.exit_code == 0 and f"latency, batch {fixed}," in out.output, out.output
