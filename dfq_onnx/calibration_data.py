@@ -313,7 +313,8 @@ class DataSource:
                 raise DfqError(f"{self.where}: missing model input(s) {missing} "
                                f"(arrays in the data: {sorted(k for k in self._npz)})")
             rows = slice(self.num_samples)  # the rows used, alone checked (and, mapped, read)
-            yield {s.name: self._npz[s.name][rows] if self._npz[s.name].ndim else self._npz[s.name] for s in self.specs}
+            arrays = {s.name: self._npz[s.name] for s in self.specs}
+            yield {k: a[rows] if a.ndim else a for k, a in arrays.items()}
         elif self._kind == "npy":
             if len(self.specs) != 1:
                 raise DfqError(f"{self.where}: a folder of .npy files only works for single-input models; use .npz")

@@ -318,6 +318,7 @@ def validate_c(float_model, c_folder, data, *, labels=None, num_samples: int | N
         "detection": det,
         "latency_ms": {"float": _latency(fsess, first, runs),
                        "quant": runner.latency([first[s.name] for s in fs], runs)},
+        "latency_batch": lib.batch,
         "threads": threads,
         "requant_points": {"float": fi["requant_points"], "quant": qi["requant_points"]},
         "op_types": {"float": fi["op_types"], "quant": qi["op_types"]},
