@@ -8,7 +8,7 @@ LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATION_OPS = ("Relu", "Clip", "LeakyRelu")
 # ops that commute with a power-of-two scale: their output keeps the input's fraction
 PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
-                    "Pad", "Concat", "Resize", "Split")
+                    "Pad", "Concat", "Resize", "Split", "Gather")  # Gather: with constant indices
 # ops that read only their input's shape: they run on the integer codes as they are
 SHAPE_OPS = ("Shape", "Size")
 # ops that average: integer sum then one rounding, output at the input's fraction

@@ -4,7 +4,9 @@ or one LayerNormalization) -> MatMul Q/K/V -> scaled scores -> Softmax -> MatMul
 import numpy as np
 import onnx
 from onnx import helper, TensorProto, numpy_helper
-def attention_block(T=16, D=32, seed=0, spelled=True):
+def attention_block(T=16, D=32, seed=0, spelled=True, qkv_gather=False):
+    """qkv_gather: Q, K and V from one MatMul, split as torch.onnx exports nn.MultiheadAttention
+    (Reshape to [n, T, 3, D], Transpose to [3, n, T, D], Gather 0 / 1 / 2)."""
     rng = np.random.default_rng(seed)
     c = lambda n, v: numpy_helper.from_array(np.asarray(v, np.float32), n)
     n = helper.make_node
@@ -17,9 +19,18 @@ def attention_block(T=16, D=32, seed=0, spelled=True):
     else:
         nodes += [n("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, epsilon=1e-5)]
     inits += [c("gamma", 1 + 0.1 * rng.normal(size=D)), c("beta", 0.1 * rng.normal(size=D))]
-    for k in "qkv":
-        inits += [c(f"W{k}", rng.normal(size=(D, D)) / np.sqrt(D)), c(f"b{k}", 0.05 * rng.normal(size=D))]
-        nodes += [n("MatMul", ["h", f"W{k}"], [f"{k}0"]), n("Add", [f"{k}0", f"b{k}"], [k])]
+    if qkv_gather:
+        inits += [c("Wqkv", rng.normal(size=(D, 3 * D)) / np.sqrt(D)), c("bqkv", 0.05 * rng.normal(size=3 * D)),
+                  numpy_helper.from_array(np.array([0, 0, 3, D], np.int64), "qkv_shape")]
+        nodes += [n("MatMul", ["h", "Wqkv"], ["qkv0"]), n("Add", ["qkv0", "bqkv"], ["qkv1"]),
+                  n("Reshape", ["qkv1", "qkv_shape"], ["qkv2"]), n("Transpose", ["qkv2"], ["qkv"], perm=[2, 0, 1, 3])]
+        for i, k in enumerate("qkv"):
+            inits.append(numpy_helper.from_array(np.array(i, np.int64), f"i{k}"))
+            nodes.append(n("Gather", ["qkv", f"i{k}"], [k], axis=0))
+    else:
+        for k in "qkv":
+            inits += [c(f"W{k}", rng.normal(size=(D, D)) / np.sqrt(D)), c(f"b{k}", 0.05 * rng.normal(size=D))]
+            nodes += [n("MatMul", ["h", f"W{k}"], [f"{k}0"]), n("Add", [f"{k}0", f"b{k}"], [k])]
     nodes += [n("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), n("MatMul", ["q", "kt"], ["s0"]),
               n("Mul", ["s0", "scale"], ["s"]), n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["a"]),
               n("MatMul", ["a", "Wo"], ["o0"]), n("Add", ["o0", "bo"], ["o"]), n("Add", ["x", "o"], ["y"])]

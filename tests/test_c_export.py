@@ -200,19 +200,24 @@ MOVERS = {  # ops that only move codes, which the generated graphs do not draw: 
                       ("Concat", ["b", "a"], ["y"], {"axis": 1})], [1, 4, 6, 7]),
     "maxpool_padded": ([("MaxPool", ["c"], ["y"], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})],
                        [1, 4, 3, 4]),
+    "gather_channels": ([("Gather", ["c", "gidx"], ["y"], {"axis": 1})], [1, 3, 6, 7]),  # indices [3, -4, 1]
+    "gather_row": ([("Gather", ["c", "gone"], ["y"], {"axis": 2})], [1, 4, 7]),  # a scalar index drops the axis
 }
 
 
 @pytest.mark.parametrize("case", sorted(MOVERS))
 def test_ops_that_move_codes_in_c(case, tmp_path):
-    """Pad (reflect, edge, zeros), Resize (nearest), Split + Concat and a padded MaxPool after a
-    Conv: the C program's output equals the integer graph's, code for code."""
+    """Pad (reflect, edge, zeros), Resize (nearest), Split + Concat, a padded MaxPool and Gather
+    with constant indices after a Conv: the C program's output equals the integer graph's, code
+    for code."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(1)
     nodes, shape = MOVERS[case]
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 2], np.int64), "pads"),
-             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([3, -4, 1], np.int64), "gidx"),
+             numpy_helper.from_array(np.array(4, np.int64), "gone")]
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])] +
                           [helper.make_node(op, i, o, **a) for op, i, o, a in nodes], case,
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 7])],

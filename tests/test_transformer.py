@@ -30,9 +30,10 @@ def data(seed, n, t=16, d=32):
     return (rng.normal(size=(n, t, d)) * rng.uniform(0.3, 3, (1, 1, d)) + 0.3).astype(np.float32)
 
 
-@pytest.mark.parametrize("spelled", [True, False], ids=["layernorm_spelled_out", "LayerNormalization"])
-def test_attention_block_is_integer_only_bit_exact_and_close_to_float(spelled):
-    m = attention_block(spelled=spelled)
+@pytest.mark.parametrize("spelled, qkv_gather", [(True, False), (False, False), (True, True)],
+                         ids=["layernorm_spelled_out", "LayerNormalization", "torch_qkv_gather"])
+def test_attention_block_is_integer_only_bit_exact_and_close_to_float(spelled, qkv_gather):
+    m = attention_block(spelled=spelled, qkv_gather=qkv_gather)
     calib, test = data(0, 64), data(1, 32)
     ref = run_ort(m, {"x": test})[0]
     rq = run(m, {"x": calib}, QuantConfig())

@@ -67,7 +67,7 @@ from . import c_kernels
 from .c_kernels import offset_biases, pack_weights
 
 ALIAS_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")   # same elements in the same order
-GATHER_OPS = ("Transpose", "Slice", "Pad", "Resize", "Split")  # each output element is one input element (or 0)
+GATHER_OPS = ("Transpose", "Slice", "Pad", "Resize", "Split", "Gather")  # each output element: one input's (or 0)
 ALIGN = 16                                                    # arena offsets (bytes)
 FLOAT32_EXACT = 1 << 24                                       # index maps are computed in float32
 

@@ -543,4 +543,6 @@ def _passes_through(node: gs.Node) -> bool:
         return attr_str(node, "mode", "constant") != "constant" or is_zero_pad(node)
     if node.op == "Resize":
         return attr_str(node, "mode", "nearest") == "nearest"
+    if node.op == "Gather":  # selects elements of its data (torch's q, k, v = qkv[0], qkv[1], qkv[2]);
+        return isinstance(node.inputs[1], gs.Constant)  # indices computed at run time: an embedding lookup
     return True
