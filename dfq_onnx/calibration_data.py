@@ -157,7 +157,7 @@ def check_batch(batch: dict, specs: list[InputSpec], where: str, casts: dict | N
     out = {}
     for s in specs:
         a = np.asarray(batch[s.name])
-        if a.dtype.kind not in "fiu" or (s.dtype.kind == "f" and a.dtype.kind != "f"):
+        if a.dtype != s.dtype and (a.dtype.kind not in "fiu" or (s.dtype.kind == "f" and a.dtype.kind != "f")):
             raise DfqError(f"{where}: input {s.name!r} has dtype {a.dtype}, model expects {s.dtype}")
         if a.ndim != len(s.shape):
             raise DfqError(f"{where}: input {s.name!r} has shape {a.shape}, model expects rank "
