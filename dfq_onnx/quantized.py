@@ -603,7 +603,7 @@ def _pool(m, node: gs.Node, tmap, qm: QuantizedModel) -> PoolModule:
     out = qm.tensor(m.output)
     shape = tmap[m.input].shape
     attrs: dict = {}
-    integer = shape is not None and len(shape) == 4 and isinstance(shape[1], int)
+    integer = shape is not None and len(shape) in (3, 4) and isinstance(shape[1], int)  # 1-d or 2-d
     if m.op == "GlobalAveragePool":
         spatial = list(shape[2:]) if integer else []
         window = int(np.prod(spatial)) if all(isinstance(d, int) and d > 0 for d in spatial) else None

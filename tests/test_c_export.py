@@ -247,6 +247,35 @@ def test_one_dimensional_convolution_and_pool_in_c(tmp_path):
                                   cbuild.SANITIZE) > 0
 
 
+def test_one_dimensional_average_pools_are_integer_and_in_c(tmp_path):
+    """AveragePool1d (padding counted) and the global average of a 1-d signal (an audio or sensor
+    model's head): integer modules in the integer graph (no float module), the C program equal to
+    it tensor by tensor, and the output near float's (onnxruntime)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (6, 2, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (3, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("AveragePool", ["r"], ["a"], kernel_shape=[3], strides=[2], pads=[1, 1],
+                              count_include_pad=1),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "avg1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 37])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    calib = rng.normal(0, 1, (16, 2, 37)).astype(np.float32)
+    ri = run(model, {"x": calib}, QuantConfig(format="int"))
+    assert not ri.facts["float_modules"] and not ri.float_ops, (ri.facts["float_modules"], ri.float_ops)
+    x = rng.normal(0, 1, (8, 2, 37)).astype(np.float32)
+    f = run_ort(model, {"x": x})[0].astype(np.float64)
+    y = run_ort(ri.model, {"x": x})[0].astype(np.float64)
+    assert 10 * np.log10(np.sum(f ** 2) / np.sum((f - y) ** 2)) > 25
+    r = run(model, {"x": calib}, QuantConfig(format="c", prefix="m"))
+    assert check_tensor_by_tensor(r, r.library, {"x": x[:3]}, tmp_path, cbuild.SANITIZE) > 0
+
+
 def test_shapes_from_a_one_shot_iterable_and_from_data_free_mode(test_data):
     """The program's shapes come from a calibration sample kept during calibration (a generator
     of batches can be read only once), or, data-free, from the input's static shape."""

@@ -751,21 +751,24 @@ for (int oc = 0; oc < {cout}; oc++) for (int p = 0; p < {oh * ow}; p++) {{
 
     def _pool(self, mod, out: Tensor) -> None:
         x = self.t(mod.input.name)
-        if len(x.shape) != 4:
-            raise DfqError(f"C output: {mod.op} {mod.name} needs a 4-d input")
-        n, c, h, w = x.shape
-        oh, ow = out.shape[2:]
+        if len(x.shape) not in (3, 4):
+            raise DfqError(f"C output: {mod.op} {mod.name} needs a 3-d or 4-d input")
+        n, c = x.shape[:2]
         if mod.op == "GlobalAveragePool":
-            window = h * w
-            total = f"""for (int p = 0; p < {h * w}; p++) v += xc[p];"""
-            loop = f"""const {x.ctype} *xc = x0 + (b * {c} + ch) * {h * w};
+            hw = int(np.prod(x.shape[2:]))
+            window = hw
+            loop = f"""const {x.ctype} *xc = x0 + (b * {c} + ch) * {hw};
 int32_t v = 0;
-{total}
+for (int p = 0; p < {hw}; p++) v += xc[p];
 y0[b * {c} + ch] = ({out.ctype})FINISH;"""
-        else:
+        else:  # a 1-d pool as a 2-d one of height 1
             a = mod.attrs
             k, s = a["kernel_shape"], a["strides"]
-            pads = resolve_pads(a["auto_pad"], a["pads"], (h, w), k, s, [1, 1])
+            pads = resolve_pads(a["auto_pad"], a["pads"], x.shape[2:], k, s, [1] * len(k))
+            xs, ys, k, s, _, pt, pl = _as_2d(x.shape, out.shape, k, s, [1] * len(k), pads)
+            pads = [pt, pl]
+            h, w = xs[2:]
+            oh, ow = ys[2:]
             window = int(np.prod(k))
             loop = f"""const {x.ctype} *xc = x0 + (b * {c} + ch) * {h * w};
 for (int oy = 0; oy < {oh}; oy++) for (int ox = 0; ox < {ow}; ox++) {{

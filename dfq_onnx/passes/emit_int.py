@@ -555,7 +555,8 @@ def _emit_pool(mod: PoolModule, tmap, qt, add, const, shift):
     dtype = np.uint8 if mod.output.unsigned else np.int8
     if mod.op == "GlobalAveragePool":
         x = add("Cast", [qt[mod.input.name]], np.int32, {"to": TensorProto.INT32}, name=f"{mod.name}_cast")
-        acc = add("ReduceSum", [x, const(f"{mod.name}_axes", np.array([2, 3], dtype=np.int64))], np.int32,
+        spatial = list(range(2, len(tmap[mod.input.name].shape)))
+        acc = add("ReduceSum", [x, const(f"{mod.name}_axes", np.array(spatial, dtype=np.int64))], np.int32,
                   {"keepdims": 1}, name=f"{mod.name}_ReduceSum")
     else:
         a = mod.attrs
