@@ -5,6 +5,7 @@ import hashlib
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -116,3 +117,50 @@ def test_a_bool_input_takes_bool_data_and_a_float_input_refuses_it(tmp_path):
         assert "input 'x' has dtype bool, model expects float32" in str(e)
     else:
         raise AssertionError("bool data for a float input was accepted")
+
+
+def _small_cnn(dtype):
+    """x -> Conv -> Relu -> Mul(a Constant node's 0.5) -> Flatten -> Gemm -> y, in `dtype` throughout
+    (float16: a GPU export); the float32 model has the float16 weights widened (its twin)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float16).astype(dtype)
+    b = rng.normal(0, 0.1, 4).astype(np.float16).astype(dtype)
+    fc = rng.normal(0, 0.2, (5, 4 * 6 * 6)).astype(np.float16).astype(dtype)
+    t = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["r"]),
+                           helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.asarray(0.5, dtype))),
+                           helper.make_node("Mul", ["r", "half"], ["m"]),
+                           helper.make_node("Flatten", ["m"], ["f"]),
+                           helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)], "cnn",
+                          [helper.make_tensor_value_info("x", t, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", t, ["N", 5])],
+                          [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (fc, "fc"))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "int", "qonnx"])
+def test_a_float16_model_is_quantized_as_its_float32_twin(fmt):
+    """A model that computes in float16 keeps its float16 inputs and outputs, and its quantized
+    outputs equal those of its float32 twin (the same weights, widened) quantized on the same
+    samples, rounded to float16: everything between the interface is the twin's computation."""
+    from helpers import run_ort
+
+    x = np.random.default_rng(5).normal(size=(32, 3, 6, 6)).astype(np.float16)
+    cfg = dfq_onnx.QuantConfig(format=fmt)
+    q16 = dfq_onnx.convert(_small_cnn(np.float16), {"x": x}, cfg)
+    q32 = dfq_onnx.convert(_small_cnn(np.float32), {"x": x.astype(np.float32)}, cfg)
+    f16 = onnx.TensorProto.FLOAT16
+    assert [v.type.tensor_type.elem_type for v in list(q16.graph.input) + list(q16.graph.output)] == [f16, f16]
+    if fmt == "qonnx":
+        from dfq_onnx.validate import qonnx_as_qcdq
+        q16, q32 = qonnx_as_qcdq(q16), qonnx_as_qcdq(q32)
+    t = np.random.default_rng(6).normal(size=(16, 3, 6, 6)).astype(np.float16)
+    y16 = run_ort(q16, {"x": t})[0]
+    y32 = run_ort(q32, {"x": t.astype(np.float32)})[0]
+    assert y16.dtype == np.float16
+    np.testing.assert_array_equal(y16, y32.astype(np.float16))

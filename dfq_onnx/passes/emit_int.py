@@ -329,8 +329,8 @@ def emit_int(graph: gs.Graph, qm: QuantizedModel) -> tuple[gs.Graph, dict, dict[
         if node.name in shape_nodes and node.inputs[0].name in qt:  # Shape/Size: the codes have the float tensor's shape
             node.inputs[0] = qt[node.inputs[0].name]
             continue
-        for k, t in enumerate(node.inputs):  # a float op
-            if t.name in qt:
+        for k, t in enumerate(node.inputs):  # a float op (a float output of a linear module is float already)
+            if t.name in qt and t.name not in plan.float_outputs:
                 node.inputs[k] = dequantized(t.name)
         for t in node.outputs:
             if t.name in plan.requant:
