@@ -5,8 +5,8 @@ a folder of .npy files (single-input models; each file one sample or a batch), a
 (with a preprocessing spec), a dict of arrays, an iterable of input dicts, or an onnxruntime
 CalibrationDataReader (anything with get_next()). Batches are produced lazily, so memory does not
 grow with the number of samples (an .npz saved uncompressed is memory-mapped: npz_arrays), and
-each batch is checked against the model's inputs: names, ranks, fixed dimensions, a float dtype,
-finite values.
+each batch is checked against the model's inputs: names, ranks, fixed dimensions, dtypes (float
+data for a float input; an integer or bool input takes its own type), finite values.
 """
 from __future__ import annotations
 
