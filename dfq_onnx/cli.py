@@ -407,9 +407,11 @@ def _print_summary(s: dict) -> None:
     t.add_row("float islands", (", ".join(f"{n} {op}" for op, n in sorted(fi.items())) if fi else "none") +
               (f" ({norms} normalization{'s' if norms != 1 else ''} written out in a spelling with no integer form, "
                "kept float whole: only its input and output are rounded)" if norms else ""))
-    if s["facts"].get("float16_casts"):
-        t.add_row("float16", f"the model computes in float16: quantized as its float32 twin, with "
-                             f"{s['facts']['float16_casts']} Casts keeping its float16 inputs and outputs")
+    if s["facts"].get("float32_twin"):
+        tw = s["facts"]["float32_twin"]
+        kinds = " and ".join(tw["types"])
+        t.add_row("float types", f"the model computes in {kinds}: quantized as its float32 twin, with "
+                                 f"{tw['casts']} Casts keeping its {kinds} inputs and outputs")
     t.add_row("format", {"int": "integer-only (dfq.RoundingShift requantization)", "qonnx": "QONNX (Quant nodes)",
                          "c": "C99 library"}.get(s["format"], "QDQ"))
     lib = s.get("c_library")

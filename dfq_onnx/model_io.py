@@ -240,34 +240,36 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
     return infer_shapes(light), arrays
 
 
-FLOAT16_CAST = "dfq_float16_"  # names of the Casts float32_twin puts at a float16 model's inputs and outputs
+TWIN_CAST = "dfq_float32_twin_"  # names of the Casts float32_twin puts at a model's float16 / float64 inputs and outputs
+_NARROW_OR_WIDE = (TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
 def float32_twin(light: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict]:
-    """A model that computes in float16 (a GPU export), as the same model computing in float32:
-    float16 weights and constants widened (exact), Casts to float16 made Casts to float32, and the
-    interface kept: a float16 input is cast to float32 once as it enters, a float16 output is cast
-    back as it leaves (Cast nodes named FLOAT16_CAST...). The calibration data and the quantized
-    model keep the model's float16 inputs and outputs; everything between is quantized as a float32
-    model would be. A model without float16 is returned as it is."""
+    """A model that computes in float16 (a GPU export) or float64, as the same model computing in
+    float32: its weights and constants made float32 (exact from float16; rounded from float64,
+    far below 8-bit rounding), Casts to those types made Casts to float32, and the interface kept:
+    such an input is cast to float32 once as it enters, such an output back to its type as it
+    leaves (Cast nodes named TWIN_CAST...). The calibration data and the quantized model keep the
+    model's input and output types; everything between is quantized as a float32 model would be.
+    A float32 model is returned as it is."""
     g = light.graph
-    f16 = TensorProto.FLOAT16
+    other = _NARROW_OR_WIDE
 
-    def is16(v) -> bool:
-        return v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == f16
+    def elem(v) -> int | None:
+        return v.type.tensor_type.elem_type if v.type.HasField("tensor_type") else None
 
-    attrs16 = any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f16 or
-                  a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == f16
-                  for n in g.node for a in n.attribute)
-    if not (attrs16 or any(t.data_type == f16 for t in g.initializer) or
-            any(is16(v) for v in list(g.input) + list(g.output) + list(g.value_info))):
+    in_attrs = any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type in other or
+                   a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in other
+                   for n in g.node for a in n.attribute)
+    if not (in_attrs or any(t.data_type in other for t in g.initializer) or
+            any(elem(v) in other for v in list(g.input) + list(g.output) + list(g.value_info))):
         return light, arrays
     model = onnx.ModelProto()
     model.CopyFrom(light)  # large weights are stubs here: a cheap copy
     g, arrays = model.graph, dict(arrays)
     inits = {t.name for t in g.initializer}
     for t in g.initializer:
-        if t.data_type != f16:
+        if t.data_type not in other:
             continue
         if t.name in arrays:
             a = arrays[t.name].astype(np.float32)
@@ -278,24 +280,24 @@ def float32_twin(light: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> tuple
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
     for n in g.node:
         for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f16:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in other:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
-            elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == f16:
+            elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in other:
                 a.i = TensorProto.FLOAT
     for v in g.value_info:
-        if is16(v):
+        if elem(v) in other:
             v.type.tensor_type.elem_type = TensorProto.FLOAT
-    wide = {v.name: f"{v.name}_float32" for v in list(g.input) + list(g.output) if is16(v) and v.name not in inits}
+    wide = {v.name: f"{v.name}_float32" for v in list(g.input) + list(g.output) if elem(v) in other and v.name not in inits}
     for v in g.input:
-        if v.name in inits and is16(v):  # an initializer listed as an input (IR < 4)
+        if v.name in inits and elem(v) in other:  # an initializer listed as an input (IR < 4)
             v.type.tensor_type.elem_type = TensorProto.FLOAT
     for n in g.node:
         n.input[:] = [wide.get(i, i) for i in n.input]
         n.output[:] = [wide.get(o, o) for o in n.output]
     cast = onnx.helper.make_node
-    ins = [cast("Cast", [v.name], [wide[v.name]], name=f"{FLOAT16_CAST}in_{k}", to=TensorProto.FLOAT)
+    ins = [cast("Cast", [v.name], [wide[v.name]], name=f"{TWIN_CAST}in_{k}", to=TensorProto.FLOAT)
            for k, v in enumerate(g.input) if v.name in wide]
-    outs = [cast("Cast", [wide[v.name]], [v.name], name=f"{FLOAT16_CAST}out_{k}", to=f16)
+    outs = [cast("Cast", [wide[v.name]], [v.name], name=f"{TWIN_CAST}out_{k}", to=elem(v))
             for k, v in enumerate(g.output) if v.name in wide]
     nodes = ins + list(g.node) + outs
     del g.node[:]

@@ -13,7 +13,7 @@ from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
 from .config import SATURATION_SAFE_TARGETS, QuantConfig
 from .errors import DfqError
-from .model_io import FLOAT16_CAST, MIN_OPSET, check_model, load_light, to_graph, to_model
+from .model_io import TWIN_CAST, MIN_OPSET, check_model, load_light, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
@@ -128,9 +128,12 @@ def load(c: Conversion) -> None:
     config = c.config
     c.original, weights = load_light(c.model, INT16_QDQ_OPSET if config.uses_16bit_activations else
                                      INT_OPSET if config.integer else MIN_OPSET)
-    casts = sum(1 for n in c.original.graph.node if n.name.startswith(FLOAT16_CAST))
-    if casts:  # a float16 model, computed in float32 between Casts at its float16 inputs and outputs
-        c.facts["float16_casts"] = casts
+    g = c.original.graph
+    io = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)}
+    twin = [io.get(n.input[0], io.get(n.output[0])) for n in g.node if n.name.startswith(TWIN_CAST)]
+    if twin:  # a float16 / float64 model, computed in float32 between Casts at its inputs and outputs
+        c.facts["float32_twin"] = {"casts": len(twin),
+                                   "types": sorted({onnx.TensorProto.DataType.Name(t).lower() for t in twin})}
     done = quantized_ops(c.original)
     if done:
         raise DfqError(f"the model is already quantized ({', '.join(done[:4])}{', ...' if len(done) > 4 else ''}); "

@@ -143,24 +143,26 @@ def _small_cnn(dtype):
     return m
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
 @pytest.mark.parametrize("fmt", ["qdq", "int", "qonnx"])
-def test_a_float16_model_is_quantized_as_its_float32_twin(fmt):
-    """A model that computes in float16 keeps its float16 inputs and outputs, and its quantized
-    outputs equal those of its float32 twin (the same weights, widened) quantized on the same
-    samples, rounded to float16: everything between the interface is the twin's computation."""
+def test_a_float16_or_float64_model_is_quantized_as_its_float32_twin(fmt, dtype):
+    """A model that computes in float16 (or float64) keeps those inputs and outputs, and its
+    quantized outputs equal those of its float32 twin (the same weights in float32) quantized on
+    the same samples, cast to that type: everything between the interface is the twin's
+    computation."""
     from helpers import run_ort
 
-    x = np.random.default_rng(5).normal(size=(32, 3, 6, 6)).astype(np.float16)
+    x = np.random.default_rng(5).normal(size=(32, 3, 6, 6)).astype(np.float16).astype(dtype)
     cfg = dfq_onnx.QuantConfig(format=fmt)
-    q16 = dfq_onnx.convert(_small_cnn(np.float16), {"x": x}, cfg)
+    q = dfq_onnx.convert(_small_cnn(dtype), {"x": x}, cfg)
     q32 = dfq_onnx.convert(_small_cnn(np.float32), {"x": x.astype(np.float32)}, cfg)
-    f16 = onnx.TensorProto.FLOAT16
-    assert [v.type.tensor_type.elem_type for v in list(q16.graph.input) + list(q16.graph.output)] == [f16, f16]
+    t_io = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    assert [v.type.tensor_type.elem_type for v in list(q.graph.input) + list(q.graph.output)] == [t_io, t_io]
     if fmt == "qonnx":
         from dfq_onnx.validate import qonnx_as_qcdq
-        q16, q32 = qonnx_as_qcdq(q16), qonnx_as_qcdq(q32)
-    t = np.random.default_rng(6).normal(size=(16, 3, 6, 6)).astype(np.float16)
-    y16 = run_ort(q16, {"x": t})[0]
+        q, q32 = qonnx_as_qcdq(q), qonnx_as_qcdq(q32)
+    t = np.random.default_rng(6).normal(size=(16, 3, 6, 6)).astype(np.float16).astype(dtype)
+    y = run_ort(q, {"x": t})[0]
     y32 = run_ort(q32, {"x": t.astype(np.float32)})[0]
-    assert y16.dtype == np.float16
-    np.testing.assert_array_equal(y16, y32.astype(np.float16))
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, y32.astype(dtype))

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from .. import functions
 from ..graph_utils import (ACTIVATION_OPS, PASS_THROUGH_OPS, POOL_OPS, SHAPE_OPS, attr_str, const_value,
                            is_zero_pad, layer_norm_width, output_rank, per_channel_vector, sole_consumer, weight_of)
-from ..model_io import FLOAT16_CAST
+from ..model_io import TWIN_CAST
 
 
 @dataclass(frozen=True)
@@ -486,7 +486,7 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
                 plan.requant.append(pre)
                 plan.requant_kind[pre] = "residual"
             if m.kind == "linear" and (m.output in graph_outputs and not tensors[m.output].outputs or
-                                       _to_float16_output(tensors[m.output])):
+                                       _to_twin_output(tensors[m.output])):
                 plan.float_outputs.add(m.output)  # read by the user only, not by another op
                 continue
             plan.requant.append(m.output)
@@ -533,10 +533,10 @@ def plan_quantization(graph: gs.Graph, modules: list[Module], residual_requant: 
     return plan
 
 
-def _to_float16_output(t: gs.Tensor) -> bool:
-    """t is read only by the Cast that gives a float16 model's output back its type
+def _to_twin_output(t: gs.Tensor) -> bool:
+    """t is read only by the Cast that gives a float16 or float64 model's output back its type
     (model_io.float32_twin): a graph output as far as rounding goes."""
-    return bool(t.outputs) and all(n.op == "Cast" and n.name.startswith(FLOAT16_CAST + "out") for n in t.outputs)
+    return bool(t.outputs) and all(n.op == "Cast" and n.name.startswith(TWIN_CAST + "out") for n in t.outputs)
 
 
 def _integer_only(node: gs.Node, data: list) -> bool:
