@@ -240,7 +240,7 @@ def load_light(src, min_opset: int = MIN_OPSET) -> tuple[onnx.ModelProto, dict[s
     return infer_shapes(light), arrays
 
 
-TWIN_CAST = "dfq_float32_twin_"  # names of the Casts float32_twin puts at a model's float16 / float64 inputs and outputs
+TWIN_CAST = "dfq_float32_twin_"  # the Casts float32_twin puts at a model's float16 / float64 inputs and outputs
 _NARROW_OR_WIDE = (TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
@@ -287,7 +287,8 @@ def float32_twin(light: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> tuple
     for v in g.value_info:
         if elem(v) in other:
             v.type.tensor_type.elem_type = TensorProto.FLOAT
-    wide = {v.name: f"{v.name}_float32" for v in list(g.input) + list(g.output) if elem(v) in other and v.name not in inits}
+    wide = {v.name: f"{v.name}_float32" for v in list(g.input) + list(g.output)
+            if elem(v) in other and v.name not in inits}
     for v in g.input:
         if v.name in inits and elem(v) in other:  # an initializer listed as an input (IR < 4)
             v.type.tensor_type.elem_type = TensorProto.FLOAT

@@ -13,7 +13,7 @@ from . import __version__
 from .calibration_data import DataSource, first_samples, input_specs
 from .config import SATURATION_SAFE_TARGETS, QuantConfig
 from .errors import DfqError
-from .model_io import TWIN_CAST, MIN_OPSET, check_model, load_light, to_graph, to_model
+from .model_io import MIN_OPSET, TWIN_CAST, check_model, load_light, to_graph, to_model
 from .passes.calibrate import calibrate
 from .passes.canonicalize import canonicalize
 from .passes.data_free import batchnorm_moments, data_free_stats
@@ -123,7 +123,8 @@ class Conversion:
 
 def load(c: Conversion) -> None:
     """The model's structure, and its weights as numpy arrays held once (every graph below shares
-    them), at the opset the format needs; the calibration source checked against its inputs.
+    them), at the opset the format needs (a float16 or float64 model as its float32 twin,
+    model_io.float32_twin); the calibration source checked against its inputs.
     Refuses an already quantized model and missing calibration data."""
     config = c.config
     c.original, weights = load_light(c.model, INT16_QDQ_OPSET if config.uses_16bit_activations else
