@@ -166,3 +166,11 @@ def test_a_float16_or_float64_model_is_quantized_as_its_float32_twin(fmt, dtype)
     y32 = run_ort(q32, {"x": t.astype(np.float32)})[0]
     assert y.dtype == dtype
     np.testing.assert_array_equal(y, y32.astype(dtype))
+
+
+def test_a_float16_model_in_c_is_refused_with_the_reason():
+    """The C library takes and returns float32: a float16 model's interface Casts are float ops it
+    cannot hold, and the one-line refusal says what to do."""
+    x = np.random.default_rng(5).normal(size=(8, 3, 6, 6)).astype(np.float16)
+    with pytest.raises(DfqError, match="export the model in float32"):
+        dfq_onnx.convert(_small_cnn(np.float16), {"x": x}, dfq_onnx.QuantConfig(format="c", prefix="m"))

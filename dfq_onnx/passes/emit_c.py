@@ -61,7 +61,7 @@ import onnx_graphsurgeon as gs
 from ..errors import DfqError
 from ..fixedpoint import qrange, resolve_pads
 from ..graph_utils import attr_str
-from ..model_io import analysis_session
+from ..model_io import TWIN_CAST, analysis_session
 from ..quantized import QuantizedModel, conv_transpose_pads
 from . import c_kernels
 from .c_kernels import offset_biases, pack_weights
@@ -1054,7 +1054,10 @@ def program(graph: gs.Graph, qm: QuantizedModel, feeds: dict[str, np.ndarray]) -
     plan = qm.plan
     if plan.float_nodes:
         ops = ", ".join(f"{op} ({n})" for op, n in sorted(plan.float_ops.items()))
-        raise DfqError(f"C output needs an integer-only model; these ops stay float: {ops}")
+        twin = any(name.startswith(TWIN_CAST) for name in plan.float_nodes)
+        raise DfqError(f"C output needs an integer-only model; these ops stay float: {ops}" +
+                       (" (the Casts at a float16 / float64 model's inputs and outputs: the C library takes and "
+                        "returns float32, so export the model in float32)" if twin else ""))
     ir = {m.name: m for m in qm.modules}
     inputs = [t for t in graph.inputs]
     names = sorted({t.name for n in graph.nodes for t in n.inputs + n.outputs
