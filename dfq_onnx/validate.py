@@ -181,7 +181,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
     else:
         first, n, kind, labels, deployed, simulated, det = _run_here(
             fsess, qsess, _session(quant_model, threads, simulated=True), f_out, data, bs, labels, threshold,
-            box, fm, conf, iou, label_classes, on_batch, fixed=bool(fixed))
+            box, fm, conf, iou, label_classes, on_batch, one)
     fi, qi = inspect_model(fm), inspect_model(qm)
     return {
         "samples": n,
@@ -212,7 +212,7 @@ def validate(float_model, quant_model, data, *, labels=None, num_samples: int | 
 
 
 def _run_here(fsess, qsess, ssess, f_out: list[str], data: DataSource, bs: int, labels, threshold: float,
-              box: dict, fm, conf, iou: float, label_classes, on_batch, fixed: bool = False) -> tuple:
+              box: dict, fm, conf, iou: float, label_classes, on_batch, one: int = 1) -> tuple:
     """validate's loop in this process: (first sample, samples, output kind, class labels, figures
     of the deployed run, of the simulated run, detection figures)."""
     outs_f: list[list[np.ndarray]] = [[] for _ in f_out]
@@ -222,8 +222,8 @@ def _run_here(fsess, qsess, ssess, f_out: list[str], data: DataSource, bs: int, 
     for batch in data.batches(bs):
         if on_batch is not None:
             on_batch(len(next(iter(batch.values()))))
-        if first is None:  # the latency's input: one sample, or the whole fixed-size batch
-            first = batch if fixed else {k: v[:1] for k, v in batch.items()}
+        if first is None:  # the latency's input: `one` rows (one sample, or a fixed batch)
+            first = {k: v[:one] for k, v in batch.items()}
         try:
             yf, yq, ys = fsess.run(None, batch), qsess.run(None, batch), ssess.run(None, batch)
         except Exception as e:
